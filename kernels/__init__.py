@@ -1,0 +1,1 @@
+"""Triton kernels of rlhf_fast, one file per op; installed as ``rlhf_fast.kernels``."""
