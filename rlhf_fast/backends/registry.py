@@ -1,0 +1,119 @@
+"""Which implementation runs: a registry of providers, resolved lazily, that explains its choices.
+
+Backend names: "triton", "cuda", "host" (CPU C++), "torch" (reference) and "auto". An explicit
+backend that cannot serve a call raises ``BackendUnavailable`` with the provider's reason; "auto"
+walks a preference order for the device and can tell why it skipped each candidate (``explain``).
+The default backend comes from ``RLHF_FAST_BACKEND`` or the ``use_backend`` context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from functools import cache
+
+import torch
+
+from .base import Provider, Support
+
+BACKENDS = ("triton", "cuda", "host", "torch")
+CHOICES = BACKENDS + ("auto",)
+
+# "auto" order per device type. On CUDA the measured faster kernel comes first: see
+# bench/results/ (token log-probs, bf16 [16384 x 128256], H100).
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("host", "torch"),
+}
+DEFAULT_AUTO_ORDER = ("torch",)
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot serve the call; the message says why."""
+
+
+@cache
+def provider(name: str) -> Provider:
+    """The provider object for one backend name (imported on first use)."""
+    if name == "torch":
+        from .torch_ref import TorchProvider
+
+        return TorchProvider()
+    if name == "host":
+        from .host import HostProvider
+
+        return HostProvider()
+    if name == "cuda":
+        from .cuda import CudaProvider
+
+        return CudaProvider()
+    if name == "triton":
+        from .triton import TritonProvider
+
+        return TritonProvider()
+    raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+
+
+def check_backend_name(name: str, arg: str = "backend") -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{arg} must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+_local = threading.local()
+
+
+def default_backend() -> str:
+    """The backend used when an op is called with backend="auto": context, then env, then "auto"."""
+    override = getattr(_local, "backend", None)
+    if override is not None:
+        return override
+    return check_backend_name(os.environ.get("RLHF_FAST_BACKEND", "auto"), "RLHF_FAST_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops in this block with ``name`` as the default backend (per thread)."""
+    check_backend_name(name)
+    previous = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def can_serve(name: str, device: torch.device, dtype: torch.dtype) -> Support:
+    """Whether backend ``name`` can run here on tensors of this device and dtype, and why not."""
+    try:
+        prov = provider(name)
+        ready = prov.available()
+    except Exception as exc:  # an import error of an optional dependency is a reason, not a crash
+        return Support(False, f"{type(exc).__name__}: {exc}")
+    if not ready:
+        return ready
+    return prov.supports(device, dtype)
+
+
+def explain(device: torch.device | str, dtype: torch.dtype) -> dict[str, Support]:
+    """For each backend, whether it can serve (device, dtype) and the reason when not."""
+    device = torch.device(device)
+    return {name: can_serve(name, device, dtype) for name in BACKENDS}
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Provider:
+    """The provider that runs a call: the requested one (or an error saying why it cannot), or auto's pick."""
+    if name == "auto":
+        name = default_backend()
+    if name != "auto":
+        support = can_serve(name, device, dtype)
+        if not support:
+            raise BackendUnavailable(
+                f"backend {name!r} cannot run on {device.type} tensors of dtype {dtype}: {support.reason}"
+            )
+        return provider(name)
+    for candidate in AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER):
+        if can_serve(candidate, device, dtype):
+            return provider(candidate)
+    return provider("torch")

@@ -1,0 +1,73 @@
+"""The Triton provider: kernels/token_logprobs.py on CUDA tensors (or interpreted on CPU).
+
+Triton is imported only when the provider is asked whether it is available or used, so the
+package imports on machines without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf_fast.backends.base import YES, Provider, Support
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    from rlhf_fast.kernels import token_logprobs
+
+    return token_logprobs
+
+
+class TritonProvider(Provider):
+    """Fused Triton kernels: one read of the logits forward, one read and one write backward."""
+
+    name = "triton"
+
+    def available(self) -> Support:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as error:  # ImportError, or a broken install raising anything else
+            return Support(False, f"triton cannot be imported: {type(error).__name__}: {error}")
+        return YES
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> Support:
+        device = torch.device(device)
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return Support(
+                    False, "Triton runs on CUDA tensors; set TRITON_INTERPRET=1 to interpret it on CPU"
+                )
+        elif device.type != "cuda":
+            return Support(False, f"Triton runs on CUDA tensors, got a tensor on {device}")
+        if dtype == torch.float64:
+            return Support(
+                False,
+                "the Triton kernels take float32/bfloat16/float16 logits, not float64; "
+                "use the torch or host C++ provider for float64",
+            )
+        if dtype not in _DTYPES:
+            return Support(False, f"the Triton kernels take float32/bfloat16/float16 logits, got {dtype}")
+        return YES
+
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
+        _kernels().token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, ignore_index)
+
+    def token_logprobs_backward(
+        self,
+        logits,
+        labels,
+        lse,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        grad_logits,
+        temperature,
+        ignore_index,
+    ):
+        _kernels().token_logprobs_backward(
+            logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
+        )
