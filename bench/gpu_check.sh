@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One-shot check on a CUDA machine (H100, no network): build rlhf_fast._C for sm_90, run the GPU
+# tests and the token_logprobs benchmark, and print the headline figures LAST.
+#
+#   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; about 5 minutes)
+#
+# Environment (all optional):
+#   OUT                  logs (env, build, info, tests, bench, summary) and the results JSON are
+#                        written there too: 7 files, flat. Without OUT the logs go to a temp dir.
+#   GPU_CHECK_BUDGET_S   wall-clock seconds for all steps together (default 450); no step outlives it
+#   BENCH_ARGS           benchmark arguments (default "--quick"; "" runs the full shape list)
+#   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S   per-step limits (defaults 150 and 240)
+#   RLHF_FAST_COMMIT     commit recorded in the results when the tree has no .git (pass it in:
+#                        RLHF_FAST_COMMIT=$(git rev-parse --short HEAD) where the command is composed)
+#
+# Every step runs under `timeout` with its output in a log; a failed step (the build, a test, a
+# FAILED benchmark row, a timeout) is reported with its log's tail and the script carries on to
+# the summary, then exits 1 if any step failed. Inside the benchmark a torch.compile that fails
+# or an out-of-memory baseline is a row saying so, not a failure.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BENCH_ARGS=${BENCH_ARGS---quick}
+START=$SECONDS
+LOG_DIR=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
+mkdir -p "$LOG_DIR" bench/results
+FAILED=()
+
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+export RLHF_FAST_CUDA_ARCHS=${RLHF_FAST_CUDA_ARCHS:-90} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+# step NAME LIMIT_S RESERVE_S CMD...: run CMD under `timeout`, logging to $LOG_DIR/NAME.log. The
+# limit shrinks so that RESERVE_S seconds of the budget stay for the steps after it.
+step() {
+  local name=$1 limit=$2 reserve=$3
+  shift 3
+  local log="$LOG_DIR/$name.log" left=$((BUDGET_S - (SECONDS - START) - reserve)) rc=0 t0=$SECONDS
+  if ((limit > left)); then limit=$left; fi
+  if ((limit < 10)); then
+    echo "== $name: not run, ${BUDGET_S}s budget spent"
+    FAILED+=("$name (not run: no time left)")
+    return 0
+  fi
+  local shown="$*"
+  shown=${shown//$'\n'/ }
+  echo "== $name (limit ${limit}s): ${shown:0:150}"
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$log" 2>&1 || rc=$?
+  if ((rc == 0)); then
+    echo "   ok in $((SECONDS - t0))s"
+    tail -n "${TAIL:-4}" "$log" | sed 's/^/   | /'
+  else
+    local why="rc=$rc"
+    if ((rc == 124 || rc == 137)); then why="timed out after ${limit}s"; fi
+    FAILED+=("$name ($why)")
+    echo "   FAILED ($why) after $((SECONDS - t0))s; end of $log:"
+    tail -n 25 "$log" | sed 's/^/   | /'
+  fi
+}
+
+bench_out=(--out bench/results)
+if [[ -n "${OUT:-}" ]]; then bench_out+=(--out "$OUT"); fi
+BENCH_MIN_S=150 # what the benchmark needs at least: earlier steps are cut short to leave it that
+
+TAIL=40 step env 30 0 bash -c '
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  (nvcc --version || echo "nvcc: not found") | tail -n 2
+  python -c "import sys, torch, triton; print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__, \"|\", torch.cuda.get_device_name())"
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no .git)"'
+step build 200 $((BENCH_MIN_S + 90)) python -m pip install --no-index --no-build-isolation --no-deps -v -e .
+TAIL=20 step info 60 $((BENCH_MIN_S + 80)) python -m rlhf_fast info
+step tests "${TESTS_TIMEOUT_S:-150}" $((BENCH_MIN_S + 20)) \
+  python -m pytest tests/ -m gpu -q -x -p no:cacheprovider --durations=5
+
+# The benchmark starts no new implementation in its last 45 s, so it ends on its own and writes
+# its JSON (it also writes after each shape, and on SIGTERM keeps what it wrote).
+bench_limit=$((BUDGET_S - (SECONDS - START) - 20))
+if ((bench_limit > ${BENCH_TIMEOUT_S:-240})); then bench_limit=${BENCH_TIMEOUT_S:-240}; fi
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+TAIL=30 step bench "$bench_limit" 20 python bench/bench_logprobs.py --device cuda $BENCH_ARGS "${bench_out[@]}" \
+  --deadline-s "$((bench_limit > 90 ? bench_limit - 45 : bench_limit / 2))"
+
+shopt -s nullglob
+results=(bench/results/*-logprobs.json)
+TAIL=0 step summary 30 0 python bench/bench_logprobs.py --summarize "${results[@]}"
+
+echo
+echo "== $((SECONDS - START))s in all; logs in $LOG_DIR"
+if ((${#FAILED[@]})); then
+  printf '== FAILED: %s\n' "${FAILED[@]}"
+else
+  echo "== all steps ok"
+fi
+echo
+cat "$LOG_DIR/summary.log" 2>/dev/null || true
+((${#FAILED[@]} == 0))
