@@ -61,7 +61,7 @@ step() {
 
 bench_out=(--out bench/results)
 if [[ -n "${OUT:-}" ]]; then bench_out+=(--out "$OUT"); fi
-BENCH_MIN_S=150 # what the benchmark needs at least: earlier steps are cut short to leave it that
+BENCH_MIN_S=${BENCH_MIN_S:-150} # what the benchmark needs at least: earlier steps are cut short to leave it that
 
 TAIL=40 step env 30 0 bash -c '
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv

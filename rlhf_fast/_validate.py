@@ -67,3 +67,57 @@ def labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: s
             f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
             f"got {value} at position {position} ({describe(labels)})"
         )
+
+
+def choice(name: str, value, choices: Sequence):
+    """One of a fixed set of options (agg mode, estimator...)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    """A finite float in [low, high] (or (low, high] with ``low_open``); either bound may be None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and value > high
+    if math.isnan(value) or math.isinf(value) or below or above:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value}")
+    return value
+
+
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64) + FLOAT_DTYPES
+
+
+def mask(name: str, value, *, shape: Sequence[int], like: tuple[str, torch.Tensor]) -> torch.Tensor:
+    """A [B, T] token mask, bool or 0/1 of any integer/float dtype; returned as bool (nonzero = valid).
+
+    The values are not inspected (that would synchronise with the device): 0.5 counts as valid.
+    """
+    tensor(name, value, dtypes=MASK_DTYPES, shape=shape, like=like)
+    return value if value.dtype == torch.bool else value != 0
+
+
+def group_size(value, batch: int, *, mode: str) -> int:
+    """Rows per group: an int >= 1 (>= 2 for modes that divide by G - 1 or a std) dividing the batch."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"group_size must be an int, got {type(value).__name__}")
+    minimum = 1 if mode == "drgrpo" else 2
+    if value < minimum:
+        why = "" if minimum == 1 else f" with mode={mode!r} (its std / leave-one-out mean needs two members)"
+        raise ValueError(f"group_size must be >= {minimum}{why}, got {value}")
+    if batch % value:
+        raise ValueError(f"the batch ({batch} rows) must be divisible by group_size={value}")
+    return value

@@ -80,3 +80,476 @@ def sft_loss(
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     count = (labels != ignore_index).sum().clamp(min=1)
     return -logp.sum() / count
+
+
+# ---------------------------------------------------------------------------------------------
+# RLHF objectives on [B, T] token tensors: KL penalties, rewards, advantages, losses.
+#
+# ``mask`` is [B, T] bool (or 0/1) marking response tokens; any pattern is allowed (right or left
+# padding, holes). Values at masked positions never reach a result: every function replaces them
+# with 0 through ``torch.where`` *before* any arithmetic, so a NaN or inf there cannot leak through
+# a product with 0, in the forward or in the gradient. Results keep the inputs' floating dtype
+# (the tests run these in float64 as the oracle).
+# ---------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+GROUP_MODES = ("grpo", "drgrpo", "rloo")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+WHITEN_EPS = 1e-8
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of sampled tokens. [...] -> [...]
+
+    With d = logp - ref_logp (Schulman's estimators, http://joschu.net/blog/kl-approx.html):
+      k1 = d;  k2 = d^2 / 2;  k3 = e^{-d} + d - 1 (>= 0, unbiased, low variance);  abs = |d|.
+    k3 is written expm1(-d) + d, which keeps its digits when d is small.
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    if estimator == "abs":
+        return d.abs()
+    raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask -> [B] int64 index of the last valid token of each row, -1 for an empty row."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
+    return torch.where(mask.bool(), positions, -1).amax(dim=-1)
+
+
+def kl_penalized_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    estimator: str = "k1",
+) -> torch.Tensor:
+    """Per-token PPO rewards: a KL penalty on every response token, the sequence score on the last.
+
+    logp, ref_logp, mask: [B, T]; scores: [B]. Returns rewards [B, T]:
+    1. kl = kl_penalty(logp, ref_logp) on valid tokens, 0 elsewhere.
+    2. rewards = -beta * kl.
+    3. rewards[b, last valid token of b] += scores[b]; a row with no valid token stays all zeros.
+    """
+    mask = mask.bool()
+    kl = kl_penalty(torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0), estimator=estimator)
+    rewards = torch.where(mask, -beta * kl, 0.0)
+    last = last_valid_index(mask)
+    at_last = torch.arange(mask.shape[-1], device=mask.device) == last.unsqueeze(-1)
+    has_valid = (last >= 0).unsqueeze(-1)
+    return rewards + torch.where(at_last & has_valid, scores.unsqueeze(-1), 0.0)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+):
+    """Generalised advantage estimation over the valid tokens of each row, as a plain loop over T.
+
+    rewards, values, mask: [B, T]. Returns (advantages, returns), both [B, T]. Walking each row
+    from its end, with "next" meaning the next *valid* token of the row (masked tokens are skipped:
+    they neither get an advantage nor break the chain) and 0 after the last valid token:
+    1. delta_t = r_t + gamma * V_next - V_t
+    2. A_t = delta_t + gamma * lam * A_next
+    3. R_t = A_t + V_t
+    4. A and R are 0 at masked positions.
+    This loop is the spec; ``gae_scan`` computes the same thing in log2(T) vectorised steps.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)
+    next_value = torch.zeros_like(rewards[..., 0])
+    next_advantage = torch.zeros_like(rewards[..., 0])
+    # Columns by unbind, not rewards[..., t]: T indexing ops would each cost an O(B T) backward.
+    steps = list(zip(rewards.unbind(-1), values.unbind(-1), mask.unbind(-1)))
+    columns = []  # A_t, from t = T - 1 down to 0
+    for reward, value, valid in reversed(steps):
+        delta = reward + gamma * next_value - value
+        advantage = delta + gamma * lam * next_advantage
+        columns.append(torch.where(valid, advantage, 0.0))
+        next_value = torch.where(valid, value, next_value)
+        next_advantage = torch.where(valid, advantage, next_advantage)
+    advantages = torch.stack(columns[::-1], dim=-1) if columns else torch.zeros_like(rewards)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+# A masked linear recurrence is a composition of affine maps, so it scans associatively.
+# Each token is a map on a state (x, y):  x' = a x + u,  y' = b x + d y + v  (lower triangular).
+# Composing "first (a1, b1, d1, u1, v1), then (a2, b2, d2, u2, v2)" gives
+#   a = a2 a1,  b = b2 a1 + d2 b1,  d = d2 d1,  u = a2 u1 + u2,  v = b2 u1 + d2 v1 + v2.
+# GAE walks right to left with x = V_next, y = A:
+#   valid token:  V_next' = V_t            (a = 0, u = V_t)
+#                 A'      = gamma V_next + gamma lam A + (r_t - V_t)   (b = gamma, d = gamma lam)
+#   masked token: identity                 (a = d = 1, b = u = v = 0)
+# Its adjoint walks left to right with x = G (the gradient of delta), y = G at the previous valid
+# token (see ``gae_scan_backward``). The Triton kernels use the same maps and combine.
+
+
+def affine_combine(first, second):
+    """Compose two lower-triangular affine maps (a, b, d, u, v): apply ``first``, then ``second``."""
+    a1, b1, d1, u1, v1 = first
+    a2, b2, d2, u2, v2 = second
+    return a2 * a1, b2 * a1 + d2 * b1, d2 * d1, a2 * u1 + u2, b2 * u1 + d2 * v1 + v2
+
+
+def affine_scan(maps, *, reverse: bool = False):
+    """Inclusive scan of per-token affine maps along the last dim (Hillis-Steele, log2(T) steps).
+
+    maps: a tuple (a, b, d, u, v) of [..., T] tensors. Position t of the result is the composition
+    of the maps at 0..t (or t..T-1 with ``reverse``, composed right to left).
+    """
+    if reverse:
+        return tuple(m.flip(-1) for m in affine_scan(tuple(m.flip(-1) for m in maps)))
+    identity = (1.0, 0.0, 1.0, 0.0, 0.0)
+    length = maps[0].shape[-1]
+    offset = 1
+    while offset < length:
+        # position t composes (prefix ending at t - offset) then (prefix of the last `offset` at t)
+        shifted = tuple(
+            torch.cat([torch.full_like(m[..., :offset], e), m[..., :-offset]], dim=-1)
+            for m, e in zip(maps, identity)
+        )
+        maps = affine_combine(shifted, maps)
+        offset *= 2
+    return maps
+
+
+def gae_scan(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+):
+    """``gae`` as one reverse affine scan: O(T log T) work in log2(T) vectorised steps. [B, T] -> 2 x [B, T]
+
+    Starting from the state (V_next, A) = (0, 0) after the last token, the scanned map at t
+    applied to that state is (V_next, A) just after processing t, so A_t is its ``v`` part.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)
+    one, zero = torch.ones_like(rewards), torch.zeros_like(rewards)
+    maps = (
+        torch.where(mask, zero, one),  # a: V_next' = V_t on a valid token
+        torch.where(mask, gamma * one, zero),  # b
+        torch.where(mask, gamma * lam * one, one),  # d
+        values,  # u
+        rewards - values,  # v
+    )
+    _, _, _, _, advantages = affine_scan(maps, reverse=True)
+    advantages = torch.where(mask, advantages, 0.0)
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def gae_scan_backward(
+    grad_advantages: torch.Tensor,
+    grad_returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+):
+    """Gradient of ``gae`` w.r.t. (rewards, values) given those of (advantages, returns). [B, T] each.
+
+    A is linear: A_k = sum over valid j >= k of (gamma lam)^(valid steps from k to j) delta_j, and
+    delta_j = r_j + gamma V_next(j) - V_j, R = A + V. So, left to right over valid tokens,
+    1. G_k = (gA_k + gR_k) + gamma lam G_prev(k)   (gradient of delta_k; G_prev = 0 at the first)
+    2. grad r_k = G_k
+    3. grad V_k = gR_k - G_k + gamma G_prev(k)    (V_k is V_next of the previous valid token)
+    The scan state is (x, y) = (G, G_prev): valid: x' = gamma lam x + g, y' = x.
+    """
+    mask = mask.bool()
+    g_adv = torch.where(mask, grad_advantages, 0.0)
+    g_ret = torch.where(mask, grad_returns, 0.0)
+    one, zero = torch.ones_like(g_adv), torch.zeros_like(g_adv)
+    maps = (
+        torch.where(mask, gamma * lam * one, one),  # a
+        torch.where(mask, one, zero),  # b: G_prev' = G
+        torch.where(mask, zero, one),  # d
+        g_adv + g_ret,  # u
+        zero,  # v
+    )
+    _, _, _, g_delta, g_prev = affine_scan(maps)
+    grad_rewards = torch.where(mask, g_delta, 0.0)
+    grad_values = torch.where(mask, g_ret - g_delta + gamma * g_prev, 0.0)
+    return grad_rewards, grad_values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """Masked whitening over all valid tokens of the batch. [B, T] -> [B, T]
+
+    1. mean = sum(x m) / n over the n valid tokens.
+    2. var = sum((x - mean)^2 m) / (n - 1), the unbiased variance (n - 1 floored at 1: with n <= 1
+       the numerator is 0 anyway).
+    3. out = (x - mean) / sqrt(var + 1e-8), plus mean again when ``shift_mean`` is False.
+    4. out = 0 at masked positions (and everywhere when n = 0).
+    """
+    mask = mask.bool()
+    x = torch.where(mask, x, 0.0)
+    n = mask.sum()
+    mean = x.sum() / n.clamp(min=1)
+    centered = torch.where(mask, x - mean, 0.0)
+    var = (centered * centered).sum() / (n - 1).clamp(min=1)
+    out = centered / torch.sqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, 0.0)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, *, mode: str = "grpo", eps: float = 1e-6):
+    """Group-relative advantages of sequence scores. [B] -> [B], B = (number of groups) * G
+
+    Rows form contiguous groups of G = group_size (the G samples of one prompt).
+    grpo:   (s - mean_g) / (std_g + eps), std unbiased (needs G >= 2)
+    drgrpo: s - mean_g                     (Dr. GRPO: no std normalisation)
+    rloo:   s - mean of the other G - 1 members of the group = G / (G - 1) * (s - mean_g)
+    """
+    s = scores.reshape(-1, group_size)
+    mean = s.mean(dim=-1, keepdim=True)
+    if mode == "grpo":
+        out = (s - mean) / (s.std(dim=-1, keepdim=True) + eps)
+    elif mode == "drgrpo":
+        out = s - mean
+    elif mode == "rloo":
+        out = s - (s.sum(dim=-1, keepdim=True) - s) / (group_size - 1)
+    else:
+        raise ValueError(f"mode must be one of {GROUP_MODES}, got {mode!r}")
+    return out.reshape(scores.shape)
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """Reduce a per-token loss [B, T] over its valid tokens to a scalar.
+
+    token-mean:              sum(l m) / sum(m)
+    seq-mean-token-mean:     mean over rows with a valid token of (row sum / row count)
+    seq-mean-token-sum:      sum(l m) / B          (mean over all rows of the row sums)
+    seq-mean-token-sum-norm: sum(l m) / (B T)      (Dr. GRPO's constant normaliser)
+    No valid token at all gives 0 (the counts are floored at 1).
+    """
+    mask = mask.bool()
+    loss = torch.where(mask, loss, 0.0)
+    if agg == "token-mean":
+        return loss.sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        row_count = mask.sum(-1)
+        row_mean = loss.sum(-1) / row_count.clamp(min=1)
+        return row_mean.sum() / (row_count > 0).sum().clamp(min=1)
+    if agg == "seq-mean-token-sum":
+        return loss.sum() / max(mask.shape[0], 1)
+    if agg == "seq-mean-token-sum-norm":
+        return loss.sum() / max(mask.numel(), 1)
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the valid tokens, 0 when there is none. [B, T] -> []"""
+    mask = mask.bool()
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    agg: str = "token-mean",
+):
+    """Clipped policy-gradient (PPO / GRPO) loss. logp, old_logp, mask [B, T]; advantages [B, T] or [B].
+
+    1. ratio = exp(logp - old_logp); A broadcast over T when it is [B].
+    2. pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
+       clip_eps None gives pg = -A ratio (REINFORCE).
+    3. dual clip c: where A < 0, pg = min(pg, -A c).
+    4. with ref_logp: pg += kl_coef * kl_penalty(logp, ref_logp, kl_estimator).
+    5. loss = aggregate(pg, mask, agg).
+    Returns (loss, stats): clipfrac, approx_kl (k3 of old vs new), ratio_mean, ratio_max, and kl
+    when ref_logp is given, as detached means over the valid tokens.
+    """
+    mask = mask.bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logp)
+    logp = torch.where(mask, logp, 0.0)
+    old_logp = torch.where(mask, old_logp, 0.0)
+    adv = torch.where(mask, advantages, 0.0)
+    ratio = torch.exp(logp - old_logp)
+    pg = -adv * ratio
+    clipped = torch.zeros_like(mask)
+    if clip_eps is not None:
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        pg_clipped = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)
+        clipped = pg_clipped > pg
+        pg = torch.maximum(pg, pg_clipped)
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    stats = {}
+    if ref_logp is not None:
+        kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=kl_estimator)
+        pg = pg + kl_coef * kl
+        stats["kl"] = masked_mean(kl, mask).detach()
+    loss = aggregate(pg, mask, agg)
+    ratio = ratio.detach()
+    stats["clipfrac"] = masked_mean(clipped.to(ratio.dtype), mask)
+    stats["approx_kl"] = masked_mean(kl_penalty(old_logp, logp.detach(), estimator="k3"), mask)
+    stats["ratio_mean"] = masked_mean(ratio, mask)
+    stats["ratio_max"] = torch.where(mask, ratio, 0.0).amax()  # ratios are > 0: an empty mask gives 0
+    return loss, stats
+
+
+def fused_policy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    **options,
+):
+    """``policy_loss`` straight from logits [B, T, V] and labels [B, T], minus an entropy bonus.
+
+    1. logp, entropy = token_logprobs(logits, labels, temperature) (labels at masked positions ignored).
+    2. loss, stats = policy_loss(logp, old_logp, advantages, mask, **options).
+    3. loss -= entropy_coef * aggregate(entropy, mask, agg); stats["entropy"] = mean entropy.
+    """
+    mask = mask.bool()
+    labels = torch.where(mask, labels, IGNORE_INDEX)
+    logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, **options)
+    loss = loss - entropy_coef * aggregate(entropy, mask, options.get("agg", "token-mean"))
+    stats["entropy"] = masked_mean(entropy, mask).detach()
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float | None = None,
+    agg: str = "token-mean",
+) -> torch.Tensor:
+    """PPO value loss. [B, T] each -> []
+
+    1. unclipped = (v - R)^2
+    2. with clip_eps: clipped = (old + clamp(v - old, -eps, eps) - R)^2, l = max(unclipped, clipped)
+    3. loss = aggregate(0.5 l, mask, agg)
+    """
+    mask = mask.bool()
+    values = torch.where(mask, values, 0.0)
+    old_values = torch.where(mask, old_values, 0.0)
+    returns = torch.where(mask, returns, 0.0)
+    per_token = (values - returns) ** 2
+    if clip_eps is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        per_token = torch.maximum(per_token, (clipped - returns) ** 2)
+    return aggregate(0.5 * per_token, mask, agg)
+
+
+def pairwise_reward_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+):
+    """Bradley-Terry reward-model loss on paired scores. chosen, rejected, margin: [B] -> []
+
+    1. loss = mean(-log sigmoid(c - r - margin)) (margin 0 when None)
+    2. loss += center_coef * mean((c + r)^2), which keeps the rewards centred at 0.
+    Returns (loss, stats): accuracy = mean(c > r), margin = mean(c - r).
+    """
+    diff = chosen - rejected
+    shifted = diff if margin is None else diff - margin
+    loss = -torch.nn.functional.logsigmoid(shifted).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    stats = {
+        "accuracy": (diff > 0).to(diff.dtype).mean().detach(),
+        "margin": diff.mean().detach(),
+    }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear-head forms: the same objectives from the last hidden states [..., H] and the lm_head
+# weight [V, H] (bias [V] optional). The fused versions never materialise these [N, V] logits.
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The lm_head: hidden [..., H] @ weight [V, H].T + bias [V] -> logits [..., V]."""
+    logits = hidden @ weight.T
+    return logits if bias is None else logits + bias
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+):
+    """``token_logprobs`` of the lm_head's logits. hidden [..., H], weight [V, H], labels [...] -> [...]"""
+    return token_logprobs(
+        linear_logits(hidden, weight, bias), labels,
+        temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+    )  # fmt: skip
+
+
+def linear_sft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """``sft_loss`` of the lm_head's logits. hidden [..., H], weight [V, H], labels [...] -> []"""
+    return sft_loss(linear_logits(hidden, weight, bias), labels, ignore_index=ignore_index)
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    **options,
+):
+    """``fused_policy_loss`` of the lm_head's logits. hidden [B, T, H], weight [V, H], the rest [B, T]."""
+    return fused_policy_loss(
+        linear_logits(hidden, weight, bias), labels, old_logp, advantages, mask,
+        temperature=temperature, entropy_coef=entropy_coef, **options,
+    )  # fmt: skip

@@ -22,10 +22,10 @@ def backend_params():
     return params
 
 
-def require(backend: str, device: str, dtype: torch.dtype) -> None:
-    support = can_serve(backend, torch.device(device), dtype)
+def require(backend: str, device: str, dtype: torch.dtype, op: str = "token_logprobs") -> None:
+    support = can_serve(backend, torch.device(device), dtype, op)
     if not support:
-        pytest.skip(f"{backend} on {device}/{dtype}: {support.reason}")
+        pytest.skip(f"{backend} {op} on {device}/{dtype}: {support.reason}")
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -42,3 +42,35 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def tolerance(dtype: torch.dtype) -> float:
     """Relative error allowed against the float64 reference evaluated on the same input values."""
     return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}[dtype]
+
+
+MASK_PATTERNS = ("right", "left", "holes", "mixed")
+
+
+def random_mask(rows: int, tokens: int, pattern: str = "mixed", device="cpu") -> torch.Tensor:
+    """[rows, tokens] bool response mask. "right": a valid prefix of random length (0 to T) then
+    padding; "left": padding then a valid suffix; "holes": independent random tokens; "mixed":
+    rows cycle through right, left, holes, an empty row and a full row."""
+    if pattern == "mixed":
+        kinds = ("right", "left", "holes", "empty", "full")
+        return torch.cat([random_mask(1, tokens, kinds[i % 5], device) for i in range(rows)]) if rows else (
+            torch.zeros(0, tokens, dtype=torch.bool, device=device)
+        )
+    positions = torch.arange(tokens).expand(rows, tokens)
+    if pattern == "empty":
+        mask = torch.zeros(rows, tokens, dtype=torch.bool)
+    elif pattern == "full":
+        mask = torch.ones(rows, tokens, dtype=torch.bool)
+    elif pattern == "holes":
+        mask = torch.rand(rows, tokens) < 0.6
+    else:
+        lengths = torch.randint(0, tokens + 1, (rows, 1))
+        mask = positions < lengths if pattern == "right" else positions >= tokens - lengths
+    return mask.to(device)
+
+
+def poison(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with NaN, +inf and -inf scattered over its masked positions (they must never matter)."""
+    junk = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype, device=x.device)
+    fill = junk[torch.randint(0, 3, x.shape, device=x.device)]
+    return torch.where(mask, x, fill)

@@ -1,8 +1,10 @@
 """What every backend provides: availability with a reason, and the kernels on flattened tensors.
 
 The public ops in ``rlhf_fast.ops`` validate arguments once, flatten [..., V] to [N, V] (last dim
-contiguous, any row stride) and call a provider through this interface. Providers never validate
-user input; they only say whether they can serve a call and why not.
+contiguous, any row stride) or convert [B, T] token tensors to float32, and call a provider
+through this interface. Providers never validate user input; they only say whether they can
+serve a call and why not. ``Provider.ops`` names the op families a provider has kernels for;
+the registry skips (on "auto") or refuses (when named) a provider without the one asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ class Support:
 
 YES = Support(True)
 
+# Op families a provider may serve; ``Provider.ops`` lists the ones it has kernels for.
+TOKEN_OPS = frozenset({"token_logprobs"})
+# The [B, T] ops of PPO / GRPO: rewards, advantages, whitening (see the methods below).
+BT_OPS = frozenset({"kl_rewards", "gae", "whiten", "ppo_advantages", "group_advantages"})
+
 
 class Provider:
     """One implementation of the fused ops (torch reference, host C++, CUDA C++ or Triton).
@@ -38,6 +45,7 @@ class Provider:
     """
 
     name: str = "?"
+    ops: frozenset[str] = TOKEN_OPS
 
     def available(self) -> Support:
         """Whether this provider can run at all on this machine (import, build, device)."""
@@ -46,6 +54,12 @@ class Provider:
     def supports(self, device: torch.device, dtype: torch.dtype) -> Support:
         """Whether it serves tensors of this device and dtype (called only when available)."""
         raise NotImplementedError
+
+    def supports_op(self, op: str) -> Support:
+        """Whether this provider has a kernel for the op family ``op`` (a name in TOKEN_OPS | BT_OPS)."""
+        if op in self.ops:
+            return YES
+        return Support(False, f"the {self.name} backend has no {op} kernel")
 
     def token_logprobs_forward(
         self,
@@ -80,4 +94,93 @@ class Provider:
             d/dlogits = d/dz / T; rows whose label is ignore_index get 0.
         ``entropy`` and ``grad_entropy`` are both given or both None.
         """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    # [B, T] ops. Kernel-facing contract (validated and converted upstream, in rlhf_fast.ops):
+    #   every [B, T] tensor is float32 and contiguous, except mask: [B, T] bool, contiguous,
+    #   True on the tokens that count; scores [B] float32. Outputs are preallocated by the caller
+    #   and every element must be written (0 at masked positions). Inputs at masked positions may
+    #   hold NaN or inf and must not reach any output. estimator is one of "k1", "k2", "k3",
+    #   "abs"; the formulas are rlhf_fast.reference.kl_penalty's. Never called with B = 0 or T = 0.
+    # ------------------------------------------------------------------------------------------
+
+    def kl_rewards_forward(
+        self,
+        logp: torch.Tensor,
+        ref_logp: torch.Tensor,
+        scores: torch.Tensor,
+        mask: torch.Tensor,
+        rewards: torch.Tensor,
+        beta: float,
+        estimator: str,
+    ) -> None:
+        """Write rewards [B, T] = -beta * kl_penalty(logp, ref_logp) on valid tokens, 0 elsewhere,
+        plus scores[b] at the last valid token of row b (an empty row stays all zeros)."""
+        raise NotImplementedError
+
+    def gae_forward(
+        self,
+        rewards: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        gamma: float,
+        lam: float,
+    ) -> None:
+        """Write advantages and returns [B, T] of reference.gae: per row, right to left over the
+        valid tokens only, delta = r + gamma V_next - V, A = delta + gamma lam A_next, R = A + V,
+        with V_next = A_next = 0 after the last valid token. T may be 32768 or more: a scan."""
+        raise NotImplementedError
+
+    def gae_backward(
+        self,
+        grad_advantages: torch.Tensor,
+        grad_returns: torch.Tensor,
+        mask: torch.Tensor,
+        grad_rewards: torch.Tensor,
+        grad_values: torch.Tensor,
+        gamma: float,
+        lam: float,
+    ) -> None:
+        """Write the gradients of rewards and values given those of advantages and returns: the
+        left-to-right adjoint scan of reference.gae_scan_backward. grad_* inputs are [B, T]."""
+        raise NotImplementedError
+
+    def whiten_forward(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, shift_mean: bool) -> None:
+        """Write out [B, T] = reference.whiten(x, mask, shift_mean): one mean and unbiased variance
+        over all valid tokens of the batch, no host synchronisation. ``out`` may be ``x`` itself."""
+        raise NotImplementedError
+
+    def ppo_advantages_forward(
+        self,
+        logp: torch.Tensor,
+        ref_logp: torch.Tensor,
+        scores: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        rewards: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        beta: float,
+        estimator: str,
+        gamma: float,
+        lam: float,
+        whiten: bool,
+    ) -> None:
+        """The PPO advantage pipeline, fused where the provider can: write the KL-penalised rewards,
+        the GAE advantages (whitened over the batch when ``whiten``) and the returns (computed from
+        the advantages before whitening). This default runs the three steps one after the other."""
+        self.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator)
+        self.gae_forward(rewards, values, mask, advantages, returns, gamma, lam)
+        if whiten:
+            self.whiten_forward(advantages, mask, advantages, True)
+
+    def group_advantages_forward(
+        self, scores: torch.Tensor, out: torch.Tensor, group_size: int, mode: str, eps: float
+    ) -> None:
+        """Write out [B] = reference.group_advantages(scores [B], group_size, mode, eps), mode one of
+        "grpo", "drgrpo", "rloo". A group of identical scores must give exactly 0: centre each
+        group on its first member before summing (the mean of identical floats may not round back)."""
         raise NotImplementedError

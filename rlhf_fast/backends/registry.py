@@ -84,8 +84,8 @@ def use_backend(name: str):
         _local.backend = previous
 
 
-def can_serve(name: str, device: torch.device, dtype: torch.dtype) -> Support:
-    """Whether backend ``name`` can run here on tensors of this device and dtype, and why not."""
+def can_serve(name: str, device: torch.device, dtype: torch.dtype, op: str = "token_logprobs") -> Support:
+    """Whether backend ``name`` can run op family ``op`` here on tensors of this device and dtype, and why not."""
     try:
         prov = provider(name)
         ready = prov.available()
@@ -93,27 +93,34 @@ def can_serve(name: str, device: torch.device, dtype: torch.dtype) -> Support:
         return Support(False, f"{type(exc).__name__}: {exc}")
     if not ready:
         return ready
+    has_op = prov.supports_op(op)
+    if not has_op:
+        return has_op
     return prov.supports(device, dtype)
 
 
-def explain(device: torch.device | str, dtype: torch.dtype) -> dict[str, Support]:
-    """For each backend, whether it can serve (device, dtype) and the reason when not."""
+def explain(device: torch.device | str, dtype: torch.dtype, op: str = "token_logprobs") -> dict[str, Support]:
+    """For each backend, whether it can serve ``op`` on (device, dtype) and the reason when not."""
     device = torch.device(device)
-    return {name: can_serve(name, device, dtype) for name in BACKENDS}
+    return {name: can_serve(name, device, dtype, op) for name in BACKENDS}
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Provider:
-    """The provider that runs a call: the requested one (or an error saying why it cannot), or auto's pick."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype, op: str = "token_logprobs") -> Provider:
+    """The provider that runs a call: the requested one (or an error saying why it cannot), or auto's pick.
+
+    ``op`` names the op family (``base.TOKEN_OPS | base.BT_OPS``): "auto" skips providers without
+    a kernel for it, down to the torch reference, which has them all.
+    """
     if name == "auto":
         name = default_backend()
     if name != "auto":
-        support = can_serve(name, device, dtype)
+        support = can_serve(name, device, dtype, op)
         if not support:
             raise BackendUnavailable(
-                f"backend {name!r} cannot run on {device.type} tensors of dtype {dtype}: {support.reason}"
+                f"backend {name!r} cannot run {op} on {device.type} tensors of dtype {dtype}: {support.reason}"
             )
         return provider(name)
     for candidate in AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER):
-        if can_serve(candidate, device, dtype):
+        if can_serve(candidate, device, dtype, op):
             return provider(candidate)
     return provider("torch")

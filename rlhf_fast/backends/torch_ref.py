@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import YES, Provider, Support
+from .. import reference
+from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
 
 
 class TorchProvider(Provider):
     name = "torch"
+    ops = TOKEN_OPS | BT_OPS
 
     def available(self) -> Support:
         return YES
@@ -54,3 +56,41 @@ class TorchProvider(Provider):
             safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
             grad_z -= g_h * p * (safe_log_p + entropy.unsqueeze(-1))
         grad_logits.copy_(grad_z / temperature)
+
+    # [B, T] ops: the reference formulas in float32, GAE as the vectorised affine scan
+    # (reference.gae_scan) rather than the loop over T.
+
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+        from ..ops.kl import kl_values  # the float32-accurate k3 (the reference's is float64-grade)
+
+        kl = kl_values(torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0), estimator)
+        out = torch.where(mask, -beta * kl, 0.0)
+        last = reference.last_valid_index(mask)
+        at_last = torch.arange(mask.shape[-1], device=mask.device) == last.unsqueeze(-1)
+        rewards.copy_(out + torch.where(at_last, scores.unsqueeze(-1), 0.0))
+
+    def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
+        adv, ret = reference.gae_scan(rewards, values, mask, gamma=gamma, lam=lam)
+        advantages.copy_(adv)
+        returns.copy_(ret)
+
+    def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
+        g_r, g_v = reference.gae_scan_backward(grad_advantages, grad_returns, mask, gamma=gamma, lam=lam)
+        grad_rewards.copy_(g_r)
+        grad_values.copy_(g_v)
+
+    def whiten_forward(self, x, mask, out, shift_mean):
+        out.copy_(reference.whiten(x, mask, shift_mean=shift_mean))
+
+    def group_advantages_forward(self, scores, out, group_size, mode, eps):
+        # Centre each group on its first member: identical scores then give exactly 0.
+        s = scores.view(-1, group_size)
+        centered = s - s[:, :1]
+        offset = centered.mean(dim=-1, keepdim=True)
+        dev = centered - offset
+        if mode == "grpo":
+            std = torch.sqrt((dev * dev).sum(dim=-1, keepdim=True) / (group_size - 1))
+            dev = dev / (std + eps)
+        elif mode == "rloo":
+            dev = dev * (group_size / (group_size - 1))
+        out.copy_(dev.view(-1))

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from rlhf_fast.backends.base import YES, Provider, Support
+from rlhf_fast.backends.base import BT_OPS, TOKEN_OPS, YES, Provider, Support
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -25,6 +25,9 @@ class TritonProvider(Provider):
     """Fused Triton kernels: one read of the logits forward, one read and one write backward."""
 
     name = "triton"
+    # [B, T] ops: kernels/rewards.py, gae.py, whiten.py, group_advantages.py. The ops hand them
+    # float32 tensors (supports() sees float32), so the dtype rules below are unchanged.
+    ops = TOKEN_OPS | BT_OPS
 
     def available(self) -> Support:
         try:
@@ -71,3 +74,37 @@ class TritonProvider(Provider):
         _kernels().token_logprobs_backward(
             logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
         )
+
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+        from rlhf_fast.kernels.rewards import kl_rewards_forward
+
+        kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator)
+
+    def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
+        from rlhf_fast.kernels.gae import gae_forward
+
+        gae_forward(rewards, values, mask, advantages, returns, gamma, lam)
+
+    def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
+        from rlhf_fast.kernels.gae import gae_backward
+
+        gae_backward(grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam)
+
+    def whiten_forward(self, x, mask, out, shift_mean):
+        from rlhf_fast.kernels.whiten import whiten_forward
+
+        whiten_forward(x, mask, out, shift_mean)
+
+    def ppo_advantages_forward(
+        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
+    ):
+        from rlhf_fast.kernels.gae import ppo_advantages_forward
+
+        ppo_advantages_forward(
+            logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
+        )
+
+    def group_advantages_forward(self, scores, out, group_size, mode, eps):
+        from rlhf_fast.kernels.group_advantages import group_advantages_forward
+
+        group_advantages_forward(scores, out, group_size, mode, eps)

@@ -1,0 +1,166 @@
+"""kl_penalty and kl_penalized_rewards: per-token KL estimates and the PPO reward built from them.
+
+``kl_penalty`` is elementwise torch (autograd does its gradient). ``kl_penalized_rewards`` runs
+the provider's ``kl_rewards_forward`` kernel through the ``rlhf_fast::kl_rewards`` op; its
+gradient (w.r.t. logp, ref_logp and scores) is elementwise and written here in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from ..backends import registry
+from ..reference import KL_ESTIMATORS
+
+# k3(x) = e^x - 1 - x with x = ref_logp - logp. Evaluated as written, float32 loses every digit
+# once |x| < 1e-4 (e^x - 1 - x ~ x^2 / 2 drowns in the rounding of e^x ~ 1); below |x| = 0.5 the
+# Taylor series to x^8 is exact to 4e-8 relative (next term x^9 / 9!), and above it the
+# subtraction loses at most a factor ~5 of the rounding of e^x. Shared with kernels/rewards.py.
+K3_SERIES_BELOW = 0.5
+_K3_TAYLOR = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320)  # x^2 .. x^8
+
+
+def k3_of(x: torch.Tensor) -> torch.Tensor:
+    """e^x - 1 - x >= 0 to float32 accuracy for every x (differentiable). [...] -> [...]"""
+    small = x.abs() < K3_SERIES_BELOW
+    xs = torch.where(small, x, 0.0)  # keep the unused branch finite, in value and in gradient
+    poly = torch.full_like(xs, _K3_TAYLOR[-1])
+    for c in reversed(_K3_TAYLOR[:-1]):
+        poly = poly * xs + c
+    series = xs * xs * poly
+    xl = torch.where(small, 1.0, x)
+    return torch.where(small, series, (torch.expm1(xl) - xl).clamp(min=0.0))
+
+
+def kl_values(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The estimator's formula on already validated tensors (see reference.kl_penalty)."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return k3_of(-d)
+    return d.abs()
+
+
+def kl_grad(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """d kl / d logp of ``kl_values`` (d kl / d ref_logp is its negative)."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return torch.ones_like(d)
+    if estimator == "k2":
+        return d
+    if estimator == "k3":
+        return -torch.expm1(-d)  # d/dlogp (e^{-d} + d - 1) = 1 - e^{-d}
+    return torch.sign(d)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from the log-probs of the sampled tokens.
+
+    With d = logp - ref_logp: "k1" = d, "k2" = d^2 / 2, "k3" = e^{-d} + d - 1 (>= 0, exactly 0 at
+    d = 0), "abs" = |d|. logp, ref_logp: same shape, float; returns float32 of that shape,
+    differentiable w.r.t. both (k3 stays accurate in float32 for tiny d, see ``k3_of``).
+    """
+    check.tensor("logp", logp, dtypes=check.FLOAT_DTYPES)
+    check.tensor("ref_logp", ref_logp, dtypes=check.FLOAT_DTYPES, shape=logp.shape, like=("logp", logp))
+    check.choice("estimator", estimator, KL_ESTIMATORS)
+    return kl_values(logp.float(), ref_logp.float(), estimator)
+
+
+@torch.library.custom_op("rlhf_fast::kl_rewards", mutates_args=())
+def _kl_rewards_op(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    estimator: str,
+    backend: str,
+) -> torch.Tensor:
+    """[B, T] float32 x2, [B] float32, [B, T] bool -> rewards [B, T] float32."""
+    rewards = torch.empty_like(logp)
+    if logp.numel() > 0:
+        prov = registry.resolve(backend, logp.device, logp.dtype, op="kl_rewards")
+        prov.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator)
+    return rewards
+
+
+@_kl_rewards_op.register_fake
+def _(logp, ref_logp, scores, mask, beta, estimator, backend):
+    return torch.empty_like(logp)
+
+
+def _kl_rewards_setup(ctx, inputs, output):
+    logp, ref_logp, scores, mask, beta, estimator, _ = inputs
+    ctx.save_for_backward(logp, ref_logp, mask)
+    ctx.options = (beta, estimator)
+
+
+def _kl_rewards_backward(ctx, grad):
+    # rewards = -beta kl(logp, ref) on valid tokens + scores[b] at the last valid token.
+    logp, ref_logp, mask = ctx.saved_tensors
+    beta, estimator = ctx.options
+    grad = torch.where(mask, grad, 0.0)
+    safe_logp, safe_ref = torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0)
+    grad_logp = torch.where(mask, -beta * grad * kl_grad(safe_logp, safe_ref, estimator), 0.0)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask, positions, -1).amax(dim=-1, keepdim=True) if mask.shape[-1] else None
+    if last is None:
+        grad_scores = grad.new_zeros(mask.shape[0])
+    else:
+        at_last = grad.gather(-1, last.clamp(min=0)).squeeze(-1)
+        grad_scores = torch.where(last.squeeze(-1) >= 0, at_last, 0.0)
+    return grad_logp, -grad_logp, grad_scores, None, None, None, None
+
+
+_kl_rewards_op.register_autograd(_kl_rewards_backward, setup_context=_kl_rewards_setup)
+
+
+def kl_penalized_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    estimator: str = "k1",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token PPO rewards: -beta * kl_penalty(logp, ref_logp) on the response tokens, with the
+    sequence score added at the last response token of each row.
+
+    Args:
+        logp, ref_logp: [B, T] float log-probs of the sampled tokens under the policy and the
+            reference model.
+        scores: [B] float sequence scores (reward model or verifier).
+        mask: [B, T] bool or 0/1, True on response tokens; any pattern (left/right padding,
+            holes). Values of logp, ref_logp at masked positions (NaN included) are ignored.
+        beta: KL coefficient, >= 0.
+        estimator: "k1", "k2", "k3" or "abs" (see ``kl_penalty``).
+        backend: "auto", "triton", "cuda", "host" or "torch".
+
+    Returns:
+        rewards [B, T] float32: 0 at masked positions, all zeros for a row with no valid token.
+        Differentiable w.r.t. logp, ref_logp and scores.
+    """
+    check.tensor("logp", logp, dtypes=check.FLOAT_DTYPES, min_dim=2)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [B, T]; got {check.describe(logp)}")
+    check.tensor("ref_logp", ref_logp, dtypes=check.FLOAT_DTYPES, shape=logp.shape, like=("logp", logp))
+    check.tensor("scores", scores, dtypes=check.FLOAT_DTYPES, shape=logp.shape[:1], like=("logp", logp))
+    mask = check.mask("mask", mask, shape=logp.shape, like=("logp", logp))
+    beta = check.number("beta", beta, low=0.0)
+    check.choice("estimator", estimator, KL_ESTIMATORS)
+    registry.check_backend_name(backend)
+    return _kl_rewards_op(
+        logp.float().contiguous(),
+        ref_logp.float().contiguous(),
+        scores.float().contiguous(),
+        mask.contiguous(),
+        beta,
+        estimator,
+        backend,
+    )

@@ -1,0 +1,170 @@
+"""policy_loss: the clipped policy-gradient loss of PPO / GRPO / DAPO on [B, T] log-probs.
+
+Plain torch on [B, T] (a few elementwise kernels, negligible next to the [N, V] log-softmax that
+produced logp). The formula is reference.policy_loss; this version is written so that its
+gradient is finite wherever the loss is: tokens whose loss does not depend on logp (clipped,
+dual-clipped, A = 0, masked) take a constant branch and exp() never sees their log-ratio, which
+may be huge (its gradient would then be 0 * inf = NaN). Stats stay on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _validate as check
+from ..reference import AGG_MODES, KL_ESTIMATORS
+from .aggregate import aggregate, check_normalizer
+from .kl import k3_of, kl_values
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """Static options of ``policy_loss`` (and ``fused_policy_loss``), validated on construction."""
+
+    clip_eps: float | None = 0.2
+    """PPO clip range: the ratio is clamped to [1 - clip_eps, 1 + clip_eps_high]; None: no clipping (REINFORCE)."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO's clip-higher); None: clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1: for A < 0 the per-token loss is at most -A c."""
+    kl_coef: float = 0.0
+    """Weight of the per-token KL to the reference policy (needs ref_logp), >= 0."""
+    kl_estimator: str = "k3"
+    """"k1", "k2", "k3" or "abs" (see kl_penalty)."""
+    agg: str = "token-mean"
+    """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm"."""
+
+    def __post_init__(self):
+        if self.clip_eps is not None:
+            check.positive_finite("clip_eps", self.clip_eps)
+        if self.clip_eps_high is not None:
+            check.positive_finite("clip_eps_high", self.clip_eps_high)
+        if self.dual_clip is not None:
+            check.number("dual_clip", self.dual_clip, low=1.0, low_open=True)
+        check.number("kl_coef", self.kl_coef, low=0.0)
+        check.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check.choice("agg", self.agg, AGG_MODES)
+
+
+def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="logp"):
+    """Check the [B, T] inputs against ``logp`` (or its shape); return the bool mask."""
+    shape = logp.shape
+    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if value is not None:
+            check.tensor(name, value, dtypes=check.FLOAT_DTYPES, shape=shape, like=(logp_name, logp))
+    check.tensor("advantages", advantages, dtypes=check.FLOAT_DTYPES, like=(logp_name, logp))
+    if tuple(advantages.shape) not in (tuple(shape), tuple(shape[:1])):
+        raise ValueError(
+            f"advantages must have shape {tuple(shape)} (per token) or {tuple(shape[:1])} (per sequence); "
+            f"got {check.describe(advantages)}"
+        )
+    return check.mask("mask", mask, shape=shape, like=(logp_name, logp))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum() / count
+
+
+def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions):
+    """Per-token loss [B, T] (0 at masked positions) and the detached stats, on validated inputs."""
+    mask = mask.bool()
+    logp = torch.where(mask, logp.float(), 0.0)
+    old_logp = torch.where(mask, old_logp.float(), 0.0)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand(mask.shape)
+    adv = torch.where(mask, advantages.float(), 0.0)
+    log_ratio = logp - old_logp
+
+    # Which branch each token takes, decided on detached values (the max/min of reference.policy_loss).
+    with torch.no_grad():
+        raw_ratio = torch.exp(log_ratio)
+        clipped = torch.zeros_like(mask)
+        bound = torch.ones_like(raw_ratio)
+        if options.clip_eps is not None:
+            low = 1 - options.clip_eps
+            high = 1 + (options.clip_eps if options.clip_eps_high is None else options.clip_eps_high)
+            # A > 0: -A min(r, 1 + h) is clipped above 1 + h; A < 0: |A| max(r, 1 - l) below 1 - l.
+            clipped = ((adv > 0) & (raw_ratio > high)) | ((adv < 0) & (raw_ratio < low))
+            bound = torch.where(adv > 0, high, low)
+        dual = torch.zeros_like(mask)
+        if options.dual_clip is not None:
+            # For A < 0 the clipped loss is |A| max(r, 1 - l); min with |A| c (c > 1) bites when r > c.
+            dual = (adv < 0) & (raw_ratio > options.dual_clip)
+            bound = torch.where(dual, options.dual_clip, bound)
+        frozen = clipped | dual | (adv == 0)
+
+    ratio = torch.exp(torch.where(frozen, 0.0, log_ratio))
+    per_token = -adv * torch.where(frozen, bound, ratio)
+    count = mask.sum().clamp(min=1)
+    stats = {}
+    if ref_logp is not None:
+        kl = kl_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator)
+        if options.kl_coef:
+            per_token = per_token + options.kl_coef * kl
+        stats["kl"] = masked_mean(kl.detach(), mask, count)
+    with torch.no_grad():
+        stats["clipfrac"] = masked_mean(clipped.float(), mask, count)
+        if options.dual_clip is not None:
+            stats["dual_clipfrac"] = masked_mean(dual.float(), mask, count)
+        stats["approx_kl"] = masked_mean(k3_of(log_ratio), mask, count)  # k3 of old vs new
+        stats["ratio_mean"] = masked_mean(raw_ratio, mask, count)
+        # Ratios are > 0, so masked zeros never win the max and an empty mask gives 0.
+        stats["ratio_max"] = torch.where(mask, raw_ratio, 0.0).amax() if mask.numel() else count.new_zeros((), dtype=torch.float32)
+    return torch.where(mask, per_token, 0.0), stats
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+):
+    """Clipped policy-gradient loss: PPO, GRPO (with its KL loss), DAPO (clip-higher), dual-clip PPO.
+
+    Args:
+        logp: [B, T] float log-probs of the sampled tokens under the current policy (differentiable).
+        old_logp: [B, T] log-probs under the policy that sampled (behaviour policy).
+        advantages: [B, T], or [B] broadcast over T.
+        mask: [B, T] bool or 0/1, True on the tokens that count. NaN or inf at masked positions of
+            any input never reaches the loss, the stats or the gradient.
+        clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg: see ``PolicyLossOptions``.
+            With ratio = exp(logp - old_logp):
+            pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
+            dual clip: where A < 0, pg = min(pg, -A dual_clip); plus kl_coef * kl_penalty(logp,
+            ref_logp, kl_estimator) per token when ref_logp is given.
+        ref_logp: [B, T] reference-model log-probs, for the KL loss and the "kl" stat.
+        normalizer: what ``agg`` divides by, overriding this batch's count: pass the global
+            ``loss_normalizer(mask, agg)`` summed over micro-batches (and ranks) and the
+            micro-batch losses add up to the full-batch loss (see ``rlhf_fast.ops.aggregate``).
+
+    Returns:
+        (loss, stats): loss a float32 scalar (0 with zero gradient when no token is valid);
+        stats detached float32 scalars over the valid tokens: "clipfrac", "approx_kl" (k3 of old
+        vs new), "ratio_mean", "ratio_max", "kl" (with ref_logp), "dual_clipfrac" (with dual_clip).
+    """
+    options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
+    check.tensor("logp", logp, dtypes=check.FLOAT_DTYPES)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [B, T]; got {check.describe(logp)}")
+    mask = validate_inputs(logp, old_logp, advantages, mask, ref_logp)
+    normalizer = check_normalizer(normalizer)
+    return policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options, normalizer)
+
+
+def policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, normalizer=None):
+    """``policy_loss`` on validated inputs with an options object (used by nn.PolicyLoss)."""
+    if options.kl_coef and ref_logp is None:
+        raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
+    per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options)
+    return aggregate(per_token, mask, options.agg, normalizer), stats

@@ -1,0 +1,321 @@
+"""gae, whiten, group_advantages and ppo_advantages on every backend vs the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.backends.registry import BackendUnavailable, can_serve, provider, resolve
+
+from .numerics import MASK_PATTERNS, backend_params, poison, random_mask, rel_err, require
+
+TOL = 2e-5  # float32 result vs the float64 reference on the same input values
+
+
+def gae_case(rows, tokens, pattern, device="cpu"):
+    mask = random_mask(rows, tokens, pattern, device)
+    rewards = poison(torch.randn(rows, tokens, device=device), mask)
+    values = poison(torch.randn(rows, tokens, device=device), mask)
+    return rewards, values, mask
+
+
+def reference_gae_grads(rewards, values, mask, g_adv, g_ret, gamma, lam):
+    r = torch.where(mask, rewards, 0).double().requires_grad_(True)
+    v = torch.where(mask, values, 0).double().requires_grad_(True)
+    adv, ret = reference.gae(r, v, mask, gamma=gamma, lam=lam)
+    ((adv * g_adv.double()).sum() + (ret * g_ret.double()).sum()).backward()
+    return adv.detach(), ret.detach(), r.grad, v.grad
+
+
+def check_gae(rewards, values, mask, gamma, lam, backend, tol=TOL):
+    g_adv, g_ret = torch.randn_like(rewards), torch.randn_like(rewards)
+    want = reference_gae_grads(rewards, values, mask, g_adv, g_ret, gamma, lam)
+    r, v = rewards.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    adv, ret = rlhf_fast.gae(r, v, mask, gamma=gamma, lam=lam, backend=backend)
+    assert adv.dtype == ret.dtype == torch.float32
+    ((adv * g_adv).sum() + (ret * g_ret).sum()).backward()
+    for name, got, ref in zip(("advantages", "returns", "grad rewards", "grad values"), (adv, ret, r.grad, v.grad), want):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, ref) < tol, f"{name}: rel err {rel_err(got, ref):.3g}"
+        assert (got[~mask] == 0).all(), name
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("pattern", MASK_PATTERNS)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.0, 0.7), (0.8, 0.0), (0.0, 0.0)])
+def test_gae_matches_reference(backend, device, pattern, gamma, lam):
+    require(backend, device, torch.float32, "gae")
+    check_gae(*gae_case(7, 37, pattern, device), gamma, lam, backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_gae_single_token_and_empty(backend, device):
+    require(backend, device, torch.float32, "gae")
+    check_gae(*gae_case(5, 1, "mixed", device), 0.9, 0.95, backend)
+    for shape in [(0, 4), (3, 0)]:
+        adv, ret = rlhf_fast.gae(torch.randn(shape), torch.randn(shape), torch.ones(shape, dtype=torch.bool), backend=backend)
+        assert adv.shape == ret.shape == shape
+
+
+def test_gae_long_rows_torch():
+    """T = 32768, gamma = lam = 1 (nothing decays: the longest sums), then a decaying left-padded row."""
+    check_gae(*gae_case(1, 32768, "holes"), 1.0, 1.0, "torch")
+    rewards, values, mask = gae_case(1, 32768, "left")
+    got = rlhf_fast.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend="torch")
+    want = reference.gae(rewards.double(), values.double(), mask, gamma=0.99, lam=0.95)
+    assert rel_err(got[0], want[0]) < TOL and rel_err(got[1], want[1]) < TOL
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_gae_long_row_kernels(backend, device):
+    """One long row on the kernel backends (interpreted Triton is slow: forward at 32768, backward at 3000)."""
+    if backend == "torch":
+        pytest.skip("covered by test_gae_long_rows_torch")
+    require(backend, device, torch.float32, "gae")
+    rewards, values, mask = gae_case(1, 32768, "holes", device)
+    adv, ret = rlhf_fast.gae(rewards, values, mask, gamma=1.0, lam=1.0, backend=backend)
+    want_adv, want_ret = reference.gae(rewards.double(), values.double(), mask, gamma=1.0, lam=1.0)
+    assert rel_err(adv, want_adv) < TOL and rel_err(ret, want_ret) < TOL
+    check_gae(*gae_case(1, 3000, "holes", device), 0.99, 0.9, backend)
+
+
+def test_gae_masked_values_change_nothing():
+    rewards, values, mask = gae_case(6, 50, "holes")
+    adv, ret = rlhf_fast.gae(rewards, values, mask, backend="torch")
+    other = torch.where(mask, values, torch.randn_like(values) * 1e6)
+    adv2, ret2 = rlhf_fast.gae(rewards, other, mask, backend="torch")
+    assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+
+
+def test_gae_skips_masked_tokens():
+    """A hole in the middle of a row changes nothing for the tokens around it (the chain is unbroken)."""
+    rewards, values = torch.randn(1, 6), torch.randn(1, 6)
+    holed = torch.tensor([[True, True, False, False, True, True]])
+    adv, _ = rlhf_fast.gae(rewards, values, holed, gamma=0.9, lam=0.8, backend="torch")
+    keep = holed[0]
+    dense, _ = rlhf_fast.gae(rewards[:, keep], values[:, keep], torch.ones(1, 4, dtype=torch.bool), gamma=0.9, lam=0.8)
+    assert torch.allclose(adv[:, keep], dense, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_scan_equals_loop():
+    rewards, values, mask = gae_case(4, 100, "mixed")
+    rewards, values = rewards.double(), values.double()
+    for got, want in zip(reference.gae_scan(rewards, values, mask, gamma=0.97, lam=0.9), reference.gae(rewards, values, mask, gamma=0.97, lam=0.9)):
+        assert rel_err(got, want) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# whiten
+# ---------------------------------------------------------------------------------------------
+
+
+def check_whiten(x, mask, shift_mean, backend):
+    g = torch.randn_like(x)
+    ref_x = torch.where(mask, x, 0).double().requires_grad_(True)
+    want = reference.whiten(ref_x, mask, shift_mean=shift_mean)
+    (want * g.double()).sum().backward()
+    got_x = x.clone().requires_grad_(True)
+    got = rlhf_fast.whiten(got_x, mask, shift_mean=shift_mean, backend=backend)
+    (got * g).sum().backward()
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < TOL, f"whiten: {rel_err(got, want):.3g}"
+    assert rel_err(got_x.grad, ref_x.grad) < 1e-4, f"grad: {rel_err(got_x.grad, ref_x.grad):.3g}"
+    assert torch.isfinite(got_x.grad).all() and (got[~mask] == 0).all() and (got_x.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("pattern", MASK_PATTERNS)
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_matches_reference(backend, device, pattern, shift_mean):
+    require(backend, device, torch.float32, "whiten")
+    mask = random_mask(6, 45, pattern, device)
+    x = poison(torch.randn(6, 45, device=device) * 3 + 20, mask)  # a large mean: no E[x^2] - mean^2
+    check_whiten(x, mask, shift_mean, backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_whiten_degenerate_counts(backend, device):
+    require(backend, device, torch.float32, "whiten")
+    x = torch.randn(3, 5, device=device)
+    none = torch.zeros(3, 5, dtype=torch.bool, device=device)
+    assert (rlhf_fast.whiten(poison(x, none), none, backend=backend) == 0).all()
+    one = none.clone()
+    one[1, 2] = True
+    out = rlhf_fast.whiten(poison(x, one), one, shift_mean=False, backend=backend)
+    assert out[1, 2] == x[1, 2] and (out[~one] == 0).all()  # n = 1: centred value 0, mean added back
+    many = torch.ones(40, 1500, dtype=torch.bool, device=device)  # 2 chunks per row, merged moments
+    check_whiten(torch.randn(40, 1500, device=device), many, True, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_advantages
+# ---------------------------------------------------------------------------------------------
+
+MODES_AND_SIZES = [(mode, g) for mode in ("grpo", "drgrpo", "rloo") for g in (1, 2, 8) if not (g == 1 and mode != "drgrpo")]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("mode,group_size", MODES_AND_SIZES + [("grpo", 5), ("rloo", 64)])
+def test_group_advantages_matches_reference(backend, device, mode, group_size):
+    require(backend, device, torch.float32, "group_advantages")
+    scores = torch.randn(group_size * 6, device=device) * 2 + 3
+    g = torch.randn_like(scores)
+    ref_s = scores.double().requires_grad_(True)
+    want = reference.group_advantages(ref_s, group_size, mode=mode)
+    (want * g.double()).sum().backward()
+    s = scores.clone().requires_grad_(True)
+    got = rlhf_fast.group_advantages(s, group_size, mode=mode, backend=backend)
+    (got * g).sum().backward()
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < TOL
+    # The grpo gradient cancels (for G = 2 it is ~eps); bound it by PyTorch's own float32 error.
+    s32 = scores.clone().requires_grad_(True)
+    (reference.group_advantages(s32, group_size, mode=mode) * g).sum().backward()
+    budget = 2 * rel_err(s32.grad, ref_s.grad) + 1e-5
+    assert rel_err(s.grad, ref_s.grad) < budget, f"grad: {rel_err(s.grad, ref_s.grad):.3g} > {budget:.3g}"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("value", [0.1, 1e-3, 12345.678, -3.3])
+def test_group_advantages_identical_scores_exactly_zero(backend, device, value):
+    require(backend, device, torch.float32, "group_advantages")
+    scores = torch.full((8 * 3,), value, device=device)
+    for mode, group_size in MODES_AND_SIZES:
+        assert (rlhf_fast.group_advantages(scores, group_size, mode=mode, backend=backend) == 0).all(), mode
+
+
+def test_rloo_is_leave_one_out():
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    got = rlhf_fast.group_advantages(scores, 3, mode="rloo")
+    assert torch.allclose(got, torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, -1.5, -1.5, 3.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo_advantages: rewards + GAE + whitening
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("whiten", [True, False])
+def test_ppo_advantages_matches_reference(backend, device, estimator, whiten):
+    require(backend, device, torch.float32, "ppo_advantages")
+    mask = random_mask(7, 40, "mixed", device)
+    logp = poison(-torch.rand(7, 40, device=device) * 5, mask)
+    ref_logp = poison(-torch.rand(7, 40, device=device) * 5, mask)
+    values = poison(torch.randn(7, 40, device=device), mask)
+    scores = torch.randn(7, device=device)
+    got = rlhf_fast.ppo_advantages(logp, ref_logp, scores, values, mask, beta=0.05, estimator=estimator,
+                                   gamma=0.99, lam=0.9, whiten=whiten, backend=backend)  # fmt: skip
+    d = lambda t: torch.where(mask, t, 0).double()  # noqa: E731
+    rewards = reference.kl_penalized_rewards(d(logp), d(ref_logp), scores.double(), mask, beta=0.05, estimator=estimator)
+    adv, ret = reference.gae(rewards, d(values), mask, gamma=0.99, lam=0.9)
+    if whiten:
+        adv = reference.whiten(adv, mask)
+    for name, a, b in zip(("advantages", "returns", "rewards"), got, (adv, ret, rewards)):
+        assert rel_err(a, b) < TOL, f"{name}: {rel_err(a, b):.3g}"
+        assert torch.isfinite(a).all() and (a[~mask] == 0).all(), name
+
+    # With a gradient to carry, the same result comes from the differentiable composition.
+    v = values.clone().requires_grad_(True)
+    composed = rlhf_fast.ppo_advantages(logp, ref_logp, scores, v, mask, beta=0.05, estimator=estimator,
+                                        gamma=0.99, lam=0.9, whiten=whiten, backend=backend)  # fmt: skip
+    composed.advantages.sum().backward()
+    for a, b in zip(composed, got):
+        assert rel_err(a, b) < TOL
+    assert torch.isfinite(v.grad).all() and (v.grad[~mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel-facing contract, registry and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_triton_kernels_write_every_output():
+    """The kernels/ launch functions (what the triton provider delegates to) match the torch
+    provider, through the same Provider signatures, on outputs poisoned with NaN beforehand."""
+    pytest.importorskip("triton")
+    if not can_serve("triton", torch.device("cpu"), torch.float32):
+        pytest.skip("Triton cannot run on CPU here (TRITON_INTERPRET unset)")
+    from rlhf_fast.kernels import gae, group_advantages, rewards, whiten
+
+    torch_prov = provider("torch")
+    B, T = 3, 1030  # two chunks per row
+    mask = random_mask(B, T, "mixed")
+    logp, ref_logp, values, grad_a, grad_r = (poison(-torch.rand(B, T) * 3, mask) for _ in range(5))
+    scores = torch.randn(B)
+    cases = [
+        # (kernel, method name, inputs before the outputs, number of outputs, options after them)
+        (rewards.kl_rewards_forward, "kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, "k3")),
+        (gae.gae_forward, "gae_forward", (logp, values, mask), 2, (0.95, 0.9)),
+        (gae.gae_backward, "gae_backward", (grad_a, grad_r, mask), 2, (0.95, 0.9)),
+        (gae.ppo_advantages_forward, "ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3,
+         (0.1, "k2", 1.0, 0.9, True)),
+        (whiten.whiten_forward, "whiten_forward", (values, mask), 1, (False,)),
+    ]  # fmt: skip
+    for kernel, method, inputs, n_out, options in cases:
+        got, want = ([torch.full((B, T), math.nan) for _ in range(n_out)] for _ in range(2))
+        kernel(*inputs, *got, *options)
+        getattr(torch_prov, method)(*inputs, *want, *options)
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all() and rel_err(a, b) < TOL, f"{method}: {rel_err(a, b):.3g}"
+    scores = torch.randn(40 * 8)
+    for mode in ("grpo", "drgrpo", "rloo"):
+        got, want = torch.full_like(scores, math.nan), torch.full_like(scores, math.nan)
+        group_advantages.group_advantages_forward(scores, got, 8, mode, 1e-6)
+        torch_prov.group_advantages_forward(scores, want, 8, mode, 1e-6)
+        assert torch.isfinite(got).all() and rel_err(got, want) < TOL, mode
+
+
+def test_auto_falls_back_to_torch_and_explicit_says_why(monkeypatch):
+    """A provider without [B, T] kernels is skipped by "auto" and refused, with the reason, when named."""
+    cpu = torch.device("cpu")
+    host = provider("host") if can_serve("host", cpu, torch.float32) else None
+    if host is not None and "gae" not in host.ops:
+        assert resolve("auto", cpu, torch.float32, op="gae").name == "torch"
+        with pytest.raises(BackendUnavailable, match="no gae kernel"):
+            rlhf_fast.gae(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3), backend="host")
+    support = can_serve("cuda", cpu, torch.float32, "gae")
+    assert not support and support.reason
+    assert resolve("auto", cpu, torch.float32, op="gae").supports_op("gae")
+    assert resolve("auto", cpu, torch.float32).supports_op("token_logprobs")
+
+
+@pytest.mark.parametrize(
+    "call,error,pattern",
+    [
+        (lambda r, v, m: rlhf_fast.gae(r, v[:, :-1], m), ValueError, r"values must have shape \(4, 6\)"),
+        (lambda r, v, m: rlhf_fast.gae(r, v, m[:-1]), ValueError, "mask must have shape"),
+        (lambda r, v, m: rlhf_fast.gae(r[0], v[0], m[0]), ValueError, r"rewards must have shape \[B, T\]"),
+        (lambda r, v, m: rlhf_fast.gae(r, v, m, gamma=1.5), ValueError, "gamma must be a finite number >= 0.0 and <= 1.0"),
+        (lambda r, v, m: rlhf_fast.gae(r, v, m, lam=-0.1), ValueError, "lam must be"),
+        (lambda r, v, m: rlhf_fast.gae(r.long(), v, m), TypeError, "rewards must have dtype"),
+        (lambda r, v, m: rlhf_fast.whiten(r, m.t()), ValueError, "mask must have shape"),
+        (lambda r, v, m: rlhf_fast.group_advantages(r[0], 4), ValueError, r"batch \(6 rows\) must be divisible by group_size=4"),
+        (lambda r, v, m: rlhf_fast.group_advantages(r[0], 1), ValueError, "group_size must be >= 2 with mode='grpo'"),
+        (lambda r, v, m: rlhf_fast.group_advantages(r[0], 1, mode="rloo"), ValueError, "group_size must be >= 2 with mode='rloo'"),
+        (lambda r, v, m: rlhf_fast.group_advantages(r[0], 0, mode="drgrpo"), ValueError, "group_size must be >= 1"),
+        (lambda r, v, m: rlhf_fast.group_advantages(r[0], 2, mode="ppo"), ValueError, "mode must be one of"),
+        (lambda r, v, m: rlhf_fast.group_advantages(r, 2), ValueError, r"scores must have shape \[B\]"),
+        (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:, 0], v, m, beta=-1.0), ValueError, "beta must be a finite number >= 0"),
+        (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:2, 0], v, m, beta=0.1), ValueError, r"scores must have shape \(4,\)"),
+        (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:, 0], v, m, beta=0.1, estimator="k4"), ValueError, "estimator must be one of"),
+        (lambda r, v, m: rlhf_fast.gae(r, v, m, backend="fast"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_inputs(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(torch.randn(4, 6), torch.randn(4, 6), torch.ones(4, 6, dtype=torch.bool))
+
+
+def test_float_mask_and_low_precision_inputs():
+    rewards, values, mask = gae_case(3, 20, "holes")
+    rewards, values = rewards.nan_to_num(0, 0, 0), values.nan_to_num(0, 0, 0)
+    want = rlhf_fast.gae(rewards, values, mask)
+    got = rlhf_fast.gae(rewards.bfloat16(), values.double(), mask.float())
+    assert got[0].dtype == torch.float32
+    assert rel_err(got[0], want[0]) < 2e-2

@@ -1,0 +1,170 @@
+"""fused_policy_loss equals token_logprobs + policy_loss - entropy bonus, in value and gradient."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.ops.aggregate import aggregate
+
+from .numerics import backend_params, poison, random_mask, rel_err, require
+from .test_policy_loss import CLIPS, KLS
+
+AGGS = reference.AGG_MODES
+
+
+def fused_case(rows=3, tokens=6, vocab=40, device="cpu", dtype=torch.float32):
+    mask = random_mask(rows, tokens, "mixed", device)
+    logits = (torch.randn(rows, tokens, vocab, device=device) * 2).to(dtype)
+    labels = torch.randint(0, vocab, (rows, tokens), device=device)
+    old_logp = reference.token_logprobs(logits.float(), labels) + 0.5 * torch.randn(rows, tokens, device=device)
+    ref_logp = old_logp + 0.3 * torch.randn(rows, tokens, device=device)
+    advantages = torch.randn(rows, tokens, device=device)
+    # What the fused op sees at masked positions: padding ids, -100, out-of-range ids, NaN inputs.
+    garbage = torch.tensor([-100, vocab + 7, 0, -1], device=device)[torch.randint(0, 4, (rows, tokens), device=device)]
+    fused_labels = torch.where(mask, labels, garbage)
+    inputs = (poison(old_logp, mask), poison(advantages, mask), mask, poison(ref_logp, mask))
+    return logits, labels, fused_labels, inputs
+
+
+def composed(logits, labels, old_logp, advantages, mask, ref_logp, *, temperature, entropy_coef, backend, normalizer=None, **options):
+    logp, entropy = rlhf_fast.token_logprobs(logits, labels, temperature=temperature, return_entropy=True, backend=backend)
+    loss, stats = rlhf_fast.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **options)
+    loss = loss - entropy_coef * aggregate(entropy, mask, options.get("agg", "token-mean"), normalizer)
+    return loss, stats
+
+
+def check_equal(backend, logits, labels, fused_labels, inputs, *, temperature, entropy_coef, with_ref, **options):
+    old_logp, advantages, mask, ref_logp = inputs
+    ref_logp = ref_logp if with_ref else None
+    upstream = torch.randn(()).item()
+    x = logits.clone().requires_grad_(True)
+    loss, stats = rlhf_fast.fused_policy_loss(
+        x, fused_labels, old_logp, advantages, mask, ref_logp=ref_logp, temperature=temperature,
+        entropy_coef=entropy_coef, backend=backend, **options,
+    )  # fmt: skip
+    (loss * upstream).backward()
+    y = logits.clone().requires_grad_(True)
+    want, want_stats = composed(y, labels, old_logp, advantages, mask, ref_logp, temperature=temperature,
+                                entropy_coef=entropy_coef, backend=backend, **options)  # fmt: skip
+    (want * upstream).backward()
+    assert torch.allclose(loss, want, rtol=1e-6, atol=1e-7), (loss.item(), want.item())
+    assert torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
+    assert rel_err(x.grad, y.grad) < 1e-6, f"grad: {rel_err(x.grad, y.grad):.3g}"
+    assert set(stats) == set(want_stats) | {"entropy"}
+    for key, value in want_stats.items():
+        assert torch.allclose(stats[key], value, rtol=1e-6, atol=1e-7), key
+    return loss, stats, x.grad
+
+
+OPTION_GRID = [
+    dict(agg=agg, entropy_coef=coef, **clip)
+    for agg, clip, coef in itertools.product(AGGS, CLIPS, (0.0, 0.01))
+]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_equals_composition_every_option(options):
+    """Every agg x clip x entropy combination, with a KL loss of a random estimator every other time."""
+    case = fused_case()
+    with_ref = bool(torch.randint(0, 2, ()))
+    kl = KLS[1 + torch.randint(0, 4, ()).item()] if with_ref else {}
+    temperature = float(torch.empty(()).uniform_(0.5, 1.5))
+    check_equal("torch", *case, temperature=temperature, with_ref=with_ref, **kl, **options)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("options", [
+    dict(agg="token-mean", clip_eps=0.2, entropy_coef=0.01, kl_coef=0.1, kl_estimator="k3"),
+    dict(agg="seq-mean-token-sum-norm", clip_eps=None, dual_clip=2.0, entropy_coef=0.0),
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equals_composition_every_backend(backend, device, options, dtype):
+    require(backend, device, dtype)
+    logits, labels, fused_labels, inputs = fused_case(device=device, dtype=dtype)
+    check_equal(backend, logits, labels, fused_labels, inputs, temperature=0.8, with_ref=True, **options)
+
+
+def test_matches_float64_reference():
+    logits, labels, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case(rows=5, tokens=9, vocab=70)
+    options = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, agg="seq-mean-token-mean")
+    x = logits.clone().requires_grad_(True)
+    loss, stats = rlhf_fast.fused_policy_loss(x, fused_labels, old_logp, advantages, mask, ref_logp=ref_logp,
+                                              temperature=0.9, entropy_coef=0.02, **options)  # fmt: skip
+    loss.backward()
+    y = logits.double().requires_grad_(True)
+    want, want_stats = reference.fused_policy_loss(y, fused_labels, old_logp.double(), advantages.double(), mask,
+                                                   ref_logp=ref_logp.double(), temperature=0.9, entropy_coef=0.02,
+                                                   **options)  # fmt: skip
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=2e-5, abs=1e-7)
+    assert rel_err(x.grad, y.grad) < 2e-5
+    for key, value in want_stats.items():
+        assert stats[key].item() == pytest.approx(value.item(), rel=2e-5, abs=1e-7), key
+
+
+def test_inplace_backward_and_module():
+    logits, _, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case()
+    module = rlhf_fast.nn.FusedPolicyLoss(entropy_coef=0.01, kl_coef=0.1, temperature=0.7)
+    assert "entropy_coef=0.01" in repr(module)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = module(x, fused_labels, old_logp, advantages, mask, ref_logp)
+    loss.backward()
+    leaf = logits.clone().requires_grad_(True)
+    view = leaf * 1.0
+    module.inplace_backward = True
+    loss2, _ = module(view, fused_labels, old_logp, advantages, mask, ref_logp)
+    loss2.backward()
+    assert torch.equal(loss, loss2) and torch.allclose(leaf.grad, x.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_gradient_accumulation(agg):
+    logits, _, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case(rows=7, tokens=5)
+    options = dict(agg=agg, entropy_coef=0.05, kl_coef=0.1)
+    x = logits.clone().requires_grad_(True)
+    full, _ = rlhf_fast.fused_policy_loss(x, fused_labels, old_logp, advantages, mask, ref_logp=ref_logp, **options)
+    full.backward()
+    splits = [slice(0, 2), slice(2, 3), slice(3, 7)]
+    total = sum(rlhf_fast.loss_normalizer(mask[s], agg) for s in splits)
+    y = logits.clone().requires_grad_(True)
+    summed = 0.0
+    for s in splits:
+        loss, _ = rlhf_fast.fused_policy_loss(y[s], fused_labels[s], old_logp[s], advantages[s], mask[s],
+                                              ref_logp=ref_logp[s], normalizer=total, **options)  # fmt: skip
+        loss.backward()
+        summed += loss.item()
+    assert summed == pytest.approx(full.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(y.grad, x.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_no_valid_token():
+    logits, _, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case()
+    mask = torch.zeros_like(mask)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = rlhf_fast.fused_policy_loss(x, fused_labels.clamp(min=0), old_logp, advantages, mask,
+                                              ref_logp=ref_logp, entropy_coef=0.1, kl_coef=0.1)  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0 and (x.grad == 0).all() and stats["entropy"] == 0
+
+
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda x, y, m: (x[0], y, m), r"logits must have shape \[B, T, V\]"),
+        (lambda x, y, m: (x, y[:, :2], m), r"labels must have shape \(2, 3\)"),
+        (lambda x, y, m: (x, y.float(), m), "labels must have dtype"),
+        (lambda x, y, m: (x, y, m[:1]), r"mask must have shape \(2, 3\)"),
+    ],
+)
+def test_bad_inputs(make, pattern):
+    logits, labels, mask = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3)), torch.ones(2, 3, dtype=torch.bool)
+    x, y, m = make(logits, labels, mask)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        rlhf_fast.fused_policy_loss(x, y, torch.zeros(2, 3), torch.zeros(2), m)
+    with pytest.raises(ValueError, match="entropy_coef must be a finite number"):
+        rlhf_fast.fused_policy_loss(logits, labels, torch.zeros(2, 3), torch.zeros(2), mask, entropy_coef=float("inf"))
