@@ -28,14 +28,17 @@ def require(backend: str, device: str, dtype: torch.dtype, op: str = "token_logp
         pytest.skip(f"{backend} {op} on {device}/{dtype}: {support.reason}")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / max(||expected||, 0.01 sqrt(n)), in float64.
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, *, floor: float | None = None) -> float:
+    """||actual - expected|| / max(||expected||, floor), in float64; floor defaults to 0.01 sqrt(n).
 
     The floor compares tensors whose entries are all below 0.01 (the entropy of a near one-hot
-    distribution, say) absolutely rather than relatively to a norm that is almost zero.
+    distribution, say) absolutely rather than relatively to a norm that is almost zero. For a
+    [N, V] logits gradient pass floor=sqrt(N): a row's gradient has norm ~ its upstream gradient,
+    so a V = 1 row (gradient exactly 0, computed as 1 - p with p ~ 1) is compared absolutely.
     """
     actual, expected = actual.double().cpu(), expected.double().cpu()
-    floor = 0.01 * max(expected.numel(), 1) ** 0.5
+    if floor is None:
+        floor = 0.01 * max(expected.numel(), 1) ** 0.5
     return (actual - expected).norm().item() / max(expected.norm().item(), floor)
 
 
