@@ -41,7 +41,7 @@ def fused_grads(logits, labels, g_logp, g_ent, temperature, backend, **kw):
     return logp.detach(), ent.detach(), x.grad
 
 
-def check_against_reference(logits, labels, temperature, backend):
+def check_against_reference(logits, labels, temperature, backend, *, min_grad_tol=0.0):
     g_logp = torch.randn(labels.shape, device=logits.device)
     g_ent = torch.randn(labels.shape, device=logits.device)
     ref = reference_grads(logits, labels, g_logp, g_ent, temperature)
@@ -54,7 +54,7 @@ def check_against_reference(logits, labels, temperature, backend):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < tol, f"{name}: rel err {rel_err(a, b):.3g} > {tol}"
     floor = max(labels.numel(), 1) ** 0.5
-    grad_tol = tol
+    grad_tol = max(tol, min_grad_tol)
     if logits.dtype in LOW_PRECISION:
         grad_tol = max(tol, low_precision_grad_budget(logits, labels, g_logp, g_ent, temperature, ref[2], floor))
     grad_err = rel_err(got[2], ref[2], floor=floor)
@@ -121,7 +121,10 @@ def test_extreme_logits(backend, device):
     far[:4, :] = True  # whole rows of -inf but the label
     far[torch.arange(4), labels[:4].clamp(min=0)] = False
     check_against_reference(logits.masked_fill(far, -math.inf), labels, 0.7, backend)
-    check_against_reference(logits * 1e4, labels, 1.0, backend)
+    # lse ~ 1e4 is stored in float32 (ulp ~ 1e-3): log p = z - lse, and so the gradient, cannot be
+    # better than a few ulp of |z|. PyTorch's float32 log_softmax has the same limit.
+    huge = logits * 1e4
+    check_against_reference(huge, labels, 1.0, backend, min_grad_tol=4 * 2**-24 * huge.abs().max().item())
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -41,7 +41,8 @@ class Provider:
                stride(1) == 1, stride(0) >= V (any row stride)
       labels   [N] int64 or int32, contiguous; values in [0, V) or == ignore_index (checked upstream)
       logp, entropy, lse: [N] float32 contiguous (float64 when logits are float64)
-      lse is the log-sum-exp of logits / temperature, saved for the backward.
+      lse is the log-sum-exp of logits / temperature, saved for the backward; its value on
+      ignored rows is unspecified (the backward zeroes those rows without reading it).
     """
 
     name: str = "?"

@@ -1,0 +1,124 @@
+"""The "cuda" backend: the CUDA C++ kernels of rlhf_fast._C on CUDA tensors (float32, bfloat16, float16).
+
+Kernels are enqueued on PyTorch's current stream of the tensors' device (passed as an integer
+``cudaStream_t``), so they order with the surrounding PyTorch work and never synchronise. The
+extension links the CUDA runtime statically; it shares the driver's primary context with PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+
+from .base import YES, Provider, Support
+from .host import _ptr, check_rows_layout, dtype_code, extension, extension_support
+
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _runs_on(archs: list[str], major: int, minor: int) -> bool:
+    """Whether code built for ``archs`` (["sm_80", "sm_90", "compute_90"]) runs on compute capability major.minor.
+
+    A cubin runs on its own major version at an equal or higher minor ("a"/"f" cubins only on
+    their exact version); PTX is compiled by the driver for any equal or newer GPU.
+    """
+    for arch in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+?)(\d)([af]?)", arch)
+        if m is None:
+            continue
+        kind, a_major, a_minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+        if kind == "sm" and a_major == major and (a_minor == minor if suffix else a_minor <= minor):
+            return True
+    return False
+
+
+@functools.cache
+def _device_support(index: int) -> Support:
+    archs = extension().build_info()["cuda_archs"]
+    major, minor = torch.cuda.get_device_capability(index)
+    if not _runs_on(archs, major, minor):
+        return Support(False, f"rlhf_fast._C was built for {archs}, which cannot run on "
+                       f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}); rebuild with "
+                       f"RLHF_FAST_CUDA_ARCHS={major}{minor}")
+    return YES
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class CudaProvider(Provider):
+    name = "cuda"
+
+    def available(self) -> Support:
+        ext = extension_support()
+        if not ext:
+            return ext
+        info = extension().build_info()
+        if not info["cuda_built"]:
+            return Support(False, f"rlhf_fast._C was built without CUDA: {info['reason_no_cuda']}")
+        if not torch.cuda.is_available():
+            return Support(False, "no CUDA device (torch.cuda.is_available() is False)")
+        return YES
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> Support:
+        if device.type != "cuda":
+            return Support(False, f"the cuda backend runs on CUDA tensors; got a {device.type} tensor")
+        if dtype not in CUDA_DTYPES:
+            return Support(False, f"the cuda backend supports logits of dtype {CUDA_DTYPES}; got {dtype}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _device_support(index)
+
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
+        check_rows_layout(logits, labels, logp=logp, entropy=entropy, lse=lse)
+        if logits.shape[0] == 0:
+            return
+        with torch.cuda.device(logits.device):
+            extension().cuda_token_logprobs_forward(
+                logits=logits.data_ptr(),
+                labels=labels.data_ptr(),
+                logp=logp.data_ptr(),
+                entropy=_ptr(entropy),
+                lse=lse.data_ptr(),
+                n_rows=logits.shape[0],
+                vocab=logits.shape[1],
+                logits_row_stride=logits.stride(0),
+                dtype=dtype_code(logits.dtype),
+                labels_dtype=dtype_code(labels.dtype),
+                temperature=float(temperature),
+                ignore_index=int(ignore_index),
+                stream=_stream(logits.device),
+            )
+
+    def token_logprobs_backward(
+        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
+    ):
+        if (entropy is None) != (grad_entropy is None):
+            raise ValueError("entropy and grad_entropy must be both given or both None")
+        check_rows_layout(logits, labels, grad_logits, lse=lse, entropy=entropy, grad_logp=grad_logp,
+                          grad_entropy=grad_entropy)
+        if logits.shape[0] == 0:
+            return
+        with torch.cuda.device(logits.device):
+            extension().cuda_token_logprobs_backward(
+                logits=logits.data_ptr(),
+                labels=labels.data_ptr(),
+                lse=lse.data_ptr(),
+                entropy=_ptr(entropy),
+                grad_logp=grad_logp.data_ptr(),
+                grad_entropy=_ptr(grad_entropy),
+                grad_logits=grad_logits.data_ptr(),
+                n_rows=logits.shape[0],
+                vocab=logits.shape[1],
+                logits_row_stride=logits.stride(0),
+                grad_row_stride=grad_logits.stride(0),
+                dtype=dtype_code(logits.dtype),
+                labels_dtype=dtype_code(labels.dtype),
+                temperature=float(temperature),
+                ignore_index=int(ignore_index),
+                stream=_stream(logits.device),
+            )
