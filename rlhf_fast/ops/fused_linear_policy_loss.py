@@ -1,0 +1,128 @@
+"""fused_linear_policy_loss: the policy-gradient loss from the last hidden states and the lm_head.
+
+``fused_policy_loss(hidden @ weight.T + bias, ...)`` without the [B, T, V] logits: one pass over
+token chunks (``linear_chunks.linear_loss``) computes logp and entropy *and* the gradients w.r.t.
+hidden, weight and bias, because the policy loss is a sum of per-token terms with weights fixed by
+the mask: d loss / d logp_t depends on logp_t alone once the ``agg`` normaliser is known, and that
+comes from the mask before any logit exists. No logits are recomputed (6 N H V FLOPs in all).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from ..reference import IGNORE_INDEX
+from .aggregate import aggregate, check_normalizer
+from .linear_chunks import RowStats, TokenObjective, linear_loss
+from .linear_logprobs import check_linear, make_spec
+from .policy_loss import PolicyLossOptions, masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
+
+
+class PolicyObjective(TokenObjective):
+    """policy_loss(logp, ...) - entropy_coef * aggregate(entropy, ...) on [B, T], as in fused_policy_loss.
+
+    aggregate is linear in the per-token loss: loss = sum_t w_t l_t(logp_t) with w = d aggregate /
+    d l, a function of the mask (and normalizer) only. So, per chunk of tokens,
+        d loss / d logp_t = w_t * d l_t / d logp_t,   d loss / d entropy_t = -entropy_coef * w_t,
+    both evaluated with autograd through ``policy_loss_terms`` (the same per-token code as
+    policy_loss, every option included) on the chunk's tokens. The loss value and the stats come
+    from ``policy_loss_with_options`` on the full [B, T] logp once the sweep is done, exactly as
+    fused_policy_loss computes them.
+    """
+
+    with_entropy = True
+
+    def __init__(self, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, entropy_coef, normalizer):
+        self.inputs = (old_logp, advantages, mask, ref_logp)
+        self.options, self.entropy_coef, self.normalizer = options, entropy_coef, normalizer
+        self.stats: dict[str, torch.Tensor] = {}
+        per_token_adv = advantages.unsqueeze(-1).expand(mask.shape) if advantages.dim() == 1 else advantages
+        self.flat = [t.reshape(-1) if t is not None else None for t in (old_logp, per_token_adv, mask, ref_logp)]
+        with torch.enable_grad():
+            probe = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
+            (weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer), probe)
+        self.weights = weights.reshape(-1)
+
+    def token_grads(self, rows: RowStats, start: int, end: int):
+        old_logp, adv, mask, ref_logp = (t[start:end].view(1, -1) if t is not None else None for t in self.flat)
+        weights = self.weights[start:end]
+        with torch.enable_grad():
+            logp = rows.logp[start:end].view(1, -1).detach().requires_grad_()
+            per_token, _ = policy_loss_terms(logp, old_logp, adv, mask, ref_logp, self.options)
+            (grad_logp,) = torch.autograd.grad((per_token.view(-1) * weights).sum(), logp)
+        grad_entropy = (-self.entropy_coef * weights).to(rows.lse.dtype) if self.entropy_coef else None
+        return grad_logp.view(-1).to(rows.lse.dtype), grad_entropy
+
+    def value(self, rows: RowStats) -> torch.Tensor:
+        old_logp, advantages, mask, ref_logp = self.inputs
+        logp, entropy = rows.logp.view(mask.shape), rows.entropy.view(mask.shape)
+        loss, stats = policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, self.options, self.normalizer)
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * aggregate(entropy, mask, self.options.agg, self.normalizer)
+        stats["entropy"] = masked_mean(entropy, mask, mask.sum().clamp(min=1))
+        self.stats = stats
+        return loss
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    clip_eps: float | None = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+):
+    """``fused_policy_loss(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
+
+    Args:
+        hidden: [B, T, H] float32/bfloat16/float16 (float64 on the torch and host backends): the
+            last hidden states before the head (``rlhf_fast.hf.hidden_and_head``).
+        weight: [V, H], hidden's dtype and device; bias: [V] or None.
+        labels: [B, T] sampled tokens; labels at masked positions are ignored (any value).
+        old_logp, advantages, mask, ref_logp, clip_eps, clip_eps_high, dual_clip, kl_coef,
+            kl_estimator, agg, normalizer, temperature, entropy_coef: as in ``fused_policy_loss``.
+            old_logp, advantages and ref_logp are treated as constants (no gradient flows to them).
+        backend: provider of the token_logprobs kernels run on each chunk of logits.
+        chunk_size: token rows per chunk; None picks it from the shape.
+
+    Returns:
+        (loss, stats) as ``fused_policy_loss``: the loss is differentiable w.r.t. hidden, weight and
+        bias. Their gradients are computed during the forward (the weight's summed in float32)
+        and scaled by the upstream gradient in the backward.
+    """
+    options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
+    check.tensor("hidden", hidden, dtypes=check.FLOAT_DTYPES)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, H]; got {check.describe(hidden)}")
+    flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
+    mask = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels")
+    entropy_coef = check.number("entropy_coef", entropy_coef)
+    normalizer = check_normalizer(normalizer)
+    if options.kl_coef and ref_logp is None:
+        raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
+    spec = make_spec(temperature, IGNORE_INDEX, backend, chunk_size)
+    # As in fused_policy_loss: any label at a masked position becomes ignore_index (logp, entropy
+    # and gradient 0 there, and the vocabulary is never indexed with it).
+    flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)
+    check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
+    objective = PolicyObjective(
+        old_logp.detach(), advantages.detach(), mask, ref_logp.detach() if ref_logp is not None else None,
+        options, entropy_coef, normalizer,
+    )  # fmt: skip
+    loss = linear_loss(flat_hidden, weight, bias, flat_labels, spec, objective)
+    return loss, objective.stats

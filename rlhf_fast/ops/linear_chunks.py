@@ -1,0 +1,277 @@
+"""The chunk engine of the linear-head ops: logits for a few token rows at a time, never [N, V].
+
+Every op of the ``linear_*`` family is ``token_logprobs(hidden @ weight.T + bias, labels)`` followed
+by something per token. ``sweep`` walks the N token rows in chunks of C rows; for each chunk it
+1. computes logits = hidden[chunk] @ weight.T (+ bias) into one reused [C, V] buffer (torch's
+   matmul: cuBLAS on CUDA, oneDNN/MKL on CPU; float32 accumulation inside the GEMM),
+2. runs the token_logprobs provider kernels on that buffer (``registry.resolve``): forward writes
+   logp, entropy and lse of the chunk's rows; backward writes d loss / d logits over the logits
+   in place (G), given the upstream gradients of logp and entropy of those rows,
+3. pushes G through the linear layer at once:
+       grad_hidden[chunk] = G @ weight           (K = V, accumulated inside one GEMM)
+       grad_weight       += G.T @ hidden[chunk]  (float32 accumulator, ``WeightGradAccumulator``)
+       grad_bias         += G.sum(0)             (float32)
+Peak extra memory: the [C, V] buffer, the float32 [V, H] accumulator and grad_hidden [N, H];
+nothing of size N x V.
+
+Two autograd shapes use it (FLOPs counted as 2 N H V per matmul pass):
+- ``linear_token_logprobs``: the upstream gradient of logp is unknown in the forward, so the
+  forward saves lse (and entropy) and the backward sweeps again, recomputing each chunk's logits:
+  forward 2 N H V, backward 6 N H V.
+- ``linear_loss``: a scalar loss whose d loss / d logp_t is known as soon as logp_t is (the policy
+  loss and the SFT loss: per-token functions summed with weights fixed by the mask). One sweep
+  does steps 1-3, so the gradient is ready at the end of the forward (6 N H V, as Liger's fused
+  linear cross-entropy); the backward only scales it by the upstream scalar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import registry
+
+# Rows per chunk, C. The weight-gradient GEMM of a chunk has K = C and reads and writes the float32
+# [V, H] accumulator once: 2 C V H FLOPs for 8 V H bytes, C / 4 FLOPs per byte. Below C ~ 1000
+# that traffic, not the tensor cores, bounds it (an H100 does ~300 bf16 FLOPs per byte of HBM
+# bandwidth), and CPU GEMMs (oneDNN/MKL) also lose rate on thin operands. Above it, C only costs
+# memory: the [C, V] buffer, C V e bytes (e = 2 in bf16). C = max(1024, H / 4): from H = 4096 on
+# (1024 rows at H = 4096) that is V H / 2 bytes in bf16, an eighth of the accumulator's 4 V H.
+MIN_CHUNK_ROWS = 1024
+CHUNK_ALIGN = 64  # chunk rows rounded up to this (tensor-core tiles, cache lines)
+NARROW_TILE_ELEMENTS = 1 << 23  # float32 elements converted per step when the accumulator narrows
+
+_MIXED_ADDMM = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # addmm(out_dtype=) on CUDA
+
+
+def chunk_rows(n_rows: int, hidden_size: int, requested: int | None = None) -> int:
+    """Rows per chunk: ``requested`` if given, else about max(1024, H / 4) rows in balanced chunks.
+
+    The chunk count is fixed first (N / target, rounded up) and the rows spread evenly over it, so
+    the last chunk is not a sliver: N = 4100 with a target of 1024 gives 5 chunks of 832 rows
+    (820 rounded up to a multiple of 64; the last one 772), not 4 x 1024 + 4.
+    """
+    if requested is not None:
+        return max(1, min(int(requested), n_rows))
+    target = max(MIN_CHUNK_ROWS, hidden_size // 4)
+    if n_rows <= target:
+        return max(n_rows, 1)
+    n_chunks = math.ceil(n_rows / target)
+    rows = math.ceil(n_rows / n_chunks)
+    return min(n_rows, math.ceil(rows / CHUNK_ALIGN) * CHUNK_ALIGN)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Static options of a sweep."""
+
+    temperature: float
+    ignore_index: int
+    backend: str
+    chunk_size: int | None  # rows per chunk; None: ``chunk_rows`` picks from the shape
+
+
+@dataclass
+class RowStats:
+    """Per-token results of the forward kernel, [N] each (float32; float64 for float64 inputs)."""
+
+    logp: torch.Tensor | None
+    entropy: torch.Tensor | None
+    lse: torch.Tensor
+
+    @staticmethod
+    def empty(n_rows: int, with_entropy: bool, dtype: torch.dtype, device: torch.device) -> RowStats:
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+        def new():
+            return torch.empty(n_rows, dtype=out_dtype, device=device)
+
+        return RowStats(new(), new() if with_entropy else None, new())
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with the sum kept in acc's dtype (float32 or float64) whatever a and b are."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _MIXED_ADDMM:
+        # bf16/fp16 operands, float32 accumulation and output inside one cuBLAS call.
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        # No mixed-precision addmm here (CPU, or torch < 2.8): upcast the operands, one chunk's worth.
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class WeightGradAccumulator:
+    """sum over chunks of G.T @ h [V, H] in float32 (float64 for float64), returned in the weight's dtype.
+
+    A float32 sum of a 2-byte weight's gradient would need a [V, H] float32 buffer *and* the final
+    2-byte [V, H] copy: 6 V H bytes at the end. Here the float32 sum lives in two halves of V / 2
+    rows, and the 2-byte result (2 V H bytes) is written into the first half's storage (which holds
+    4 (V / 2) H bytes), tile by tile front to back: result row r takes bytes [2rH, 2(r+1)H), never
+    ahead of the float32 rows still to read (from byte 4rH on). Then the second half is copied in
+    and freed. Peak: the 4 V H bytes of the float32 sum, and the gradient owns exactly its storage.
+    """
+
+    def __init__(self, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (vocab, hidden_size)
+        self.dtype = dtype
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        bounds = (0, (vocab + 1) // 2, vocab) if dtype.itemsize == 2 else (0, vocab)
+        self.parts = [
+            (lo, hi, torch.zeros(hi - lo, hidden_size, dtype=acc_dtype, device=device))
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+
+    def add(self, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+        """Add G.T @ h for one chunk: G [C, V], h [C, H]."""
+        for lo, hi, acc in self.parts:
+            _add_product(acc, grad_logits[:, lo:hi].t(), h)
+
+    def result(self) -> torch.Tensor:
+        """The summed gradient [V, H] in the weight's dtype (call once)."""
+        parts, self.parts = self.parts, None
+        if len(parts) == 1:  # float32 / float64 weights: the sum is the gradient
+            return parts[0][2]
+        vocab, hidden_size = self.shape
+        (_, top, first), (_, _, second) = parts
+        # A plain tensor on the first half's storage (not a view: the gradient has no float32 _base).
+        out = first.new_empty(0, dtype=self.dtype).set_(first.untyped_storage(), 0, self.shape)
+        step = max(1, NARROW_TILE_ELEMENTS // max(hidden_size, 1))
+        for r0 in range(0, top, step):
+            r1 = min(r0 + step, top)
+            # The tile's own bytes overlap (rows r0..r1 in both dtypes), hence the temporary.
+            out[r0:r1].copy_(first[r0:r1].to(self.dtype))
+        out[top:].copy_(second)
+        return out
+
+
+@dataclass
+class LinearGrads:
+    """Where a sweep writes the gradients of hidden, weight and bias (None: not wanted)."""
+
+    hidden: torch.Tensor | None  # [N, H], hidden's dtype, written chunk by chunk
+    weight: WeightGradAccumulator | None
+    bias: torch.Tensor | None  # [V] float32 (float64) sum
+
+    @staticmethod
+    def allocate(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool) -> LinearGrads:
+        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return LinearGrads(
+            torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
+            WeightGradAccumulator(*weight.shape, weight.dtype, weight.device) if need_weight else None,
+            torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_bias and bias is not None else None,
+        )
+
+    def add(self, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> None:
+        if self.hidden is not None:
+            torch.mm(grad_logits, weight, out=self.hidden[start:end])
+        if self.weight is not None:
+            self.weight.add(grad_logits, h)
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+    def results(self, bias: torch.Tensor | None):
+        """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where not wanted."""
+        grad_weight = self.weight.result() if self.weight is not None else None
+        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else None
+        return self.hidden, grad_weight, grad_bias
+
+
+Upstream = Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def sweep(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    spec: LinearSpec,
+    rows: RowStats,
+    *,
+    forward: bool,
+    upstream: Upstream | None = None,
+    grads: LinearGrads | None = None,
+) -> None:
+    """One pass over the token chunks (see the module docstring); the only loop of the linear ops.
+
+    hidden [N, H], weight [V, H], bias [V] or None, labels [N] contiguous (validated upstream).
+    ``forward``: run the forward kernel and write ``rows``; otherwise ``rows`` holds lse (and
+    entropy) from an earlier sweep. ``grads``: also run the backward kernel with the upstream
+    gradients ``upstream(start, end)`` returns for the chunk (called after the chunk's forward, so
+    it may read rows.logp[start:end]) and accumulate the linear layer's gradients.
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if n_rows == 0:
+        return
+    prov = registry.resolve(spec.backend, hidden.device, hidden.dtype)
+    step = chunk_rows(n_rows, hidden.shape[1], spec.chunk_size)
+    buffer = torch.empty(min(step, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+    weight_t = weight.t()
+    with torch.autocast(hidden.device.type, enabled=False):  # the logits keep the inputs' dtype
+        for start in range(0, n_rows, step):
+            end = min(start + step, n_rows)
+            h, logits, chunk_labels = hidden[start:end], buffer[: end - start], labels[start:end]
+            if bias is None:
+                torch.mm(h, weight_t, out=logits)
+            else:
+                torch.addmm(bias, h, weight_t, out=logits)
+            entropy = rows.entropy[start:end] if rows.entropy is not None else None
+            lse = rows.lse[start:end]
+            if forward:
+                prov.token_logprobs_forward(
+                    logits, chunk_labels, rows.logp[start:end], entropy, lse, spec.temperature, spec.ignore_index
+                )
+            if grads is None:
+                continue
+            grad_logp, grad_entropy = upstream(start, end)
+            prov.token_logprobs_backward(
+                logits, chunk_labels, lse, entropy if grad_entropy is not None else None,
+                grad_logp, grad_entropy, logits, spec.temperature, spec.ignore_index,
+            )  # fmt: skip
+            grads.add(logits, h, weight, start, end)
+
+
+class TokenObjective:
+    """A scalar loss of the per-token logp (and entropy) with a per-token gradient known in the forward.
+
+    ``token_grads(rows, start, end)`` returns d loss / d logp and d loss / d entropy (or None) of
+    rows start..end, from those rows' values only; ``value(rows)`` the loss from all of them.
+    """
+
+    with_entropy: bool = False
+
+    def token_grads(self, rows: RowStats, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def value(self, rows: RowStats) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _LinearLoss(torch.autograd.Function):
+    """Loss value and, in the same sweep, its gradients w.r.t. hidden, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, spec: LinearSpec, objective: TokenObjective, need_grads: bool):
+        rows = RowStats.empty(hidden.shape[0], objective.with_entropy, hidden.dtype, hidden.device)
+        need = ctx.needs_input_grad[:3] if need_grads else (False, False, False)
+        grads = LinearGrads.allocate(hidden, weight, bias, *need) if any(need) else None
+        upstream = (lambda start, end: objective.token_grads(rows, start, end)) if grads is not None else None
+        sweep(hidden, weight, bias, labels, spec, rows, forward=True, upstream=upstream, grads=grads)
+        ctx.save_for_backward(*(grads.results(bias) if grads is not None else (None, None, None)))
+        return objective.value(rows)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # The loss is linear in nothing but its own output: each saved gradient times the upstream scalar.
+        # Out of place, so a second backward (retain_graph) sees the saved gradients intact.
+        return tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors) + (None,) * 4
+
+
+def linear_loss(hidden, weight, bias, labels, spec: LinearSpec, objective: TokenObjective) -> torch.Tensor:
+    """``objective`` of token_logprobs(hidden @ weight.T + bias, labels) on validated 2-D inputs."""
+    tensors = (hidden, weight) + ((bias,) if bias is not None else ())
+    need_grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return _LinearLoss.apply(hidden, weight, bias, labels, spec, objective, need_grads)

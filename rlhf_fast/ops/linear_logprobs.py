@@ -1,0 +1,124 @@
+"""linear_token_logprobs: token_logprobs(hidden @ weight.T + bias, labels) without the [N, V] logits.
+
+At vocabularies of 128k-152k the logits of an RLHF batch dwarf everything else (bf16 [16384 x
+128256] is 4 GiB, and eager PyTorch keeps several float32 copies). This op computes them a chunk
+of tokens at a time (``linear_chunks.sweep``) and keeps only lse and entropy per token; the
+backward recomputes each chunk's logits. See ``linear_chunks`` for the memory and FLOP counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from ..backends import registry
+from ..reference import IGNORE_INDEX
+from .linear_chunks import LinearGrads, LinearSpec, RowStats, sweep
+
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_linear(hidden, weight, bias, labels, *, labels_shape=None):
+    """Validate the linear head's inputs; return (hidden [N, H], labels [N] contiguous).
+
+    hidden [..., H] float; weight [V, H] of hidden's dtype and device; bias [V] or None, same dtype;
+    labels of shape ``labels_shape`` (default hidden.shape[:-1]), int64 or int32.
+    """
+    check.tensor("hidden", hidden, dtypes=HIDDEN_DTYPES, min_dim=1)
+    check.tensor("weight", weight, dtypes=HIDDEN_DTYPES, like=("hidden", hidden))
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H] (the lm_head / output embedding); got {check.describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight must have hidden's dtype ({hidden.dtype}); got {check.describe(weight)}. "
+            "Cast one of them (the logits are computed in that dtype)."
+        )
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}; got {check.describe(weight)} "
+            f"(hidden: {check.describe(hidden)})"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have a non-empty vocabulary (first) dimension; got {check.describe(weight)}")
+    if bias is not None:
+        check.tensor("bias", bias, dtypes=(hidden.dtype,), shape=weight.shape[:1], like=("hidden", hidden))
+    shape = hidden.shape[:-1] if labels_shape is None else labels_shape
+    check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=shape, like=("hidden", hidden))
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
+
+
+def make_spec(temperature, ignore_index, backend, chunk_size) -> LinearSpec:
+    temperature = check.positive_finite("temperature", temperature)
+    registry.check_backend_name(backend)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
+    return LinearSpec(temperature, int(ignore_index), backend, chunk_size)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, spec: LinearSpec, with_entropy: bool):
+        rows = RowStats.empty(hidden.shape[0], with_entropy, hidden.dtype, hidden.device)
+        sweep(hidden, weight, bias, labels, spec, rows, forward=True)
+        entropy = rows.entropy if with_entropy else rows.lse.new_empty(0)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows.lse, entropy)
+        ctx.spec = spec
+        return rows.logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        grads = LinearGrads.allocate(hidden, weight, bias, *ctx.needs_input_grad[:3])
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+        with_entropy = entropy.numel() > 0 and grad_entropy is not None
+        if with_entropy:
+            grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+        rows = RowStats(None, entropy if with_entropy else None, lse)
+
+        def upstream(start, end):
+            return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None
+
+        sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads)
+        return grads.results(bias) + (None, None, None)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+):
+    """Log-probability of each label (and the entropy) under softmax((hidden @ weight.T + bias) / T).
+
+    Same values and gradients as ``token_logprobs(hidden @ weight.T + bias, labels, ...)``, with
+    peak extra memory of one [C, V] chunk of logits, the [V, H] float32 weight gradient and the
+    [N, H] hidden gradient instead of several [N, V] tensors.
+
+    Args:
+        hidden: [..., H] float32, bfloat16, float16 (float64 on the torch and host backends):
+            the last hidden states, before the head (see ``rlhf_fast.hf.hidden_and_head``).
+        weight: [V, H], hidden's dtype and device: the lm_head (possibly tied to the embedding).
+        labels: [...] = hidden.shape[:-1], int64 or int32, in [0, V) or ``ignore_index``.
+        bias: [V] or None.
+        temperature, ignore_index, return_entropy, backend: as in ``token_logprobs``.
+        chunk_size: token rows per chunk; None picks it from the shape (``linear_chunks.chunk_rows``).
+
+    Returns:
+        float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;
+        differentiable w.r.t. hidden, weight and bias. The weight gradient is summed in float32
+        whatever the inputs' dtype. The backward recomputes the logits chunk by chunk.
+    """
+    flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
+    spec = make_spec(temperature, ignore_index, backend, chunk_size)
+    check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
+    logp, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, spec, return_entropy)
+    logp = logp.view(labels.shape)
+    if return_entropy:
+        return logp, entropy.view(labels.shape)
+    return logp
