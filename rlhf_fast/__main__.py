@@ -1,4 +1,4 @@
-"""Command line: ``python -m rlhf_fast info`` (also installed as ``rlhf-fast``)."""
+"""Command line: ``python -m rlhf_fast info|sft|rm|demo-data`` (also installed as ``rlhf-fast``)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,24 @@ from .info import print_info
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.cli import add_commands
+
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="Fused RLHF losses: tools and training.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and, for each backend, whether it is usable here and why not")
+    add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "info":
         print_info()
-    return 0
+        return 0
+    from .train.cli import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

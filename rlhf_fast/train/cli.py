@@ -1,0 +1,189 @@
+"""Command line of the trainers: ``rlhf-fast sft``, ``rlhf-fast rm`` and ``rlhf-fast demo-data``.
+
+Every config field is an option ``--section.field VALUE`` whose help is the field's docstring;
+``--config FILE`` (YAML or JSON) is read first, then the options on the command line override it.
+Under torchrun (WORLD_SIZE > 1) the process group is initialised here (NCCL on CUDA, else gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+from .config import ConfigError, RewardConfig, SFTConfig, TaskConfig, iter_fields, load_config
+
+
+def _type_name(annotation) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(base, "VALUE")
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """--config FILE, --print-config, and one --<key> option per config field (help = its docstring)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (nested sections); command-line options override it")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, annotation, default, doc in iter_fields(cls):
+        section = key.split(".")[0] if "." in key else "run"
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        kind = _type_name(annotation)
+        extra = {"nargs": "?", "const": "true"} if kind == "BOOL" else {}
+        help_text = f"{doc} (default: {default})".replace("%", "%%")
+        group.add_argument(f"--{key}", dest=key, metavar=kind, default=argparse.SUPPRESS, help=help_text, **extra)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    keys = {key for key, *_ in iter_fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    return load_config(cls, args.config, overrides)
+
+
+def _print_config(config) -> None:
+    import yaml
+
+    print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
+
+
+def _init_distributed() -> bool:
+    """Initialise torch.distributed under torchrun; True when this call did it."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' per-load progress bars and info messages (our own bar shows progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    config = config_from_args(SFTConfig, args)
+    if args.print_config:
+        _print_config(config)
+        return 0
+    from .sft import SFTTrainer
+
+    _quiet_transformers()
+    started = _init_distributed()
+    try:
+        trainer = SFTTrainer(config)
+        metrics = trainer.train()
+        if metrics and trainer.loop.step == config.train.steps:
+            from . import dist
+
+            if dist.is_main():
+                print(f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['ppl']:.3g}); policy saved to {trainer.out_dir / 'model'}")
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    config = config_from_args(RewardConfig, args)
+    if args.print_config:
+        _print_config(config)
+        return 0
+    from .reward import RewardTrainer
+
+    _quiet_transformers()
+    started = _init_distributed()
+    try:
+        trainer = RewardTrainer(config)
+        trainer.train()
+        if trainer.loop.step == config.train.steps:
+            from . import dist
+
+            if dist.is_main():
+                print(f"reward model saved to {trainer.out_dir / 'reward_model'}")
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def run_demo_data(args: argparse.Namespace) -> int:
+    from .task import SyntheticTask, ceiling_accuracy
+
+    _quiet_transformers()
+    task = SyntheticTask()
+    paths = task.write(
+        args.out, seed=args.seed, sft_train=args.sft_train, sft_eval=args.sft_eval, pref_train=args.pref_train, pref_eval=args.pref_eval
+    )
+    for name, path in paths.items():
+        print(f"{name:<10} {path}")
+    held = task.records("pref_eval", args.pref_eval, args.seed)
+    if held:
+        print(f"gold ceiling accuracy on pref_eval: {ceiling_accuracy([(r['gold_chosen'], r['gold_rejected']) for r in held]):.4f}")
+    return 0
+
+
+EPILOG = """Without data paths, the built-in synthetic task is used (no download): a word-level tokenizer,
+prompts "write N words about TOPIC :" and a hidden gold score (see rlhf_fast.train.task).
+Exit status 2 and a one-line message for configuration and data errors."""
+
+
+def add_commands(commands) -> None:
+    """Register sft, rm and demo-data on an argparse subparsers object."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    sft = commands.add_parser(
+        "sft",
+        help="instruction finetuning (SFT) of a Hugging Face causal LM",
+        description="Instruction finetuning: loss on response tokens only, with the fused rlhf_fast.sft_loss. "
+        "Writes checkpoints/, metrics.jsonl, metrics.png, config.yaml and model/ to --out_dir.",
+        epilog=EPILOG,
+    )
+    add_config_options(sft, SFTConfig)
+    sft.set_defaults(handler=run_sft)
+    rm = commands.add_parser(
+        "rm",
+        help="train a Bradley-Terry reward model on preference pairs",
+        description="Reward model: a backbone plus a scalar head on the last non-pad token, trained with the fused "
+        "rlhf_fast.pairwise_reward_loss. Writes checkpoints/, metrics.jsonl, metrics.png, config.yaml and reward_model/ to --out_dir.",
+        epilog=EPILOG,
+    )
+    add_config_options(rm, RewardConfig)
+    rm.set_defaults(handler=run_rm)
+    demo = commands.add_parser(
+        "demo-data",
+        help="write the built-in synthetic task's tokenizer and JSONL files",
+        description="Write tokenizer/, sft_train.jsonl, sft_eval.jsonl, pref_train.jsonl and pref_eval.jsonl of the built-in task.",
+        formatter_class=formatter,
+    )
+    demo.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    sizes = TaskConfig()
+    demo.add_argument("--seed", type=int, default=sizes.seed, help="seed of the generated examples (the trainers' task.seed)")
+    demo.add_argument("--sft-train", type=int, default=sizes.sft_train, help="SFT demonstrations to train on")
+    demo.add_argument("--sft-eval", type=int, default=sizes.sft_eval, help="held-out SFT demonstrations")
+    demo.add_argument("--pref-train", type=int, default=sizes.pref_train, help="preference pairs to train on")
+    demo.add_argument("--pref-eval", type=int, default=sizes.pref_eval, help="held-out preference pairs")
+    demo.set_defaults(handler=run_demo_data)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a training command; configuration, data and file errors exit with status 2 and one line."""
+    from .data import DataError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
+        print(f"rlhf-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,273 @@
+"""The training loop SFT and reward-model training share: small named steps and hooks, no subclassing.
+
+One optimizer step is
+
+    micro_batches -> forward_backward (loss_fn, per micro-batch) -> clip -> optimizer_step
+
+then, on their schedules, ``evaluate`` (eval_fn), ``log`` and ``save_checkpoint``. What differs
+between trainers is passed in as functions: ``loss_fn(model, batch) -> (mean loss, stats)`` and
+``eval_fn(model) -> metrics``. Hooks (``Hooks``) observe steps, evaluations and checkpoints.
+
+Gradient accumulation is normalised by tokens (SFT) or pairs (RM): each micro-batch reports its
+weight (``batch.weight()``), and its mean loss is scaled by weight / (sum of weights over the
+micro-batches of the step and over all processes), so the gradient is that of the mean over the
+whole global batch, however it is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, dist
+from .config import LoopConfig, OptimConfig
+from .data import BatchStream
+from .metrics import MetricsLog, ProgressBar
+
+LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+EvalFn = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@dataclass
+class Hooks:
+    """Functions the loop calls: ``on_step(loop, metrics)`` after every optimizer step,
+    ``on_eval(loop, metrics)`` after every evaluation, ``on_checkpoint(loop, path)`` after a checkpoint
+    is written, ``on_end(loop, metrics)`` when the run (or this job of it) stops."""
+
+    on_step: list[Callable] = field(default_factory=list)
+    on_eval: list[Callable] = field(default_factory=list)
+    on_checkpoint: list[Callable] = field(default_factory=list)
+    on_end: list[Callable] = field(default_factory=list)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): (step + 1) / warmup during warmup, then a
+    cosine from 1 to ``min_ratio`` reached at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices and embeddings only (not on biases and norm scales)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    schedule = partial(warmup_cosine, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on CUDA when asked (or "auto" on a GPU with bf16), else no autocast."""
+    use_bf16 = device.type == "cuda" and (
+        precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    )
+    if use_bf16:
+        return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class Loop:
+    """Runs ``cfg.steps`` optimizer steps of ``model`` on ``batches`` (see the module docstring).
+
+    ``model`` must already be on its device; when torch.distributed is initialised it is wrapped in
+    DistributedDataParallel here. ``self.module`` is always the unwrapped model.
+    """
+
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        optim: OptimConfig,
+        model: torch.nn.Module,
+        batches: BatchStream,
+        *,
+        loss_fn: LossFn,
+        eval_fn: EvalFn | None,
+        out_dir: str | Path,
+        run_config: dict,
+        hooks: Hooks | None = None,
+        name: str = "train",
+    ):
+        self.cfg = cfg
+        self.module = model
+        self.device = next(model.parameters()).device
+        self.model = model
+        if dist.initialized():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
+        self.hooks = hooks or Hooks()
+        self.name = name
+        self.run_config = run_config
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.grad_clip = optim.grad_clip
+        self.optimizer = build_optimizer(model, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, cfg.steps)
+        self.autocast = autocast_for(cfg.precision, self.device)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.step = 0
+        self.last_eval: dict[str, float] = {}
+        self._window: dict[str, float] = {}
+        self._window_steps = 0
+        self._last_saved = -1
+        self._last_evaluated = -1
+        self._start = time.monotonic()
+
+    # ----------------------------------------------------------------- steps of one optimizer step
+    def micro_batches(self) -> list:
+        return [self.batches.next().to(self.device) for _ in range(self.cfg.grad_accum)]
+
+    def forward_backward(self, micro_batches: list) -> dict[str, float]:
+        """Accumulate the gradient of the global-batch mean loss; return weighted-mean stats."""
+        weights = [float(b.weight()) for b in micro_batches]
+        total = dist.all_reduce_sum(torch.tensor([sum(weights)], device=self.device, dtype=torch.float64))
+        total = max(float(total.item()), 1.0)
+        scale = dist.world_size() / total  # DDP averages gradients over processes; undo that
+        sums: dict[str, torch.Tensor] = {}
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not dist.initialized() else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, stats = self.loss_fn(self.model, batch)
+                (loss * (weight * scale)).backward()
+            for key, value in {"loss": loss.detach(), **stats}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().double() * weight
+        keys = sorted(sums)
+        packed = torch.stack([sums[k].reshape(()) for k in keys] + [torch.tensor(sum(weights), device=self.device, dtype=torch.float64)])
+        packed = dist.all_reduce_sum(packed).tolist()
+        out = {k: v / total for k, v in zip(keys, packed)}
+        out["weight"] = packed[-1]
+        return out
+
+    def clip(self) -> float:
+        """Clip the global gradient norm to optim.grad_clip (when > 0); returns the norm before clipping."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.grad_clip
+        if max_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))) if params else 0.0
+
+    def optimizer_step(self) -> float:
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its metrics (loss and stats, grad_norm, lr, weight)."""
+        metrics = self.forward_backward(self.micro_batches())
+        metrics["grad_norm"] = self.clip()
+        metrics["lr"] = self.optimizer_step()
+        return metrics
+
+    # ----------------------------------------------------------------- scheduled work
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            metrics = self.eval_fn(self.module)
+        self.model.train()
+        self.last_eval = metrics
+        self._last_evaluated = self.step
+        self.metrics.write({"step": self.step, "split": "eval", **metrics})
+        for hook in self.hooks.on_eval:
+            hook(self, metrics)
+        return metrics
+
+    def log(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._window[key] = self._window.get(key, 0.0) + value
+        self._window_steps += 1
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+            record = {k: v / self._window_steps for k, v in self._window.items()}
+            record["lr"] = metrics["lr"]
+            record["elapsed_s"] = time.monotonic() - self._start
+            self.metrics.write({"step": self.step, "split": "train", **record})
+            self._window, self._window_steps = {}, 0
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint.path_for(self.checkpoint_dir, self.step)
+        if dist.is_main():
+            payload = {
+                "step": self.step,
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "data": self.batches.state_dict(),
+                "config": self.run_config,
+            }
+            checkpoint.save(payload, path)
+            checkpoint.prune(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        dist.barrier()
+        self._last_saved = self.step
+        for hook in self.hooks.on_checkpoint:
+            hook(self, path)
+        return path
+
+    def resume(self) -> Path | None:
+        """Restore the newest loadable checkpoint of out_dir (every process loads it); None when there is none."""
+        found = checkpoint.load_latest(self.checkpoint_dir)
+        if found is None:
+            return None
+        path, payload = found
+        self.module.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.batches.load_state_dict(payload["data"])
+        checkpoint.set_rng_state(payload["rng"])
+        self.step = int(payload["step"])
+        self._last_saved = self.step
+        self.metrics.drop_after(self.step)
+        return path
+
+    # ----------------------------------------------------------------- the run
+    def run(self) -> dict[str, float]:
+        """Train until ``steps`` (or ``stop_after``) steps are done; returns the last evaluation's metrics."""
+        end = self.cfg.stop_after or self.cfg.steps
+        progress = ProgressBar(self.cfg.steps, self.step, self.cfg.progress, self.name)
+        self._start = time.monotonic()
+        self.model.train()
+        try:
+            while self.step < end:
+                metrics = self.train_step()
+                self.step += 1
+                for hook in [progress, *self.hooks.on_step]:
+                    hook(self, metrics)
+                self.log(metrics)
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    self._report(progress, self.evaluate())
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save_checkpoint()
+            if self.step == self.cfg.steps and self._last_evaluated != self.step:
+                self._report(progress, self.evaluate())
+            if self._last_saved != self.step:
+                self.save_checkpoint()
+        finally:
+            progress.close()
+        for hook in self.hooks.on_end:
+            hook(self, self.last_eval)
+        return self.last_eval
+
+    def _report(self, progress: ProgressBar, metrics: dict[str, float]) -> None:
+        if metrics:
+            progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
