@@ -8,14 +8,12 @@
 // Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
 // (target_clones), so the build itself never assumes the build machine's processor.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <thread>
-#include <vector>
 
+#include "rlhf_fast/host_threads.h"
 #include "rlhf_fast/token_logprobs.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -192,40 +190,6 @@ RLHF_FAST_HOST_CLONES void backward_rows(const TokenLogprobsBackwardParams& p, i
     const Acc log_p = log_prob(x_label, k);
     grad[label] = store<T>(k.label_term + grad_from_p(exp_acc(log_p), log_p, k));
   }
-}
-
-// Runs fn(begin, end) over [0, n_rows) on up to num_threads threads (the caller's among them).
-// Rows are handed out in chunks from a shared counter, so ignored rows (cheap) don't unbalance the
-// threads. Small work stays on the calling thread: starting a thread costs tens of microseconds.
-template <typename Fn>
-void parallel_rows(int64_t n_rows, int64_t vocab, int num_threads, Fn fn) {
-  constexpr int64_t kMinElementsPerThread = int64_t(1) << 16;
-  const int64_t elements = n_rows * vocab;
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, elements / kMinElementsPerThread));
-  threads = std::min(threads, n_rows);
-  if (threads <= 1) {
-    fn(0, n_rows);
-    return;
-  }
-  // About 8 chunks of consecutive rows per thread.
-  const int64_t chunk = (n_rows + 8 * threads - 1) / (8 * threads);
-  std::atomic<int64_t> next{0};
-  auto worker = [&] {
-    for (;;) {
-      const int64_t begin = next.fetch_add(chunk, std::memory_order_relaxed);
-      if (begin >= n_rows) return;
-      fn(begin, std::min(n_rows, begin + chunk));
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  try {
-    for (int64_t i = 1; i < threads; ++i) pool.emplace_back(worker);
-  } catch (...) {
-    // Could not start a thread: the ones running and this one still finish every row.
-  }
-  worker();
-  for (std::thread& th : pool) th.join();
 }
 
 }  // namespace

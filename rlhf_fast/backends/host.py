@@ -3,7 +3,9 @@
 The extension is imported on first use, never at package import: rlhf_fast works without it, and
 ``available()`` then says why it is missing. Kernels get raw pointers (``tensor.data_ptr()``),
 sizes, strides and dtype codes, and run on ``torch.get_num_threads()`` threads with the GIL
-released. The loader below is shared with the "cuda" backend (same module).
+released. The [B, T] ops (rewards, GAE, whitening, group advantages) take float32 tensors and a
+bool mask (the ops convert), with threads over rows. The loader and the layout checks below are
+shared with the "cuda" backend (same module).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from types import ModuleType
 
 import torch
 
-from .base import YES, Provider, Support
+from .. import reference
+from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
 
 HOST_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -79,8 +82,48 @@ def check_rows_layout(logits: torch.Tensor, labels: torch.Tensor, grad_logits: t
                              f"{t.dtype}, strides {t.stride()}")
 
 
+def check_bt_layout(mask: torch.Tensor, scores: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
+    """The [B, T] kernel contract of base.Provider, checked because the kernels take raw pointers:
+    mask [B, T] bool, every other tensor [B, T] float32 (scores [B]), all contiguous on mask's device.
+
+    Not user-input validation (rlhf_fast.ops does that): a violation here is a bug upstream.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 2 or not mask.is_contiguous():
+        raise ValueError(f"mask must be a contiguous [B, T] bool tensor; got shape {tuple(mask.shape)}, "
+                         f"{mask.dtype}, strides {mask.stride()}")
+    expected = {name: tuple(mask.shape) for name in tensors}
+    if scores is not None:
+        tensors = {**tensors, "scores": scores}
+        expected["scores"] = (mask.shape[0],)
+    for name, t in tensors.items():
+        if (tuple(t.shape) != expected[name] or t.dtype != torch.float32 or not t.is_contiguous()
+                or t.device != mask.device):
+            raise ValueError(f"{name} must be contiguous {expected[name]} float32 on {mask.device}; got shape "
+                             f"{tuple(t.shape)}, {t.dtype}, strides {t.stride()}, {t.device}")
+
+
+def check_group_layout(scores: torch.Tensor, out: torch.Tensor, group_size: int) -> None:
+    """group_advantages' contract: scores and out [B] float32 contiguous, B a multiple of group_size."""
+    for name, t in (("scores", scores), ("out", out)):
+        if t.dim() != 1 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != scores.device:
+            raise ValueError(f"{name} must be a contiguous [B] float32 tensor on {scores.device}; got shape "
+                             f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+    if out.shape != scores.shape or group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores {tuple(scores.shape)} and out {tuple(out.shape)} must match and hold whole "
+                         f"groups of {group_size}")
+
+
+def kl_estimator_code(estimator: str) -> int:
+    return extension().KL_ESTIMATOR_CODES[estimator]
+
+
+def group_mode_code(mode: str) -> int:
+    return extension().GROUP_MODE_CODES[mode]
+
+
 class HostProvider(Provider):
     name = "host"
+    ops = TOKEN_OPS | BT_OPS
 
     def available(self) -> Support:
         return extension_support()
@@ -139,3 +182,70 @@ class HostProvider(Provider):
             ignore_index=int(ignore_index),
             num_threads=torch.get_num_threads(),
         )
+
+    # [B, T] ops (csrc/host/{kl_rewards,gae,whiten,group_advantages}.cpp): threads over rows.
+
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, rewards=rewards)
+        if mask.numel() == 0:
+            return
+        extension().host_kl_rewards_forward(
+            logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), mask=mask.data_ptr(),
+            rewards=rewards.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
+            estimator=kl_estimator_code(estimator), num_threads=torch.get_num_threads(),
+        )  # fmt: skip
+
+    def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
+        check_bt_layout(mask, rewards=rewards, values=values, advantages=advantages, returns=returns)
+        if mask.numel() == 0:
+            return
+        extension().host_gae_forward(
+            rewards=rewards.data_ptr(), values=values.data_ptr(), mask=mask.data_ptr(),
+            advantages=advantages.data_ptr(), returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
+            gamma=float(gamma), lam=float(lam), num_threads=torch.get_num_threads(),
+        )  # fmt: skip
+
+    def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
+        check_bt_layout(mask, grad_advantages=grad_advantages, grad_returns=grad_returns, grad_rewards=grad_rewards,
+                        grad_values=grad_values)
+        if mask.numel() == 0:
+            return
+        extension().host_gae_backward(
+            grad_advantages=grad_advantages.data_ptr(), grad_returns=grad_returns.data_ptr(), mask=mask.data_ptr(),
+            grad_rewards=grad_rewards.data_ptr(), grad_values=grad_values.data_ptr(), rows=mask.shape[0],
+            tokens=mask.shape[1], gamma=float(gamma), lam=float(lam), num_threads=torch.get_num_threads(),
+        )  # fmt: skip
+
+    def whiten_forward(self, x, mask, out, shift_mean):
+        check_bt_layout(mask, x=x, out=out)
+        if mask.numel() == 0:
+            return
+        extension().host_whiten_forward(
+            x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
+            shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS, num_threads=torch.get_num_threads(),
+        )  # fmt: skip
+
+    def ppo_advantages_forward(
+        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
+    ):
+        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, values=values, rewards=rewards,
+                        advantages=advantages, returns=returns)
+        if mask.numel() == 0:
+            return
+        extension().host_ppo_advantages_forward(
+            logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
+            mask=mask.data_ptr(), rewards=rewards.data_ptr(), advantages=advantages.data_ptr(),
+            returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
+            estimator=kl_estimator_code(estimator), gamma=float(gamma), lam=float(lam), whiten=bool(whiten),
+            whiten_eps=reference.WHITEN_EPS, num_threads=torch.get_num_threads(),
+        )  # fmt: skip
+
+    def group_advantages_forward(self, scores, out, group_size, mode, eps):
+        check_group_layout(scores, out, group_size)
+        if scores.numel() == 0:
+            return
+        extension().host_group_advantages_forward(
+            scores=scores.data_ptr(), out=out.data_ptr(), groups=scores.shape[0] // group_size,
+            group_size=int(group_size), mode=group_mode_code(mode), eps=float(eps),
+            num_threads=torch.get_num_threads(),
+        )  # fmt: skip
