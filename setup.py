@@ -32,8 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
-HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/token_logprobs.cpp"]
-CUDA_SOURCES = ["csrc/cuda/token_logprobs.cu"]
+HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/token_logprobs.cpp", "csrc/host/kl_rewards.cpp", "csrc/host/gae.cpp",
+                "csrc/host/whiten.cpp", "csrc/host/group_advantages.cpp"]
+CUDA_SOURCES = ["csrc/cuda/token_logprobs.cu", "csrc/cuda/kl_rewards.cu", "csrc/cuda/gae.cu", "csrc/cuda/whiten.cu",
+                "csrc/cuda/group_advantages.cu"]
 DEFAULT_CUDA_ARCHS = "80;90"
 
 CXX_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-pthread", "-Wall"]
@@ -364,8 +366,8 @@ if __name__ == "__main__":
             return outfile, copied
 
     setup(
-        packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.ops", "rlhf_fast.train", "rlhf_fast.kernels"],
-        package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"},
+        packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.ops", "rlhf_fast.train", "rlhf_fast.kernels", "rlhf_fast.bench"],
+        package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels", "rlhf_fast.bench": "bench"},
         ext_modules=[
             Extension(
                 "rlhf_fast._C",
