@@ -43,13 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
+    # Run as a script: make this module part of the checkout's `bench` package (see bench_logprobs.py).
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"  # noqa: A001
 
 import torch
 
 import rlhf_fast
-from bench import harness
 from rlhf_fast import reference
+
+from . import harness
 
 BENCH = "fused_linear"
 OPS = ("sft", "policy", "logprobs")

@@ -43,15 +43,19 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     # Run as a script: put the repository root on the path, as `python -m bench.bench_logprobs`
-    # does, so that `bench.harness` imports (and the spawned memory probes find this module).
+    # does, and make this module part of the checkout's `bench` package, so that the relative
+    # imports below resolve (and the spawned memory probes find this module). Installed, the
+    # same files are the package rlhf_fast.bench.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"  # noqa: A001
 
 import torch
 
 import rlhf_fast
-from bench import harness
 from rlhf_fast import reference
 from rlhf_fast.backends.registry import BACKENDS, can_serve
+
+from . import harness
 
 BENCH = "logprobs"
 FAMILIES = ("logp", "logp+entropy")
@@ -388,7 +392,7 @@ def measure_cpu_memory(rows, args) -> None:
         dict(impl=r["impl"], family=r["family"], mode=r["mode"], n=r["shape"][0], vocab=r["shape"][1], dtype=r["dtype"])
         for r in todo
     ]
-    peaks = harness.cpu_peak_mb("bench.bench_logprobs:memory_step", kwargs, workers=args.memory_workers)
+    peaks = harness.cpu_peak_mb(f"{__package__}.bench_logprobs:memory_step", kwargs, workers=args.memory_workers)
     for r, peak in zip(todo, peaks):
         if isinstance(peak, str):
             r["peak_mb_error"] = peak

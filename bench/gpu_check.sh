@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine (H100, no network): build rlhf_fast._C for sm_90, run the GPU
-# tests and the token_logprobs benchmark, and print the headline figures LAST.
+# tests and the quick benchmark suite (python -m bench --quick), and print the headline figures LAST.
 #
-#   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; about 5 minutes)
+#   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; under 8 minutes)
 #
 # Environment (all optional):
-#   OUT                  logs (env, build, info, tests, bench, summary) and the results JSON are
-#                        written there too: 7 files, flat. Without OUT the logs go to a temp dir.
+#   OUT                  logs (env, build, info, tests, bench, summary) and the suite's results are
+#                        written there too: the rows (JSON, CSV), the Markdown report and plots/.
+#                        Without OUT the logs go to a temp dir.
 #   GPU_CHECK_BUDGET_S   wall-clock seconds for all steps together (default 450); no step outlives it
-#   BENCH_ARGS           benchmark arguments (default "--quick"; "" runs the full shape list)
+#   BENCH_ARGS           suite arguments (default "--quick"; "" runs the full suite, which needs a
+#                        larger budget; e.g. "--quick --ops logprobs,policy_loss" narrows it)
 #   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S   per-step limits (defaults 150 and 240)
 #   RLHF_FAST_COMMIT     commit recorded in the results when the tree has no .git (pass it in:
 #                        RLHF_FAST_COMMIT=$(git rev-parse --short HEAD) where the command is composed)
@@ -73,17 +75,16 @@ TAIL=20 step info 60 $((BENCH_MIN_S + 80)) python -m rlhf_fast info
 step tests "${TESTS_TIMEOUT_S:-150}" $((BENCH_MIN_S + 20)) \
   python -m pytest tests/ -m gpu -q --maxfail=10 -p no:cacheprovider --durations=5
 
-# The benchmark starts no new implementation in its last 45 s, so it ends on its own and writes
-# its JSON (it also writes after each shape, and on SIGTERM keeps what it wrote).
+# The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
+# ends on its own and writes its rows, report and plots (it also writes rows after each case, and
+# on SIGTERM writes the report of what it measured).
 bench_limit=$((BUDGET_S - (SECONDS - START) - 20))
 if ((bench_limit > ${BENCH_TIMEOUT_S:-240})); then bench_limit=${BENCH_TIMEOUT_S:-240}; fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-TAIL=30 step bench "$bench_limit" 20 python bench/bench_logprobs.py --device cuda $BENCH_ARGS "${bench_out[@]}" \
+TAIL=30 step bench "$bench_limit" 20 python -m bench --device cuda $BENCH_ARGS "${bench_out[@]}" \
   --deadline-s "$((bench_limit > 90 ? bench_limit - 45 : bench_limit / 2))"
 
-shopt -s nullglob
-results=(bench/results/*-logprobs.json)
-TAIL=0 step summary 30 0 python bench/bench_logprobs.py --summarize "${results[@]}"
+TAIL=0 step summary 30 0 python -m bench.report --summary --device cuda --out bench/results
 
 echo
 echo "== $((SECONDS - START))s in all; logs in $LOG_DIR"

@@ -1,0 +1,304 @@
+"""The linear-head ops in the suite: lm_head + loss without the [N, V] logits.
+
+Ops (hidden [N, H], lm_head weight [V, H]; forward, and forward + backward w.r.t. both):
+  linear_logprobs     logp = linear_token_logprobs(hidden, weight, labels); backward of sum(g * logp)
+  linear_sft          mean -logp (cross-entropy), every label valid
+  linear_policy_loss  fused_linear_policy_loss: the loss of bench_policy_loss.py on a [B, T = 1024]
+                      layout (T = N when N is not a multiple of 1024)
+Implementations:
+  eager          the reference on hidden @ weight.T: plain PyTorch, logits materialised
+  compile        torch.compile of it
+  backend=<b>    rlhf_fast.linear_token_logprobs / linear_sft_loss / fused_linear_policy_loss with
+                 the token kernels of backend b
+  fused-logits   rlhf_fast.token_logprobs / sft_loss / fused_policy_loss on hidden @ weight.T
+  liger          Liger-Kernel (CUDA): liger_fused_linear_cross_entropy (sft), LigerFusedLinearGRPOLoss
+                 (policy, loss_type "dapo" = token-mean); it has no per-token log-prob form
+  cce, cce-compile  Cut Cross-Entropy's linear_cross_entropy (impl "cce", CUDA; impl
+                 "torch_compile", any device): logp = -loss with reduction="none", sft = the mean
+The oracle is the reference in float64 (CPU) / float32 (CUDA), two passes over row chunks (as
+bench_fused_linear.py). The work is the three matmuls of forward + backward, 6 N H V FLOPs (2 N H V
+forward), set against the measured rate of hidden @ weight.T at the same shape and dtype.
+bench_fused_linear.py is the standalone script for these ops (chunk-size trade, Liger fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+
+from . import harness
+from .bench_policy_loss import POLICY
+from .case import Case, Check, Impl, backend_impls, cce_problem, liger_problem, tolerance
+
+SEQ_LEN = 1024
+CHUNK_ROWS = 2048  # rows per oracle chunk
+KINDS = {"linear_logprobs": "logprobs", "linear_sft": "sft", "linear_policy_loss": "policy"}
+
+
+@dataclass
+class Inputs:
+    hidden: list[torch.Tensor]  # copies of [N, H], leaves requiring grad
+    weight: list[torch.Tensor]  # copies of [V, H], leaves requiring grad
+    labels: torch.Tensor  # [N] int64 in [0, V)
+    g: torch.Tensor  # [N] float32 upstream gradient of logp (linear_logprobs)
+    mask: torch.Tensor  # [B, T] bool, right padding
+    old_logp: torch.Tensor  # [B, T] float32
+    ref_logp: torch.Tensor  # [B, T] float32
+    advantages: torch.Tensor  # [B] float32
+
+    @property
+    def bt(self) -> tuple[int, int]:
+        return tuple(self.mask.shape)
+
+    def clear(self) -> None:
+        for t in self.hidden + self.weight:
+            t.grad = None
+
+
+def _eager(kind):
+    if kind == "logprobs":
+        return lambda h, w, x: reference.linear_token_logprobs(h, w, x.labels)
+    if kind == "sft":
+        return lambda h, w, x: reference.linear_sft_loss(h, w, x.labels)
+    return lambda h, w, x: reference.fused_linear_policy_loss(
+        h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp, **POLICY
+    )[0]
+
+
+def _compiled(kind):
+    # Compile a function of tensors only (the inputs object would be guarded field by field).
+    if kind == "logprobs":
+        graph = torch.compile(lambda h, w, labels: reference.linear_token_logprobs(h, w, labels), dynamic=False)
+        return lambda h, w, x: graph(h, w, x.labels)
+    if kind == "sft":
+        graph = torch.compile(lambda h, w, labels: reference.linear_sft_loss(h, w, labels), dynamic=False)
+        return lambda h, w, x: graph(h, w, x.labels)
+
+    def policy(h, w, labels, old_logp, advantages, mask, ref_logp):
+        return reference.fused_linear_policy_loss(h, w, labels, old_logp, advantages, mask, ref_logp=ref_logp, **POLICY)[0]
+
+    graph = torch.compile(policy, dynamic=False)
+    return lambda h, w, x: graph(h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, x.ref_logp)
+
+
+def _ours(kind, backend):
+    if kind == "logprobs":
+        return lambda h, w, x: rlhf_fast.linear_token_logprobs(h, w, x.labels, backend=backend)
+    if kind == "sft":
+        return lambda h, w, x: rlhf_fast.linear_sft_loss(h, w, x.labels, backend=backend)
+    return lambda h, w, x: rlhf_fast.fused_linear_policy_loss(
+        h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp,
+        backend=backend, **POLICY,
+    )[0]  # fmt: skip
+
+
+def _fused_logits(kind):
+    if kind == "logprobs":
+        return lambda h, w, x: rlhf_fast.token_logprobs(h @ w.T, x.labels)
+    if kind == "sft":
+        return lambda h, w, x: rlhf_fast.sft_loss(h @ w.T, x.labels)
+    return lambda h, w, x: rlhf_fast.fused_policy_loss(
+        (h @ w.T).view(*x.bt, -1), x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp, **POLICY
+    )[0]
+
+
+def _liger(kind):
+    if kind == "sft":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda h, w, x: liger_fused_linear_cross_entropy(h, w, x.labels)
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    grpo = LigerFusedLinearGRPOLoss(
+        beta=POLICY["kl_coef"], epsilon_low=POLICY["clip_eps"], epsilon_high=POLICY["clip_eps"],
+        loss_type="dapo", use_ref_model=True, compiled=False,
+    )  # fmt: skip
+
+    def policy(h, w, x):
+        out = grpo(h.view(*x.bt, -1), w, x.labels.view(x.bt), x.mask.float(), x.advantages,
+                   ref_per_token_logps=x.ref_logp, old_per_token_logps=x.old_logp)  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out
+
+    return policy
+
+
+def _cce(kind, impl):
+    from cut_cross_entropy import linear_cross_entropy
+
+    if kind == "logprobs":
+        return lambda h, w, x: -linear_cross_entropy(h, w, x.labels, reduction="none", impl=impl)
+    return lambda h, w, x: linear_cross_entropy(h, w, x.labels, reduction="mean", impl=impl)
+
+
+class Step:
+    """One call on copy i: the forward under no_grad, or forward + backward (of sum(g * logp) for logprobs)."""
+
+    def __init__(self, fn, x: Inputs, mode: str):
+        self.fn, self.x, self.mode = fn, x, mode
+
+    def __call__(self, i: int):
+        k = i % len(self.x.hidden)
+        h, w = self.x.hidden[k], self.x.weight[k]
+        if self.mode == "fwd":
+            with torch.no_grad():
+                return self.fn(h, w, self.x)
+        h.grad = w.grad = None
+        out = self.fn(h, w, self.x)
+        out.backward(self.x.g.to(out.dtype) if out.dim() else None)
+        return None
+
+    def clear(self) -> None:
+        self.x.clear()
+
+
+class LinearCase(Case):
+    op = "linear_logprobs"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kind = KINDS[self.op]
+        self._tflops: float | None = None
+
+    @property
+    def nhv(self) -> tuple[int, int, int]:
+        return self.dims["N"], self.dims["H"], self.dims["V"]
+
+    def input_bytes(self):
+        n, h, v = self.nhv
+        return (n * h + v * h) * self.dtype.itemsize + n * 12
+
+    def implementations(self):
+        kind, dev = self.kind, self.device
+        impls = [Impl("eager", make=lambda: _eager(kind)), Impl("compile", make=lambda: _compiled(kind), slow=True)]
+        impls += backend_impls("token_logprobs", dev, self.dtype, lambda name: _ours(kind, name))
+        impls.append(Impl("fused-logits", make=lambda: _fused_logits(kind), ours=True))
+        reason = liger_problem(dev) or ("Liger-Kernel has no per-token log-prob form of the fused linear head"
+                                        if kind == "logprobs" else None)  # fmt: skip
+        impls.append(Impl("liger", skip=reason) if reason else Impl("liger", make=lambda: _liger(kind)))
+        for name, impl in (("cce", "cce"), ("cce-compile", "torch_compile")):
+            reason = cce_problem(dev, impl) or ("Cut Cross-Entropy has no policy loss" if kind == "policy" else None)
+            impls.append(Impl(name, skip=reason) if reason else Impl(name, make=lambda impl=impl: _cce(kind, impl)))
+        return impls
+
+    def make_inputs(self, copies):
+        n, h, v = self.nhv
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        hidden = torch.randn(n, h, generator=gen, device=dev).to(self.dtype)
+        # Logits of spread ~2.5, as a trained LM's.
+        weight = torch.randn(v, h, generator=gen, device=dev).mul_(2.5 / h**0.5).to(self.dtype)
+        labels = torch.randint(0, v, (n,), generator=gen, device=dev)
+        g = torch.randn(n, generator=gen, device=dev)
+        t = SEQ_LEN if n % SEQ_LEN == 0 else n
+        b = n // t
+        lengths = torch.randint(max(1, t // 4), t + 1, (b, 1), generator=gen, device=dev)
+        mask = torch.arange(t, device=dev) < lengths
+        with torch.no_grad():
+            logp = rlhf_fast.linear_token_logprobs(hidden, weight, labels).view(b, t)
+        old_logp = logp + 0.2 * torch.randn(b, t, generator=gen, device=dev)
+        ref_logp = logp + 0.2 * torch.randn(b, t, generator=gen, device=dev)
+        advantages = torch.randn(b, generator=gen, device=dev)
+        hs = [hidden] + [hidden.clone() for _ in range(copies - 1)]
+        ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+        return Inputs([t.requires_grad_() for t in hs], [t.requires_grad_() for t in ws], labels, g, mask, old_logp,
+                      ref_logp, advantages)  # fmt: skip
+
+    def _per_token_loss(self, x: Inputs, logp: torch.Tensor) -> torch.Tensor:
+        if self.kind == "logprobs":
+            return (logp * x.g.to(logp.dtype)).sum()
+        if self.kind == "sft":
+            return -logp.mean()
+        cast = lambda t: t.to(logp.dtype)  # noqa: E731
+        return reference.policy_loss(
+            logp.view(x.bt), cast(x.old_logp), cast(x.advantages), x.mask, ref_logp=cast(x.ref_logp), **POLICY
+        )[0]
+
+    def oracle(self, x: Inputs):
+        """(forward value, grad hidden, grad weight): float64 on CPU, float32 on CUDA, in row chunks."""
+        dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        h, w = x.hidden[0].detach().to(dtype), x.weight[0].detach().to(dtype)
+        labels = x.labels if self.kind != "policy" else torch.where(x.mask.view(-1), x.labels, reference.IGNORE_INDEX)
+        chunks = [(s, min(s + CHUNK_ROWS, h.shape[0])) for s in range(0, h.shape[0], CHUNK_ROWS)]
+        with torch.no_grad():
+            logp = torch.cat([reference.token_logprobs(h[s:e] @ w.T, labels[s:e]) for s, e in chunks])
+        logp.requires_grad_()
+        loss = self._per_token_loss(x, logp)
+        (g_logp,) = torch.autograd.grad(loss, logp)
+        grad_h, w = torch.empty_like(h), w.requires_grad_()
+        for s, e in chunks:
+            hc = h[s:e].clone().requires_grad_()
+            (reference.token_logprobs(hc @ w.T, labels[s:e]) * g_logp[s:e]).sum().backward()
+            grad_h[s:e] = hc.grad
+        value = logp.detach() if self.kind == "logprobs" else loss.detach()
+        return value, grad_h, w.grad
+
+    def check(self, impl, fn, x: Inputs, expected, eager, with_grad):
+        value, grad_h, grad_w = expected
+        result = Check()
+        name = "logp" if self.kind == "logprobs" else "loss"
+        with torch.no_grad():
+            out = fn(x.hidden[0], x.weight[0], x)
+        result.add(name, harness.rel_err(out, value), tolerance(name, out, eager), "fwd")
+        if with_grad:
+            step = Step(fn, x, "fwd+bwd")
+            step(0)
+            for key, got, exp in (("grad_hidden", x.hidden[0].grad, grad_h), ("grad_weight", x.weight[0].grad, grad_w)):
+                result.add(key, harness.rel_err(got, exp), tolerance(key, got, eager), "bwd")
+            step.clear()
+        return result
+
+    def step(self, fn, inputs, mode):
+        return Step(fn, inputs, mode)
+
+    def work(self, mode):
+        n, h, v = self.nhv
+        e = self.dtype.itemsize
+        if mode == "fwd":
+            return (n * h + v * h) * e, 2.0 * n * h * v
+        return 3 * (n * h + v * h) * e, 6.0 * n * h * v
+
+    def flop_ceiling_tflops(self):
+        """Rate of hidden @ weight.T at this shape and dtype: what the three matmuls can reach."""
+        if self._tflops is None:
+            n, h, v = self.nhv
+            gen = torch.Generator(device=self.device).manual_seed(1)
+            a = torch.randn(n, h, generator=gen, device=self.device).to(self.dtype)
+            b = torch.randn(v, h, generator=gen, device=self.device).to(self.dtype)
+            out = torch.empty(n, v, dtype=self.dtype, device=self.device)
+            timing = harness.time_step(
+                lambda i: torch.mm(a, b.t(), out=out), self.device, warmup=2, min_reps=5, budget_s=0.3
+            )
+            self._tflops = 2.0 * n * h * v / (timing.median_ms * 1e-3) / 1e12
+            del a, b, out
+        return self._tflops
+
+
+class LinearSFTCase(LinearCase):
+    op = "linear_sft"
+
+
+class LinearPolicyCase(LinearCase):
+    op = "linear_policy_loss"
+
+
+def _nhv(n, h, v, *tags):
+    return ({"N": n, "H": h, "V": v}, tags)
+
+
+VOCABS = (32000, 128256, 151936)
+_TABLE = {
+    "tiny": [_nhv(32, 64, 1000, "headline")],
+    ("cpu", True): [_nhv(256, 512, 32000, "headline")],
+    ("cpu", False): [_nhv(1024, 1024, 32000, "headline")] + [_nhv(256, 512, v, "sweep-vocab") for v in VOCABS],
+    ("cuda", True): [_nhv(16384, 4096, 128256, "headline", "sweep-tokens")],
+    ("cuda", False): [_nhv(16384, 4096, 128256, "headline", "sweep-tokens")]
+    + [_nhv(4096, 4096, v, "sweep-vocab") for v in VOCABS]
+    + [_nhv(n, 4096, 128256, "sweep-tokens") for n in (1024, 4096)],
+}
+SHAPES = {op: _TABLE for op in KINDS}
+CASES = {"linear_logprobs": LinearCase, "linear_sft": LinearSFTCase, "linear_policy_loss": LinearPolicyCase}
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}

@@ -1,0 +1,109 @@
+"""The benchmark suite (bench/suite.py): end to end on toy shapes, and its verify-before-timing rule.
+
+The end-to-end test runs ``rlhf-fast bench --quick --shapes tiny`` in a subprocess and checks that the rows, the
+CSV, the Markdown report and the plots are written and that every row names its device.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_fast.bench import harness, suite
+from rlhf_fast.bench.bench_pairwise import PairwiseCase
+from rlhf_fast.bench.case import Impl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_tiny_run_writes_report_plots_and_device_rows(tmp_path):
+    entry = [sys.executable, "-m", "rlhf_fast", "bench"]
+    out = tmp_path / "results"
+    command = entry + ["--quick", "--shapes", "tiny", "--skip-impls", "compile", "--out", str(out)]
+    # One thread: on a loaded 2-core machine, OpenMP barriers make toy-sized ops take milliseconds.
+    # No Triton interpreter (conftest.py sets it for the kernel tests): the run benchmarks what
+    # serves a CPU for real, and the interpreted kernels would take most of the test's time.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    name = harness.device_name("cpu")
+    (json_path,) = out.glob("*-suite.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert {r["op"] for r in rows} == set(suite.OPS), "every op family has rows"
+    for r in rows:
+        assert r["device"] == "cpu" and r["device_name"] == name, f"row without its device: {r['op']} {r['impl']}"
+        assert not r["status"].startswith(("FAILED", "OOM")), f"{r['op']} {r['impl']} {r['mode']}: {r['status']}"
+        if r["status"] == "ok":
+            assert r["verified"] and r["median_ms"] > 0 and any(k.startswith("err_") for k in r)
+    assert any(r["impl"] == "eager" and r.get("ratio_vs_eager") == 1.0 for r in rows)
+
+    with (out / "suite.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows) and all(r["device"] == "cpu" and r["device_name"] == name for r in table)
+
+    (report,) = out.glob(f"*-{harness.device_slug(name)}.md")
+    text = report.read_text()
+    assert name in text and "## logprobs" in text and "## gae" in text
+    plots = sorted((out / "plots").glob("*.png"))
+    stems = {p.stem.split(harness.device_slug(name) + "-", 1)[1] for p in plots}
+    assert {"logprobs-sweep-vocab", "logprobs-sweep-tokens", "gae-sweep-tokens"} <= stems
+    for plot in plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+        assert f"plots/{plot.name}" in text, "the report shows each plot"
+
+
+def _args(**overrides) -> Namespace:
+    args = dict(modes=["fwd", "fwd+bwd"], impls=None, skip_impls=["compile"], quick=False, min_reps=2, max_reps=3,
+                budget_s=0.0, max_copies=1, no_memory=True, deadline_s=None)  # fmt: skip
+    args.update(overrides)
+    return Namespace(**args)
+
+
+class _WithWrongOnes(PairwiseCase):
+    """The pairwise case plus a wrong implementation of ours and a wrong peer (loss off by 1%)."""
+
+    def implementations(self):
+        wrong = lambda c, r, **kw: ((c.new_tensor(1.01) * self.eager()(c, r, **kw)[0]), {})  # noqa: E731
+        return super().implementations() + [Impl("ours-wrong", make=lambda: wrong, ours=True),
+                                            Impl("peer-wrong", make=lambda: wrong)]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy-sized ops: OpenMP barriers would dominate on a loaded machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_wrong_implementations_fail_verification_before_timing(one_thread):
+    case = _WithWrongOnes({"B": 64}, torch.float32, torch.device("cpu"), ("headline",))
+    env = {"device": "cpu", "device_name": "test"}
+    rows = suite.run_case(case, _args(), env, copy_gbps=1.0, deadline=None)
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        assert by["eager", mode]["status"] == "ok" and by["eager", mode]["median_ms"] > 0
+        assert by["rlhf_fast", mode]["status"] == "ok"
+        ours = by["ours-wrong", mode]
+        assert ours["status"].startswith("FAILED: loss rel err") and ours["median_ms"] is None and not ours["verified"]
+        peer = by["peer-wrong", mode]  # a peer is timed and flagged, never counted as verified
+        assert peer["status"].startswith("inexact: loss rel err") and peer["median_ms"] > 0 and not peer["verified"]
+
+
+def test_shapes_filter_and_explicit_shapes():
+    args = _args(ops=["logprobs", "gae"], shapes="sweep-vocab,gae:8x32", quick=True, dtype=None)
+    cases = suite.build_cases(args, torch.device("cpu"))
+    assert all(c.op == "logprobs" and "sweep-vocab" in c.tags for c in cases if c.op == "logprobs")
+    assert [c.dims for c in cases if c.op == "gae"] == [{"B": 8, "T": 32}]
+    with pytest.raises(SystemExit, match="gae takes BxT"):
+        suite.build_cases(_args(ops=["gae"], shapes="gae:8x32x4", quick=True, dtype=None), torch.device("cpu"))
