@@ -1,4 +1,4 @@
-"""Command line: ``python -m rlhf_fast info|bench|sft|rm|demo-data`` (also installed as ``rlhf-fast``)."""
+"""Command line: ``python -m rlhf_fast info|bench|sft|rm|rl|demo|demo-data`` (also installed as ``rlhf-fast``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from .info import print_info
 
 def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_commands
+    from .train.rl_cli import add_rl_commands
 
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="Fused RLHF losses: tools and training.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and, for each backend, whether it is usable here and why not")
     commands.add_parser("bench", add_help=False, help="the benchmark suite (rlhf-fast bench --help)")
     add_commands(commands)
+    add_rl_commands(commands)
     return parser
 
 

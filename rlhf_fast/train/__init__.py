@@ -31,6 +31,8 @@ _EXPORTS = {
     "Loop": "loop",
     "load_policy": "models",
     "load_tokenizer": "models",
+    "RLConfig": "rl_config",
+    "RLTrainer": "rl",
     "RewardTrainer": "reward",
     "load_reward_model": "reward",
     "RewardModel": "reward_model",

@@ -1,0 +1,260 @@
+"""Configuration of the RL stage (`rlhf-fast rl`): nested dataclasses, one docstring per field.
+
+Built on the sections of ``config`` (same coercion, validation and ``ConfigError`` messages), so
+``load_config(RLConfig, path, overrides)`` and the CLI's ``--section.field`` options work as for SFT.
+Batch arithmetic, per process and per step::
+
+    rollout.batch_size sequences = (rollout.batch_size / rollout.group_size) prompts x group_size samples
+    the update splits them into minibatches of algo.mini_batch_size sequences (one optimizer step each),
+    each into micro-batches of algo.micro_batch_size (gradient accumulation), for algo.epochs passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig
+
+ALGOS = ("ppo", "grpo", "reinforce")
+GROUP_MODES = ("grpo", "drgrpo", "rloo")
+BASELINES = ("none", "mean", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_PLACES = ("reward", "loss", "none")
+
+
+@dataclass
+class RolloutConfig(Section):
+    """Sampling of responses with Hugging Face ``generate`` (KV cache on)."""
+
+    SECTION: ClassVar[str] = "rollout"
+
+    batch_size: int = 64
+    """Sequences sampled per step on each process (prompts x group_size)."""
+    group_size: int = 1
+    """Samples per prompt (G); must divide batch_size. grpo and the rloo baseline need >= 2."""
+    max_new_tokens: int = 16
+    """Most tokens generated per response (a response without EOS is cut here and scored as is)."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probs of training use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off). Below 1 the sampler and the trained policy differ: see logp_mismatch."""
+    max_prompt_length: int = 32
+    """Prompts longer than this many tokens keep their end (and BOS)."""
+
+    def validate(self) -> None:
+        self.require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.require(self.group_size >= 1, "group_size", "must be >= 1")
+        if self.batch_size % self.group_size:
+            raise ConfigError(
+                f"rollout.group_size={self.group_size} must divide rollout.batch_size={self.batch_size} "
+                f"(sequences per step = prompts x group_size; {self.batch_size} % {self.group_size} = "
+                f"{self.batch_size % self.group_size})"
+            )
+        self.require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.require(self.temperature > 0, "temperature", "must be > 0")
+        self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.require(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.group_size
+
+
+@dataclass
+class RewardSourceConfig(Section):
+    """Where the sequence score comes from: a reward model, a Python reward_fn (API only), or both."""
+
+    SECTION: ClassVar[str] = "reward"
+
+    model_path: str | None = None
+    """Directory of a reward model written by `rlhf-fast rm` (reward_model/). Unset: reward_fn only."""
+    model_coef: float = 1.0
+    """Weight of the reward model's score in the total score."""
+    fn_coef: float = 1.0
+    """Weight of reward_fn(prompts, responses) in the total score (when a reward_fn is passed)."""
+    gold: bool = False
+    """Use the built-in task's hidden gold score as a verifiable reward_fn (CLI convenience)."""
+    retokenize: bool = False
+    """Decode responses and re-tokenize them with the reward model's own tokenizer when it differs from
+    the policy's (without this, a different tokenizer is an error)."""
+    clip: float | None = None
+    """Clip scores to [-clip, clip] (unset: no clipping)."""
+
+    def validate(self) -> None:
+        if self.clip is not None:
+            self.require(self.clip > 0, "clip", "must be > 0")
+
+
+@dataclass
+class AlgoConfig(Section):
+    """The algorithm: advantages, the KL to the reference policy and the losses."""
+
+    SECTION: ClassVar[str] = "algo"
+
+    name: str = "ppo"
+    """ppo (critic, GAE, clipped ratio), grpo (group advantages) or reinforce (Monte Carlo policy gradient)."""
+    epochs: int = 1
+    """Passes over each rollout batch (PPO-style reuse; reinforce forces 1)."""
+    mini_batch_size: int = 64
+    """Sequences per optimizer step on each process; must divide rollout.batch_size."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward (gradient accumulation); must divide mini_batch_size."""
+    clip_eps: float = 0.2
+    """Clip range of the policy ratio (ppo, grpo)."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO clip-higher); unset: clip_eps."""
+    agg: str = "token-mean"
+    """How per-token losses become a scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    kl_coef: float = 0.05
+    """Beta: weight of the KL to the reference policy (initial value with the adaptive controller)."""
+    kl_place: str = "reward"
+    """Where the KL goes: reward (per-token penalty in the reward, InstructGPT), loss (a loss term, GRPO) or none."""
+    kl_estimator: str = "k1"
+    """KL estimator: k1, k2, k3 or abs (k3 is GRPO's choice for the loss)."""
+    kl_target: float | None = None
+    """Target KL (per sequence, nats) of the adaptive controller; unset: fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Horizon (sequences) of the adaptive KL controller."""
+    gamma: float = 1.0
+    """Discount of GAE (ppo)."""
+    lam: float = 0.95
+    """Lambda of GAE (ppo)."""
+    whiten: bool = True
+    """Whiten advantages over the batch (ppo)."""
+    vf_coef: float = 0.5
+    """Weight of the value loss (ppo)."""
+    value_clip: float | None = 0.2
+    """Clip range of the value loss around the rollout values (ppo); unset: unclipped."""
+    group_mode: str = "grpo"
+    """Group advantages (grpo): grpo (std-normalised), drgrpo (mean-centred) or rloo (leave one out)."""
+    baseline: str = "mean"
+    """Baseline of reinforce: none, mean (batch mean) or rloo (leave one out within groups)."""
+
+    def validate(self) -> None:
+        self.require_choice("name", ALGOS)
+        self.require_choice("agg", AGG_MODES)
+        self.require_choice("kl_place", KL_PLACES)
+        self.require_choice("kl_estimator", KL_ESTIMATORS)
+        self.require_choice("group_mode", GROUP_MODES)
+        self.require_choice("baseline", BASELINES)
+        for name in ("epochs", "mini_batch_size", "micro_batch_size", "kl_horizon"):
+            self.require(getattr(self, name) >= 1, name, "must be >= 1")
+        self.require(self.clip_eps > 0, "clip_eps", "must be > 0")
+        if self.clip_eps_high is not None:
+            self.require(self.clip_eps_high > 0, "clip_eps_high", "must be > 0")
+        self.require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        if self.kl_target is not None:
+            self.require(self.kl_target > 0, "kl_target", "must be > 0")
+        self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        self.require(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        if self.value_clip is not None:
+            self.require(self.value_clip > 0, "value_clip", "must be > 0")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"algo.micro_batch_size={self.micro_batch_size} must divide algo.mini_batch_size="
+                f"{self.mini_batch_size} ({self.mini_batch_size} % {self.micro_batch_size} = "
+                f"{self.mini_batch_size % self.micro_batch_size})"
+            )
+
+
+@dataclass
+class RLLoopConfig(Section):
+    """The RL loop: steps, evaluation, logging, checkpoints, precision."""
+
+    SECTION: ClassVar[str] = "train"
+
+    steps: int = 60
+    """RL steps (each: rollout, score, advantages, update); the LR schedule spans them."""
+    stop_after: int | None = None
+    """Stop once this many steps are done (a checkpoint is written); continue with --resume."""
+    eval_every: int = 0
+    """Evaluate on the held-out prompts every this many steps, and at the end (0: only at the end)."""
+    eval_prompts: int = 256
+    """Held-out prompts of the evaluation (the built-in task's, or data.eval_path)."""
+    eval_batch_size: int = 128
+    """Prompts per generation batch during evaluation."""
+    log_every: int = 1
+    """Write training metrics to metrics.jsonl every this many steps."""
+    save_every: int = 20
+    """Write a checkpoint every this many steps, and at the end (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    seed: int = 0
+    """Seed of sampling, prompt order and minibatch shuffling."""
+    precision: str = "auto"
+    """fp32, bf16 (autocast on CUDA) or auto (bf16 on CUDA GPUs that support it)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+    backend: str = "auto"
+    """Backend of the fused ops: auto, triton, cuda, host or torch (pure PyTorch reference)."""
+
+    def validate(self) -> None:
+        self.require(self.steps >= 1, "steps", "must be >= 1")
+        if self.stop_after is not None:
+            self.require(1 <= self.stop_after <= self.steps, "stop_after", f"must be in [1, train.steps={self.steps}]")
+        for name in ("eval_prompts", "eval_batch_size", "log_every", "keep_checkpoints"):
+            self.require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("eval_every", "save_every"):
+            self.require(getattr(self, name) >= 0, name, "must be >= 0")
+        self.require_choice("precision", PRECISIONS)
+        self.require_choice("backend", ("auto", "triton", "cuda", "host", "torch"))
+        self.require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class PromptDataConfig(Section):
+    """Where the prompts come from."""
+
+    SECTION: ClassVar[str] = "data"
+
+    train_path: str | None = None
+    """JSONL of {"prompt": str} (other fields ignored). Unset: prompts of the built-in synthetic task."""
+    eval_path: str | None = None
+    """JSONL of held-out prompts. Unset: the built-in task's held-out prompts (train_path unset), else none."""
+    train_prompts: int = 4096
+    """Built-in task prompts to train on."""
+
+
+@dataclass
+class RLConfig(Section):
+    """`rlhf-fast rl`: RL finetuning of a policy against a frozen reference (the policy at the start)."""
+
+    out_dir: str = "runs/rl"
+    """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml, summary.json and the final model/."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out_dir."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0))
+    train: RLLoopConfig = field(default_factory=RLLoopConfig)
+
+    def validate(self) -> None:
+        self.require(bool(self.out_dir), "out_dir", "must be a directory path")
+        rollout, algo = self.rollout, self.algo
+        if rollout.batch_size % algo.mini_batch_size:
+            raise ConfigError(
+                f"algo.mini_batch_size={algo.mini_batch_size} must divide rollout.batch_size={rollout.batch_size} "
+                f"({rollout.batch_size} % {algo.mini_batch_size} = {rollout.batch_size % algo.mini_batch_size})"
+            )
+        if algo.name == "grpo" and rollout.group_size < 2:
+            raise ConfigError(f"algo.name=grpo needs rollout.group_size >= 2, got {rollout.group_size}")
+        if algo.name == "reinforce" and algo.baseline == "rloo" and rollout.group_size < 2:
+            raise ConfigError(f"algo.baseline=rloo needs rollout.group_size >= 2, got {rollout.group_size}")
+        if algo.name == "grpo" and algo.group_mode in ("grpo", "rloo") and rollout.group_size < 2:
+            raise ConfigError(f"algo.group_mode={algo.group_mode} needs rollout.group_size >= 2, got {rollout.group_size}")

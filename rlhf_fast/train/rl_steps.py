@@ -1,0 +1,311 @@
+"""The named steps of one RL step, each a plain function a user can replace (no subclassing):
+
+    rollout_step(trainer, prompts)            -> Rollout                 sample responses
+    score_step(trainer, rollout)              -> (scores [B], stats)     reward model and/or reward_fn
+    make_experience(trainer, rollout, scores) -> Experience              old/ref log-probs, values
+    advantage_fn(trainer, exp)                -> (advantages, returns)   ppo_advantage / grpo_advantage / reinforce_advantage
+    loss_fn(trainer, micro, normalizer)       -> (loss, stats)           policy (+ value) loss of one micro-batch
+    update_step(trainer, exp)                 -> stats                   epochs x minibatches x micro-batches
+
+``trainer`` is the ``RLTrainer`` (config, models, tokenizer, kl controller); shapes as in ``rl_rollout``
+(B sequences, R response columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+import rlhf_fast
+from rlhf_fast.ops.aggregate import loss_normalizer
+
+from . import dist
+from .rl_rollout import Rollout, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
+
+
+@dataclass
+class Experience:
+    """One rollout with everything the update needs; per-row tensors first dim B."""
+
+    rollout: Rollout
+    scores: torch.Tensor  # [B] float32 total sequence score
+    old_logp: torch.Tensor  # [B, R] policy log-probs at rollout time (recomputed, fused)
+    ref_logp: torch.Tensor  # [B, R] reference policy log-probs
+    values: torch.Tensor | None = None  # [B, R] critic values at rollout time (ppo)
+    advantages: torch.Tensor | None = None  # [B, R] or [B]
+    returns: torch.Tensor | None = None  # [B, R] value targets (ppo)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+    def __len__(self) -> int:
+        return len(self.rollout)
+
+    def select(self, rows: torch.Tensor) -> Experience:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.select(rows) if isinstance(value, Rollout) else (value[rows] if value is not None else None)
+        return Experience(**out)
+
+
+# --------------------------------------------------------------------------------------- rollout
+def rollout_step(trainer, prompts: list[str]) -> Rollout:
+    """Sample with the policy (the unwrapped module), KV cache on."""
+    return generate(trainer.policy, trainer.tokenizer, prompts, trainer.config.rollout)
+
+
+# --------------------------------------------------------------------------------------- score
+def _retokenize(tokenizer, rollout: Rollout, device):
+    """The rollout's prompt + response texts in another tokenizer's ids, right-padded (with EOS)."""
+    prompt_ids = tokenizer(rollout.prompts, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(rollout.responses, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    rows = []
+    for p, r, n in zip(prompt_ids, response_ids, rollout.lengths.tolist()):
+        ends_with_eos = eos is not None and n > 0  # keep the policy's ending: EOS when it emitted one
+        rows.append(list(p) + list(r) + ([eos] if ends_with_eos else []))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def reward_model_scores(trainer, rollout: Rollout) -> torch.Tensor:
+    """[B] reward-model scores of prompt + response (read at the last real token, EOS when emitted)."""
+    rm = trainer.reward_model
+    if trainer.reward_tokenizer is not None:
+        ids, mask = _retokenize(trainer.reward_tokenizer, rollout, rollout.input_ids.device)
+    else:
+        ids, mask = rollout.input_ids, rollout.attention_mask
+    return rm.score(ids, mask).float()
+
+
+def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """model_coef * reward model + fn_coef * reward_fn(prompts, responses), clipped to reward.clip."""
+    cfg = trainer.config.reward
+    device = rollout.input_ids.device
+    total = torch.zeros(len(rollout), dtype=torch.float32, device=device)
+    stats: dict[str, torch.Tensor] = {}
+    if trainer.reward_model is not None:
+        rm = reward_model_scores(trainer, rollout)
+        stats["rm_score"] = rm.mean()
+        total = total + cfg.model_coef * rm
+    if trainer.reward_fn is not None:
+        fn = torch.as_tensor(trainer.reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32).to(device)
+        if fn.shape != total.shape:
+            raise ValueError(f"reward_fn returned {tuple(fn.shape)} scores for {len(rollout)} responses; expected one per response")
+        stats["fn_score"] = fn.mean()
+        total = total + cfg.fn_coef * fn
+    if cfg.clip is not None:
+        total = total.clamp(-cfg.clip, cfg.clip)
+    return total, stats
+
+
+# --------------------------------------------------------------------------------------- experience
+@torch.no_grad()
+def token_values(critic, rollout: Rollout) -> torch.Tensor:
+    """[B, R] critic values of the states that emit each response token (0 where masked)."""
+    hidden = critic.backbone(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask)
+    ).last_hidden_state
+    values = critic.head(hidden[:, rollout.prompt_len - 1 : -1]).squeeze(-1).float()
+    return torch.where(rollout.response_mask, values, 0.0)
+
+
+@torch.no_grad()
+def make_experience(trainer, rollout: Rollout, scores: torch.Tensor) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """Recompute the policy's and the reference's log-probs (fused ops) and the critic's values."""
+    T, backend = trainer.config.rollout.temperature, trainer.config.train.backend
+    trainer.policy.eval()
+    old_logp = sequence_logprobs(trainer.policy, rollout, temperature=T, backend=backend)
+    trainer.policy.train()
+    ref_logp = sequence_logprobs(trainer.ref_policy, rollout, temperature=T, backend=backend)
+    values = None
+    if trainer.critic is not None:
+        trainer.critic.eval()
+        values = token_values(trainer.critic, rollout)
+        trainer.critic.train()
+    mask = rollout.response_mask
+    n = mask.sum().clamp(min=1)
+    gap = torch.where(mask, (old_logp - rollout.sample_logp).abs(), 0.0)
+    kl = torch.where(mask, old_logp - ref_logp, 0.0)
+    stats = {
+        "logp_mismatch": gap.sum() / n,
+        "logp_mismatch_max": gap.max(),
+        "kl": kl.sum(-1).mean(),  # k1 per sequence, nats
+        "kl_token": kl.sum() / n,
+    }
+    return Experience(rollout, scores, old_logp, ref_logp, values), stats
+
+
+# --------------------------------------------------------------------------------------- advantages
+def _kl_in_reward(trainer) -> float:
+    return trainer.kl_ctl.value if trainer.config.algo.kl_place == "reward" else 0.0
+
+
+def _sequence_kl(exp: Experience, estimator: str) -> torch.Tensor:
+    kl = rlhf_fast.kl_penalty(exp.old_logp, exp.ref_logp, estimator=estimator)
+    return torch.where(exp.mask, kl, 0.0).sum(-1)
+
+
+def ppo_advantage(trainer, exp: Experience):
+    """InstructGPT: per-token rewards -beta * KL plus the score at the last token, GAE, whitening (fused)."""
+    algo = trainer.config.algo
+    out = rlhf_fast.ppo_advantages(
+        exp.old_logp, exp.ref_logp, exp.scores, exp.values, exp.mask,
+        beta=_kl_in_reward(trainer), estimator=algo.kl_estimator, gamma=algo.gamma, lam=algo.lam,
+        whiten=algo.whiten, backend=trainer.config.train.backend,
+    )  # fmt: skip
+    return out.advantages, out.returns
+
+
+def grpo_advantage(trainer, exp: Experience):
+    """Group advantages of the scores (minus beta * sequence KL when the KL is in the reward). [B]."""
+    algo = trainer.config.algo
+    scores = exp.scores
+    beta = _kl_in_reward(trainer)
+    if beta:
+        scores = scores - beta * _sequence_kl(exp, algo.kl_estimator)
+    adv = rlhf_fast.group_advantages(scores, trainer.config.rollout.group_size, mode=algo.group_mode, backend=trainer.config.train.backend)
+    return adv, None
+
+
+def reinforce_advantage(trainer, exp: Experience):
+    """Monte Carlo return of each sequence minus a baseline (none, batch mean, or leave-one-out). [B]."""
+    algo = trainer.config.algo
+    returns = exp.scores
+    beta = _kl_in_reward(trainer)
+    if beta:
+        returns = returns - beta * _sequence_kl(exp, algo.kl_estimator)
+    if algo.baseline == "mean":
+        return returns - returns.mean(), None
+    if algo.baseline == "rloo":
+        return rlhf_fast.group_advantages(returns, trainer.config.rollout.group_size, mode="rloo", backend=trainer.config.train.backend), None
+    return returns, None
+
+
+ADVANTAGE_FNS = {"ppo": ppo_advantage, "grpo": grpo_advantage, "reinforce": reinforce_advantage}
+
+
+# --------------------------------------------------------------------------------------- loss
+def policy_loss_options(trainer) -> dict:
+    algo = trainer.config.algo
+    kl_in_loss = algo.kl_place == "loss"
+    return {
+        "clip_eps": None if algo.name == "reinforce" else algo.clip_eps,
+        "clip_eps_high": None if algo.name == "reinforce" else algo.clip_eps_high,
+        "kl_coef": trainer.kl_ctl.value if kl_in_loss else 0.0,
+        "kl_estimator": algo.kl_estimator,
+        "agg": algo.agg,
+        "entropy_coef": algo.entropy_coef,
+    }
+
+
+def loss_step(trainer, micro: Experience, normalizer: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy loss of one micro-batch (fused_linear_policy_loss, else fused_policy_loss on the logits),
+    plus vf_coef * the clipped value loss with a critic. ``normalizer`` is the global one of the minibatch."""
+    cfg = trainer.config
+    options = policy_loss_options(trainer)
+    rollout = micro.rollout
+    common = dict(
+        old_logp=micro.old_logp, advantages=micro.advantages, mask=micro.mask,
+        ref_logp=micro.ref_logp, temperature=cfg.rollout.temperature, backend=cfg.train.backend,
+        normalizer=normalizer, **options,
+    )  # fmt: skip
+    if has_linear_head(trainer.policy):
+        hidden, weight, bias = response_hidden(trainer.policy, rollout)
+        loss, stats = rlhf_fast.fused_linear_policy_loss(hidden, weight, rollout.labels, bias=bias, **common)
+    else:
+        loss, stats = rlhf_fast.fused_policy_loss(response_logits(trainer.policy, rollout), rollout.labels, **common)
+    stats = {"pg_loss": loss.detach(), **stats}
+    if trainer.critic is not None:
+        hidden = trainer.critic.backbone(
+            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask)
+        ).last_hidden_state
+        values = trainer.critic.head(hidden[:, rollout.prompt_len - 1 : -1]).squeeze(-1)
+        vf = rlhf_fast.value_loss(
+            values, micro.values, micro.returns, micro.mask, clip_eps=cfg.algo.value_clip, agg=cfg.algo.agg, normalizer=normalizer
+        )
+        stats["value_loss"] = vf.detach()
+        loss = loss + cfg.algo.vf_coef * vf
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------- update
+def sync_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes. Each process's loss is divided by the *global* normaliser, so the
+    sum is the gradient of the global-batch loss (no averaging by world size)."""
+    if not dist.initialized():
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce_sum(flat)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def update_step(trainer, exp: Experience) -> dict[str, torch.Tensor]:
+    """algo.epochs passes over the batch in shuffled minibatches; one optimizer step per minibatch,
+    gradient accumulated over its micro-batches with the minibatch's global ``agg`` normaliser."""
+    cfg = trainer.config
+    algo = cfg.algo
+    epochs = 1 if algo.name == "reinforce" else algo.epochs
+    B, mb, micro = len(exp), algo.mini_batch_size, algo.micro_batch_size
+    autocast = trainer.autocast
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for _ in range(epochs):
+        order = torch.randperm(B, device="cpu").to(exp.mask.device)
+        for start in range(0, B, mb):
+            parts = [exp.select(order[start + i : start + i + micro]) for i in range(0, mb, micro)]
+            normalizer = sum(loss_normalizer(p.mask, algo.agg) for p in parts)
+            normalizer = dist.all_reduce_sum(normalizer.reshape(1).clone()).reshape(()).clamp(min=1.0)
+            for part in parts:
+                with autocast():
+                    loss, stats = trainer.loss_fn(trainer, part, normalizer)
+                loss.backward()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+                count += 1
+            sync_gradients(trainer.trainable_parameters())
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + trainer.clip_gradients() * len(parts)
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the valid tokens (1: perfect critic, <= 0: useless)."""
+    r, v = returns[mask], values[mask]
+    var = r.var(unbiased=False) if r.numel() > 1 else r.new_zeros(())
+    return torch.where(var > 0, 1 - (r - v).var(unbiased=False) / var.clamp(min=1e-12), torch.zeros_like(var))
+
+
+__all__ = [
+    "ADVANTAGE_FNS",
+    "Experience",
+    "explained_variance",
+    "grpo_advantage",
+    "loss_step",
+    "make_experience",
+    "ppo_advantage",
+    "reinforce_advantage",
+    "reward_model_scores",
+    "rollout_step",
+    "score_step",
+    "sync_gradients",
+    "update_step",
+]

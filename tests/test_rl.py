@@ -1,0 +1,215 @@
+"""RL stage: each named step against the reference ops, replaceable steps, end to end, resume, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_fast import reference
+from rlhf_fast.train.config import ConfigError, load_config
+from rlhf_fast.train.metrics import read_metrics
+from rlhf_fast.train.rl import RLTrainer, task_gold
+from rlhf_fast.train.rl_config import RLConfig
+from rlhf_fast.train.rl_rollout import generate, response_mask_of, sequence_logprobs
+from rlhf_fast.train.rl_steps import loss_step, make_experience, ppo_advantage, score_step
+
+TINY = {
+    "model.hidden_size": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.intermediate_size": 64,
+    "reward.gold": True,
+    "data.train_prompts": 64,
+    "rollout.batch_size": 8,
+    "rollout.max_new_tokens": 6,
+    "algo.mini_batch_size": 4,
+    "algo.micro_batch_size": 2,
+    "optim.lr": 1e-3,
+    "train.steps": 2,
+    "train.eval_prompts": 8,
+    "train.save_every": 0,
+    "train.progress": False,
+    "train.device": "cpu",
+}
+
+ALGOS = {
+    "ppo": {"algo.name": "ppo", "algo.epochs": 2},
+    "grpo": {"algo.name": "grpo", "rollout.group_size": 4, "algo.kl_place": "loss", "algo.kl_estimator": "k3"},
+    "reinforce": {"algo.name": "reinforce", "rollout.group_size": 2, "algo.baseline": "rloo", "algo.mini_batch_size": 8},
+}
+
+
+def tiny(out_dir, **overrides) -> RLConfig:
+    return load_config(RLConfig, None, {"out_dir": str(out_dir), **TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    return RLTrainer(tiny(tmp_path_factory.mktemp("rl")))
+
+
+def test_response_mask_stops_after_the_first_eos():
+    responses = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 2, 2]])
+    assert response_mask_of(responses, 2).tolist() == [
+        [True, True, False, False], [True, True, True, True], [True, False, False, False]
+    ]  # fmt: skip
+
+
+def test_recomputed_logprobs_match_the_sampler_and_the_reference(trainer):
+    rollout = generate(trainer.policy, trainer.tokenizer, trainer.train_prompts[:8], trainer.config.rollout)
+    mask = rollout.response_mask
+    assert mask[:, 0].all() and rollout.input_ids.shape[1] == rollout.prompt_len + mask.shape[1]
+    with torch.no_grad():
+        fused = sequence_logprobs(trainer.policy, rollout)
+        logits = trainer.policy(rollout.input_ids, attention_mask=rollout.attention_mask,
+                                position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+        ref = reference.token_logprobs(logits[:, rollout.prompt_len - 1 : -1].double(), rollout.labels)
+    torch.testing.assert_close(torch.where(mask, fused, 0.0), torch.where(mask, ref.float(), 0.0), atol=1e-5, rtol=0)
+    # generate (KV cache, incremental positions) and the one-pass recomputation agree to float noise
+    assert float(torch.where(mask, (fused - rollout.sample_logp).abs(), 0.0).max()) < 1e-4
+
+
+def test_ppo_advantages_step_is_the_reference_pipeline(trainer):
+    torch.manual_seed(0)
+    rollout = generate(trainer.policy, trainer.tokenizer, trainer.train_prompts[:8], trainer.config.rollout)
+    scores, _ = score_step(trainer, rollout)
+    exp, stats = make_experience(trainer, rollout, scores)
+    adv, returns = ppo_advantage(trainer, exp)
+    mask = exp.mask
+    rewards = reference.kl_penalized_rewards(exp.old_logp, exp.ref_logp, scores, mask, beta=trainer.kl_ctl.value)
+    ref_adv, ref_ret = reference.gae(rewards, exp.values, mask, gamma=1.0, lam=trainer.config.algo.lam)
+    ref_adv = reference.whiten(ref_adv, mask)
+    torch.testing.assert_close(torch.where(mask, adv, 0.0), torch.where(mask, ref_adv, 0.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.where(mask, returns, 0.0), torch.where(mask, ref_ret, 0.0), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(scores, torch.tensor(task_gold(rollout.prompts, rollout.responses)))
+    assert abs(float(stats["kl"])) < 1e-5  # the policy is still the reference
+
+
+def test_loss_step_gradient_is_minus_advantage_times_grad_logp_at_ratio_one(trainer):
+    rollout = generate(trainer.policy, trainer.tokenizer, trainer.train_prompts[:4], trainer.config.rollout)
+    scores, _ = score_step(trainer, rollout)
+    exp, _ = make_experience(trainer, rollout, scores)
+    exp.advantages = torch.randn(len(exp))
+    exp.returns = torch.zeros_like(exp.old_logp)
+    critic, trainer.critic = trainer.critic, None
+    try:
+        trainer.policy.zero_grad()
+        n = exp.mask.sum().float()
+        loss, stats = loss_step(trainer, exp, n)
+        loss.backward()
+        fused = [p.grad.clone() for p in trainer.policy.parameters()]
+        trainer.policy.zero_grad()
+        logp = sequence_logprobs(trainer.policy, rollout)
+        expected = -(torch.where(exp.mask, exp.advantages[:, None] * logp, 0.0)).sum() / n
+        expected.backward()
+        for a, b in zip(fused, (p.grad for p in trainer.policy.parameters())):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert float(stats["clipfrac"]) == 0.0
+    finally:
+        trainer.critic = critic
+        trainer.policy.zero_grad()
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_each_algorithm_runs_end_to_end(tmp_path, algo):
+    trainer = RLTrainer(tiny(tmp_path, **ALGOS[algo]))
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    metrics = trainer.train()
+    assert {"gold", "gold_se", "kl", "length"} <= set(metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in records] == [1, 2]
+    needed = {"reward", "gold", "kl", "entropy", "clipfrac", "approx_kl", "logp_mismatch", "response_length",
+              "tokens_per_s", "rollout_s", "update_s", "backend_token_logprobs"}  # fmt: skip
+    assert needed <= set(records[0])
+    if algo == "ppo":
+        assert {"value_loss", "explained_variance"} <= set(records[0])
+    assert records[0]["logp_mismatch"] < 1e-4
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "metrics.png").is_file()
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):
+    seen = {}
+
+    def reward_fn(prompts, responses):
+        seen["n"] = len(responses)
+        return [float(len(r.split())) for r in responses]  # longer is better
+
+    def advantage_fn(trainer, exp):
+        seen["adv"] = True
+        return exp.scores - exp.scores.mean(), None
+
+    cfg = tiny(tmp_path, **{"reward.gold": False, "algo.name": "reinforce", "algo.mini_batch_size": 8, "train.steps": 1})
+    trainer = RLTrainer(cfg, reward_fn=reward_fn, advantage_fn=advantage_fn)
+    metrics = trainer.train_step()
+    assert seen == {"n": 8, "adv": True}
+    assert metrics["fn_score"] == pytest.approx(metrics["reward"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    overrides = {**ALGOS["ppo"], "train.steps": 4, "train.save_every": 2}
+    full = RLTrainer(tiny(tmp_path / "full", **overrides))
+    full.train()
+    first = RLTrainer(tiny(tmp_path / "split", **overrides, **{"train.stop_after": 2}))
+    first.train()
+    second = RLTrainer(tiny(tmp_path / "split", **overrides, resume=True))
+    second.train()
+    assert second.step == 4
+    for a, b in zip(full.policy.state_dict().values(), second.policy.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(full.critic.state_dict().values(), second.critic.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rollout.max_new_tokens": 0}, "rollout.max_new_tokens must be >= 1, got 0"),
+        ({"rollout.group_size": 3}, "rollout.group_size=3 must divide rollout.batch_size=8"),
+        ({"algo.mini_batch_size": 6}, "algo.mini_batch_size=6 must divide rollout.batch_size=8"),
+        ({"algo.micro_batch_size": 3}, "algo.micro_batch_size=3 must divide algo.mini_batch_size=4"),
+        ({"algo.name": "grpo"}, "needs rollout.group_size >= 2, got 1"),
+    ],
+)
+def test_bad_batch_settings_print_the_numbers(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        tiny(tmp_path, **overrides)
+
+
+def test_missing_model_reward_and_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        RLTrainer(tiny(tmp_path, **{"model.path": str(tmp_path / "nope")}))
+    with pytest.raises(FileNotFoundError, match="reward.model_path"):
+        RLTrainer(tiny(tmp_path, **{"reward.model_path": str(tmp_path / "nope")}))
+    with pytest.raises(ConfigError, match="no reward"):
+        RLTrainer(tiny(tmp_path, **{"reward.gold": False}))
+    with pytest.raises(FileNotFoundError, match="data.train_path"):
+        RLTrainer(tiny(tmp_path, **{"data.train_path": str(tmp_path / "none.jsonl")}))
+
+
+def test_different_reward_tokenizer_needs_the_bridge(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_fast.train.reward_model import RewardModel
+    from rlhf_fast.train.task import build_tokenizer, vocabulary
+
+    # Same words, other ids: the reward model must not read the policy's ids.
+    words = list(reversed(vocabulary()))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    cfg = tiny(tmp_path)
+    policy_tok = build_tokenizer()
+    from rlhf_fast.train.models import arch_config
+
+    rm = RewardModel.from_backbone_config(arch_config(cfg.model, policy_tok))
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        RLTrainer(cfg, reward_model=rm, reward_tokenizer=other)
+    bridged = RLTrainer(tiny(tmp_path, **{"reward.retokenize": True}), reward_model=rm, reward_tokenizer=other)
+    rollout = generate(bridged.policy, bridged.tokenizer, bridged.train_prompts[:4], bridged.config.rollout)
+    scores, stats = score_step(bridged, rollout)
+    assert scores.shape == (4,) and torch.isfinite(scores).all() and "rm_score" in stats
