@@ -48,26 +48,20 @@ def _print_config(config) -> None:
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
 
 
-def _init_distributed() -> bool:
-    """Initialise torch.distributed under torchrun; True when this call did it."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
-    return True
-
-
 def _quiet_transformers() -> None:
     """Hide transformers' per-load progress bars and info messages (our own bar shows progress)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def training_session():
+    """The context every training command runs in: quiet transformers, torch.distributed under torchrun."""
+    from .dist import process_group
+
+    _quiet_transformers()
+    return process_group()
 
 
 def run_sft(args: argparse.Namespace) -> int:
@@ -77,21 +71,13 @@ def run_sft(args: argparse.Namespace) -> int:
         return 0
     from .sft import SFTTrainer
 
-    _quiet_transformers()
-    started = _init_distributed()
-    try:
+    from . import dist
+
+    with training_session():
         trainer = SFTTrainer(config)
         metrics = trainer.train()
-        if metrics and trainer.loop.step == config.train.steps:
-            from . import dist
-
-            if dist.is_main():
-                print(f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['ppl']:.3g}); policy saved to {trainer.out_dir / 'model'}")
-    finally:
-        if started:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+        if metrics and trainer.loop.step == config.train.steps and dist.is_main():
+            print(f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['ppl']:.3g}); policy saved to {trainer.out_dir / 'model'}")
     return 0
 
 
@@ -102,21 +88,13 @@ def run_rm(args: argparse.Namespace) -> int:
         return 0
     from .reward import RewardTrainer
 
-    _quiet_transformers()
-    started = _init_distributed()
-    try:
+    from . import dist
+
+    with training_session():
         trainer = RewardTrainer(config)
         trainer.train()
-        if trainer.loop.step == config.train.steps:
-            from . import dist
-
-            if dist.is_main():
-                print(f"reward model saved to {trainer.out_dir / 'reward_model'}")
-    finally:
-        if started:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+        if trainer.loop.step == config.train.steps and dist.is_main():
+            print(f"reward model saved to {trainer.out_dir / 'reward_model'}")
     return 0
 
 

@@ -6,6 +6,7 @@ loads the same checkpoint on resume and reduces its sums with ``all_reduce_sum``
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,6 +39,22 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+@contextlib.contextmanager
+def process_group():
+    """Under torchrun (WORLD_SIZE > 1), initialise torch.distributed for the block and tear it down
+    after; NCCL on GPUs, gloo on CPU. A no-op in one process or when already initialised."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def resolve_device(spec: str) -> torch.device:

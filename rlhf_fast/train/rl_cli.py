@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import _init_distributed, _print_config, _quiet_transformers, add_config_options, config_from_args
+from .cli import _print_config, add_config_options, config_from_args, training_session
 from .rl_config import ALGOS, RLConfig
 
 
@@ -22,37 +22,23 @@ def run_rl(args: argparse.Namespace) -> int:
     from . import dist
     from .rl import RLTrainer
 
-    _quiet_transformers()
-    started = _init_distributed()
-    try:
+    with training_session():
         trainer = RLTrainer(config)
         metrics = trainer.train()
         if trainer.step == config.train.steps and dist.is_main():
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"held-out: {shown}\npolicy saved to {trainer.out_dir / 'model'}")
-    finally:
-        if started:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
     return 0
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from .rl_demo import run_demo
 
-    _quiet_transformers()
-    started = _init_distributed()
-    try:
+    with training_session():
         summary = run_demo(
             args.out, algo=args.algo, seed=args.seed, sft_steps=args.sft_steps, rm_steps=args.rm_steps,
             rl_steps=args.rl_steps, device=args.device, progress=not args.no_progress,
         )  # fmt: skip
-    finally:
-        if started:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
     return 0 if summary["gold_gain_se"] >= 3.0 or not args.check else 1
 
 
