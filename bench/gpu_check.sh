@@ -5,9 +5,10 @@
 #   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; under 8 minutes)
 #
 # Environment (all optional):
-#   OUT                  logs (env, build, info, tests, bench, summary) and the suite's results are
-#                        written there too: the rows (JSON, CSV), the Markdown report and plots/.
-#                        Without OUT the logs go to a temp dir.
+#   OUT                  where to leave everything for the caller: summary.log and gpu_check.tgz
+#                        (every step's log and every results file: rows, CSV, report, plots). Two
+#                        files, because the device tool brings back at most 8. Results also go to
+#                        bench/results/ in the tree; logs otherwise stay in a temp dir.
 #   GPU_CHECK_BUDGET_S   wall-clock seconds for all steps together (default 450); no step outlives it
 #   BENCH_ARGS           suite arguments (default "--quick"; "" runs the full suite, which needs a
 #                        larger budget; e.g. "--quick --ops logprobs,policy_loss" narrows it)
@@ -25,8 +26,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 BENCH_ARGS=${BENCH_ARGS---quick}
 START=$SECONDS
-LOG_DIR=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
-mkdir -p "$LOG_DIR" bench/results
+LOG_DIR=$(mktemp -d -t gpu_check.XXXXXX)
+mkdir -p "$LOG_DIR/results" bench/results
 FAILED=()
 
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
@@ -62,7 +63,7 @@ step() {
 }
 
 bench_out=(--out bench/results)
-if [[ -n "${OUT:-}" ]]; then bench_out+=(--out "$OUT"); fi
+bench_out+=(--out "$LOG_DIR/results")
 BENCH_MIN_S=${BENCH_MIN_S:-150} # what the benchmark needs at least: earlier steps are cut short to leave it that
 
 TAIL=40 step env 30 0 bash -c '
@@ -74,6 +75,16 @@ step build 200 $((BENCH_MIN_S + 90)) python -m pip install --no-index --no-build
 TAIL=20 step info 60 $((BENCH_MIN_S + 80)) python -m rlhf_fast info
 step tests "${TESTS_TIMEOUT_S:-150}" $((BENCH_MIN_S + 20)) \
   python -m pytest tests/ -m gpu -q --maxfail=10 -p no:cacheprovider --durations=5
+
+# Liger-Kernel is the fused-linear peer: carry its wheel (device tool: carry [".whl"]); the GPU
+# machine has no network. Without it the suite reports Liger's rows as skipped.
+shopt -s nullglob
+liger_wheels=(.whl/liger_kernel-*.whl)
+if ((${#liger_wheels[@]})); then
+  step liger 60 $((BENCH_MIN_S + 80)) python -m pip install --no-index --no-deps "${liger_wheels[@]}"
+fi
+# One RL step (rollout and update) with the fused ops vs the same loop on plain PyTorch, vocab 128256.
+step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python bench/bench_rl_step.py --device cuda --out "$LOG_DIR/results"
 
 # The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
 # ends on its own and writes its rows, report and plots (it also writes rows after each case, and
@@ -95,4 +106,9 @@ else
 fi
 echo
 cat "$LOG_DIR/summary.log" 2>/dev/null || true
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  cp "$LOG_DIR/summary.log" "$OUT/" 2>/dev/null || true
+  tar czf "$OUT/gpu_check.tgz" -C "$LOG_DIR" .
+fi
 ((${#FAILED[@]} == 0))
