@@ -247,7 +247,7 @@ def test_cuda_provider_explains_itself():
 
 def test_thread_count_does_not_change_results():
     provider_on("host", torch.bfloat16)
-    from rlhf_fast.backends.host import dtype_code, extension
+    from rlhf_fast.backends.extension import dtype_code, extension
 
     logits, labels = make_case(64, 3001, torch.bfloat16)
     outputs = []
@@ -265,7 +265,7 @@ def test_thread_count_does_not_change_results():
 
 def test_build_info():
     provider_on("host", torch.float32)
-    from rlhf_fast.backends.host import extension
+    from rlhf_fast.backends.extension import extension
 
     info = extension().build_info()
     assert set(info) >= {"version", "cuda_built", "cuda_version", "cuda_archs", "host_compiler", "reason_no_cuda"}

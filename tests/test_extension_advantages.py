@@ -119,7 +119,7 @@ def test_host_fused_ppo_equals_its_steps():
 
 def test_host_thread_count_does_not_change_results():
     provider_on("host", torch.float32)
-    from rlhf_fast.backends.host import extension, kl_estimator_code
+    from rlhf_fast.backends.extension import extension, kl_estimator_code
 
     mask, logp, ref_logp, scores, values, _, _ = bt_case(40, 3001)
     results = []
@@ -137,7 +137,7 @@ def test_host_thread_count_does_not_change_results():
 
 def test_host_rejects_unknown_codes_and_layouts():
     prov, _ = provider_on("host", torch.float32)
-    from rlhf_fast.backends.host import extension
+    from rlhf_fast.backends.extension import extension
 
     x = torch.zeros(2, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)

@@ -12,19 +12,8 @@ import re
 
 import torch
 
-from .. import reference
-from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
-from .host import (
-    _ptr,
-    check_bt_layout,
-    check_group_layout,
-    check_rows_layout,
-    dtype_code,
-    extension,
-    extension_support,
-    group_mode_code,
-    kl_estimator_code,
-)
+from .base import YES, Support
+from .extension import ExtensionProvider, _ptr, extension, extension_support
 
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -62,9 +51,8 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-class CudaProvider(Provider):
+class CudaProvider(ExtensionProvider):
     name = "cuda"
-    ops = TOKEN_OPS | BT_OPS
 
     def available(self) -> Support:
         ext = extension_support()
@@ -85,132 +73,11 @@ class CudaProvider(Provider):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _device_support(index)
 
-    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
-        check_rows_layout(logits, labels, logp=logp, entropy=entropy, lse=lse)
-        if logits.shape[0] == 0:
-            return
-        with torch.cuda.device(logits.device):
-            extension().cuda_token_logprobs_forward(
-                logits=logits.data_ptr(),
-                labels=labels.data_ptr(),
-                logp=logp.data_ptr(),
-                entropy=_ptr(entropy),
-                lse=lse.data_ptr(),
-                n_rows=logits.shape[0],
-                vocab=logits.shape[1],
-                logits_row_stride=logits.stride(0),
-                dtype=dtype_code(logits.dtype),
-                labels_dtype=dtype_code(labels.dtype),
-                temperature=float(temperature),
-                ignore_index=int(ignore_index),
-                stream=_stream(logits.device),
-            )
+    def _launch(self, kernel, device, **arguments):
+        with torch.cuda.device(device):
+            getattr(extension(), f"cuda_{kernel}")(**arguments, stream=_stream(device))
 
-    def token_logprobs_backward(
-        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-    ):
-        if (entropy is None) != (grad_entropy is None):
-            raise ValueError("entropy and grad_entropy must be both given or both None")
-        check_rows_layout(logits, labels, grad_logits, lse=lse, entropy=entropy, grad_logp=grad_logp,
-                          grad_entropy=grad_entropy)
-        if logits.shape[0] == 0:
-            return
-        with torch.cuda.device(logits.device):
-            extension().cuda_token_logprobs_backward(
-                logits=logits.data_ptr(),
-                labels=labels.data_ptr(),
-                lse=lse.data_ptr(),
-                entropy=_ptr(entropy),
-                grad_logp=grad_logp.data_ptr(),
-                grad_entropy=_ptr(grad_entropy),
-                grad_logits=grad_logits.data_ptr(),
-                n_rows=logits.shape[0],
-                vocab=logits.shape[1],
-                logits_row_stride=logits.stride(0),
-                grad_row_stride=grad_logits.stride(0),
-                dtype=dtype_code(logits.dtype),
-                labels_dtype=dtype_code(labels.dtype),
-                temperature=float(temperature),
-                ignore_index=int(ignore_index),
-                stream=_stream(logits.device),
-            )
-
-    # [B, T] ops (csrc/cuda/{kl_rewards,gae,whiten,group_advantages}.cu): a block per row, enqueued
-    # on the current stream. Whitening takes a [B, 3] float32 workspace of per-row moments, allocated
-    # here on the same stream (no host synchronisation).
-
-    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
-        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, rewards=rewards)
-        if mask.numel() == 0:
-            return
-        with torch.cuda.device(mask.device):
-            extension().cuda_kl_rewards_forward(
-                logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), mask=mask.data_ptr(),
-                rewards=rewards.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
-                estimator=kl_estimator_code(estimator), stream=_stream(mask.device),
-            )  # fmt: skip
-
-    def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
-        check_bt_layout(mask, rewards=rewards, values=values, advantages=advantages, returns=returns)
-        if mask.numel() == 0:
-            return
-        with torch.cuda.device(mask.device):
-            extension().cuda_gae_forward(
-                rewards=rewards.data_ptr(), values=values.data_ptr(), mask=mask.data_ptr(),
-                advantages=advantages.data_ptr(), returns=returns.data_ptr(), rows=mask.shape[0],
-                tokens=mask.shape[1], gamma=float(gamma), lam=float(lam), stream=_stream(mask.device),
-            )  # fmt: skip
-
-    def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
-        check_bt_layout(mask, grad_advantages=grad_advantages, grad_returns=grad_returns, grad_rewards=grad_rewards,
-                        grad_values=grad_values)
-        if mask.numel() == 0:
-            return
-        with torch.cuda.device(mask.device):
-            extension().cuda_gae_backward(
-                grad_advantages=grad_advantages.data_ptr(), grad_returns=grad_returns.data_ptr(),
-                mask=mask.data_ptr(), grad_rewards=grad_rewards.data_ptr(), grad_values=grad_values.data_ptr(),
-                rows=mask.shape[0], tokens=mask.shape[1], gamma=float(gamma), lam=float(lam),
-                stream=_stream(mask.device),
-            )  # fmt: skip
-
-    def whiten_forward(self, x, mask, out, shift_mean):
-        check_bt_layout(mask, x=x, out=out)
-        if mask.numel() == 0:
-            return
-        with torch.cuda.device(mask.device):
-            moments = torch.empty(mask.shape[0], 3, dtype=torch.float32, device=mask.device)
-            extension().cuda_whiten_forward(
-                x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), moments=moments.data_ptr(),
-                rows=mask.shape[0], tokens=mask.shape[1], shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS,
-                stream=_stream(mask.device),
-            )  # fmt: skip
-
-    def ppo_advantages_forward(
-        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-    ):
-        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, values=values, rewards=rewards,
-                        advantages=advantages, returns=returns)
-        if mask.numel() == 0:
-            return
-        with torch.cuda.device(mask.device):
-            moments = torch.empty(mask.shape[0], 3, dtype=torch.float32, device=mask.device) if whiten else None
-            extension().cuda_ppo_advantages_forward(
-                logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(),
-                values=values.data_ptr(), mask=mask.data_ptr(), rewards=rewards.data_ptr(),
-                advantages=advantages.data_ptr(), returns=returns.data_ptr(), moments=_ptr(moments),
-                rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta), estimator=kl_estimator_code(estimator),
-                gamma=float(gamma), lam=float(lam), whiten=bool(whiten), whiten_eps=reference.WHITEN_EPS,
-                stream=_stream(mask.device),
-            )  # fmt: skip
-
-    def group_advantages_forward(self, scores, out, group_size, mode, eps):
-        check_group_layout(scores, out, group_size)
-        if scores.numel() == 0:
-            return
-        with torch.cuda.device(scores.device):
-            extension().cuda_group_advantages_forward(
-                scores=scores.data_ptr(), out=out.data_ptr(), groups=scores.shape[0] // group_size,
-                group_size=int(group_size), mode=group_mode_code(mode), eps=float(eps),
-                stream=_stream(scores.device),
-            )  # fmt: skip
+    def _whiten_workspace(self, mask, needed):
+        """[B, 3] float32 per-row moments, allocated on the current stream (no host synchronisation)."""
+        moments = torch.empty(mask.shape[0], 3, dtype=torch.float32, device=mask.device) if needed else None
+        return moments, {"moments": _ptr(moments)}

@@ -1,129 +1,21 @@
 """The "host" backend: the C++ kernels of rlhf_fast._C on CPU tensors (float32, bfloat16, float16, float64).
 
-The extension is imported on first use, never at package import: rlhf_fast works without it, and
-``available()`` then says why it is missing. Kernels get raw pointers (``tensor.data_ptr()``),
-sizes, strides and dtype codes, and run on ``torch.get_num_threads()`` threads with the GIL
-released. The [B, T] ops (rewards, GAE, whitening, group advantages) take float32 tensors and a
-bool mask (the ops convert), with threads over rows. The loader and the layout checks below are
-shared with the "cuda" backend (same module).
+Kernels run on ``torch.get_num_threads()`` threads (rows split between them) with the GIL released.
+The argument marshalling is shared with the "cuda" backend in ``extension.py``.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-from types import ModuleType
-
 import torch
 
-from .. import reference
-from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
+from .base import YES, Support
+from .extension import ExtensionProvider, extension, extension_support
 
 HOST_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@functools.cache
-def _load() -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module("rlhf_fast._C"), ""
-    except ImportError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def extension() -> ModuleType:
-    """rlhf_fast._C, or ImportError with the reason it could not be loaded."""
-    module, error = _load()
-    if module is None:
-        raise ImportError(f"rlhf_fast._C is not available ({error}); build it with `pip install -e .`")
-    return module
-
-
-def extension_support() -> Support:
-    module, error = _load()
-    if module is None:
-        return Support(False, f"the rlhf_fast._C extension could not be imported ({error}); build it with "
-                       "`pip install -e .`")
-    return YES
-
-
-@functools.cache
-def _dtype_codes() -> dict[torch.dtype, int]:
-    return {getattr(torch, name): code for name, code in extension().DTYPE_CODES.items()}
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    return _dtype_codes()[dtype]
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def check_rows_layout(logits: torch.Tensor, labels: torch.Tensor, grad_logits: torch.Tensor | None = None,
-                      **rows: torch.Tensor | None) -> None:
-    """The kernel-facing layout of base.Provider, checked because the kernels take raw pointers.
-
-    Not user-input validation (rlhf_fast.ops does that): a violation here is a bug upstream.
-    """
-    n_rows, vocab = logits.shape
-    if logits.stride(1) != 1 and vocab > 1:
-        raise ValueError(f"logits must have stride(1) == 1; got strides {logits.stride()}")
-    if labels.shape != (n_rows,) or not labels.is_contiguous():
-        raise ValueError(f"labels must be contiguous [{n_rows}]; got shape {tuple(labels.shape)}, "
-                         f"strides {labels.stride()}")
-    if grad_logits is not None and (grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype
-                                    or (grad_logits.stride(1) != 1 and vocab > 1)):
-        raise ValueError(f"grad_logits must be {tuple(logits.shape)} {logits.dtype} with stride(1) == 1; got "
-                         f"{tuple(grad_logits.shape)} {grad_logits.dtype}, strides {grad_logits.stride()}")
-    row_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    for name, t in rows.items():
-        if t is not None and (t.shape != (n_rows,) or t.dtype != row_dtype or not t.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous [{n_rows}] {row_dtype}; got shape {tuple(t.shape)}, "
-                             f"{t.dtype}, strides {t.stride()}")
-
-
-def check_bt_layout(mask: torch.Tensor, scores: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
-    """The [B, T] kernel contract of base.Provider, checked because the kernels take raw pointers:
-    mask [B, T] bool, every other tensor [B, T] float32 (scores [B]), all contiguous on mask's device.
-
-    Not user-input validation (rlhf_fast.ops does that): a violation here is a bug upstream.
-    """
-    if mask.dtype != torch.bool or mask.dim() != 2 or not mask.is_contiguous():
-        raise ValueError(f"mask must be a contiguous [B, T] bool tensor; got shape {tuple(mask.shape)}, "
-                         f"{mask.dtype}, strides {mask.stride()}")
-    expected = {name: tuple(mask.shape) for name in tensors}
-    if scores is not None:
-        tensors = {**tensors, "scores": scores}
-        expected["scores"] = (mask.shape[0],)
-    for name, t in tensors.items():
-        if (tuple(t.shape) != expected[name] or t.dtype != torch.float32 or not t.is_contiguous()
-                or t.device != mask.device):
-            raise ValueError(f"{name} must be contiguous {expected[name]} float32 on {mask.device}; got shape "
-                             f"{tuple(t.shape)}, {t.dtype}, strides {t.stride()}, {t.device}")
-
-
-def check_group_layout(scores: torch.Tensor, out: torch.Tensor, group_size: int) -> None:
-    """group_advantages' contract: scores and out [B] float32 contiguous, B a multiple of group_size."""
-    for name, t in (("scores", scores), ("out", out)):
-        if t.dim() != 1 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != scores.device:
-            raise ValueError(f"{name} must be a contiguous [B] float32 tensor on {scores.device}; got shape "
-                             f"{tuple(t.shape)}, {t.dtype}, {t.device}")
-    if out.shape != scores.shape or group_size < 1 or scores.shape[0] % group_size:
-        raise ValueError(f"scores {tuple(scores.shape)} and out {tuple(out.shape)} must match and hold whole "
-                         f"groups of {group_size}")
-
-
-def kl_estimator_code(estimator: str) -> int:
-    return extension().KL_ESTIMATOR_CODES[estimator]
-
-
-def group_mode_code(mode: str) -> int:
-    return extension().GROUP_MODE_CODES[mode]
-
-
-class HostProvider(Provider):
+class HostProvider(ExtensionProvider):
     name = "host"
-    ops = TOKEN_OPS | BT_OPS
 
     def available(self) -> Support:
         return extension_support()
@@ -135,117 +27,5 @@ class HostProvider(Provider):
             return Support(False, f"the host backend supports logits of dtype {HOST_DTYPES}; got {dtype}")
         return YES
 
-    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
-        check_rows_layout(logits, labels, logp=logp, entropy=entropy, lse=lse)
-        if logits.shape[0] == 0:
-            return
-        extension().host_token_logprobs_forward(
-            logits=logits.data_ptr(),
-            labels=labels.data_ptr(),
-            logp=logp.data_ptr(),
-            entropy=_ptr(entropy),
-            lse=lse.data_ptr(),
-            n_rows=logits.shape[0],
-            vocab=logits.shape[1],
-            logits_row_stride=logits.stride(0),
-            dtype=dtype_code(logits.dtype),
-            labels_dtype=dtype_code(labels.dtype),
-            temperature=float(temperature),
-            ignore_index=int(ignore_index),
-            num_threads=torch.get_num_threads(),
-        )
-
-    def token_logprobs_backward(
-        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-    ):
-        if (entropy is None) != (grad_entropy is None):
-            raise ValueError("entropy and grad_entropy must be both given or both None")
-        check_rows_layout(logits, labels, grad_logits, lse=lse, entropy=entropy, grad_logp=grad_logp,
-                          grad_entropy=grad_entropy)
-        if logits.shape[0] == 0:
-            return
-        extension().host_token_logprobs_backward(
-            logits=logits.data_ptr(),
-            labels=labels.data_ptr(),
-            lse=lse.data_ptr(),
-            entropy=_ptr(entropy),
-            grad_logp=grad_logp.data_ptr(),
-            grad_entropy=_ptr(grad_entropy),
-            grad_logits=grad_logits.data_ptr(),
-            n_rows=logits.shape[0],
-            vocab=logits.shape[1],
-            logits_row_stride=logits.stride(0),
-            grad_row_stride=grad_logits.stride(0),
-            dtype=dtype_code(logits.dtype),
-            labels_dtype=dtype_code(labels.dtype),
-            temperature=float(temperature),
-            ignore_index=int(ignore_index),
-            num_threads=torch.get_num_threads(),
-        )
-
-    # [B, T] ops (csrc/host/{kl_rewards,gae,whiten,group_advantages}.cpp): threads over rows.
-
-    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
-        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, rewards=rewards)
-        if mask.numel() == 0:
-            return
-        extension().host_kl_rewards_forward(
-            logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), mask=mask.data_ptr(),
-            rewards=rewards.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
-            estimator=kl_estimator_code(estimator), num_threads=torch.get_num_threads(),
-        )  # fmt: skip
-
-    def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
-        check_bt_layout(mask, rewards=rewards, values=values, advantages=advantages, returns=returns)
-        if mask.numel() == 0:
-            return
-        extension().host_gae_forward(
-            rewards=rewards.data_ptr(), values=values.data_ptr(), mask=mask.data_ptr(),
-            advantages=advantages.data_ptr(), returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
-            gamma=float(gamma), lam=float(lam), num_threads=torch.get_num_threads(),
-        )  # fmt: skip
-
-    def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
-        check_bt_layout(mask, grad_advantages=grad_advantages, grad_returns=grad_returns, grad_rewards=grad_rewards,
-                        grad_values=grad_values)
-        if mask.numel() == 0:
-            return
-        extension().host_gae_backward(
-            grad_advantages=grad_advantages.data_ptr(), grad_returns=grad_returns.data_ptr(), mask=mask.data_ptr(),
-            grad_rewards=grad_rewards.data_ptr(), grad_values=grad_values.data_ptr(), rows=mask.shape[0],
-            tokens=mask.shape[1], gamma=float(gamma), lam=float(lam), num_threads=torch.get_num_threads(),
-        )  # fmt: skip
-
-    def whiten_forward(self, x, mask, out, shift_mean):
-        check_bt_layout(mask, x=x, out=out)
-        if mask.numel() == 0:
-            return
-        extension().host_whiten_forward(
-            x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
-            shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS, num_threads=torch.get_num_threads(),
-        )  # fmt: skip
-
-    def ppo_advantages_forward(
-        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-    ):
-        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, values=values, rewards=rewards,
-                        advantages=advantages, returns=returns)
-        if mask.numel() == 0:
-            return
-        extension().host_ppo_advantages_forward(
-            logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
-            mask=mask.data_ptr(), rewards=rewards.data_ptr(), advantages=advantages.data_ptr(),
-            returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
-            estimator=kl_estimator_code(estimator), gamma=float(gamma), lam=float(lam), whiten=bool(whiten),
-            whiten_eps=reference.WHITEN_EPS, num_threads=torch.get_num_threads(),
-        )  # fmt: skip
-
-    def group_advantages_forward(self, scores, out, group_size, mode, eps):
-        check_group_layout(scores, out, group_size)
-        if scores.numel() == 0:
-            return
-        extension().host_group_advantages_forward(
-            scores=scores.data_ptr(), out=out.data_ptr(), groups=scores.shape[0] // group_size,
-            group_size=int(group_size), mode=group_mode_code(mode), eps=float(eps),
-            num_threads=torch.get_num_threads(),
-        )  # fmt: skip
+    def _launch(self, kernel, device, **arguments):
+        getattr(extension(), f"host_{kernel}")(**arguments, num_threads=torch.get_num_threads())

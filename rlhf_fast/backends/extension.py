@@ -1,0 +1,265 @@
+"""What the "host" and "cuda" backends share: loading rlhf_fast._C, layout checks, and the op methods.
+
+The extension is imported on first use, never at package import: rlhf_fast works without it, and
+``available()`` then says why it is missing. Kernels get raw pointers (``tensor.data_ptr()``),
+sizes, strides and dtype codes with the GIL released. Both sides of the extension take the same
+keyword arguments per kernel; ``ExtensionProvider`` builds them once, and a subclass only says how
+to launch: ``host_<kernel>(..., num_threads=)`` or ``cuda_<kernel>(..., stream=)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+from .. import reference
+from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("rlhf_fast._C"), ""
+    except ImportError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def extension() -> ModuleType:
+    """rlhf_fast._C, or ImportError with the reason it could not be loaded."""
+    module, error = _load()
+    if module is None:
+        raise ImportError(f"rlhf_fast._C is not available ({error}); build it with `pip install -e .`")
+    return module
+
+
+def extension_support() -> Support:
+    module, error = _load()
+    if module is None:
+        return Support(False, f"the rlhf_fast._C extension could not be imported ({error}); build it with "
+                       "`pip install -e .`")
+    return YES
+
+
+@functools.cache
+def _dtype_codes() -> dict[torch.dtype, int]:
+    return {getattr(torch, name): code for name, code in extension().DTYPE_CODES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _dtype_codes()[dtype]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def check_rows_layout(logits: torch.Tensor, labels: torch.Tensor, grad_logits: torch.Tensor | None = None,
+                      **rows: torch.Tensor | None) -> None:
+    """The kernel-facing layout of base.Provider, checked because the kernels take raw pointers.
+
+    Not user-input validation (rlhf_fast.ops does that): a violation here is a bug upstream.
+    """
+    n_rows, vocab = logits.shape
+    if logits.stride(1) != 1 and vocab > 1:
+        raise ValueError(f"logits must have stride(1) == 1; got strides {logits.stride()}")
+    if labels.shape != (n_rows,) or not labels.is_contiguous():
+        raise ValueError(f"labels must be contiguous [{n_rows}]; got shape {tuple(labels.shape)}, "
+                         f"strides {labels.stride()}")
+    if grad_logits is not None and (grad_logits.shape != logits.shape or grad_logits.dtype != logits.dtype
+                                    or (grad_logits.stride(1) != 1 and vocab > 1)):
+        raise ValueError(f"grad_logits must be {tuple(logits.shape)} {logits.dtype} with stride(1) == 1; got "
+                         f"{tuple(grad_logits.shape)} {grad_logits.dtype}, strides {grad_logits.stride()}")
+    row_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    for name, t in rows.items():
+        if t is not None and (t.shape != (n_rows,) or t.dtype != row_dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous [{n_rows}] {row_dtype}; got shape {tuple(t.shape)}, "
+                             f"{t.dtype}, strides {t.stride()}")
+
+
+def check_bt_layout(mask: torch.Tensor, scores: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
+    """The [B, T] kernel contract of base.Provider, checked because the kernels take raw pointers:
+    mask [B, T] bool, every other tensor [B, T] float32 (scores [B]), all contiguous on mask's device.
+
+    Not user-input validation (rlhf_fast.ops does that): a violation here is a bug upstream.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 2 or not mask.is_contiguous():
+        raise ValueError(f"mask must be a contiguous [B, T] bool tensor; got shape {tuple(mask.shape)}, "
+                         f"{mask.dtype}, strides {mask.stride()}")
+    expected = {name: tuple(mask.shape) for name in tensors}
+    if scores is not None:
+        tensors = {**tensors, "scores": scores}
+        expected["scores"] = (mask.shape[0],)
+    for name, t in tensors.items():
+        if (tuple(t.shape) != expected[name] or t.dtype != torch.float32 or not t.is_contiguous()
+                or t.device != mask.device):
+            raise ValueError(f"{name} must be contiguous {expected[name]} float32 on {mask.device}; got shape "
+                             f"{tuple(t.shape)}, {t.dtype}, strides {t.stride()}, {t.device}")
+
+
+def check_group_layout(scores: torch.Tensor, out: torch.Tensor, group_size: int) -> None:
+    """group_advantages' contract: scores and out [B] float32 contiguous, B a multiple of group_size."""
+    for name, t in (("scores", scores), ("out", out)):
+        if t.dim() != 1 or t.dtype != torch.float32 or not t.is_contiguous() or t.device != scores.device:
+            raise ValueError(f"{name} must be a contiguous [B] float32 tensor on {scores.device}; got shape "
+                             f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+    if out.shape != scores.shape or group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores {tuple(scores.shape)} and out {tuple(out.shape)} must match and hold whole "
+                         f"groups of {group_size}")
+
+
+def kl_estimator_code(estimator: str) -> int:
+    return extension().KL_ESTIMATOR_CODES[estimator]
+
+
+def group_mode_code(mode: str) -> int:
+    return extension().GROUP_MODE_CODES[mode]
+
+
+class ExtensionProvider(Provider):
+    """The op methods of rlhf_fast._C's kernels, shared by the host and CUDA sides.
+
+    A subclass launches ``<side>_<kernel>(**arguments)`` with what its side adds (threads or a stream).
+    """
+
+    ops = TOKEN_OPS | BT_OPS
+
+    def _launch(self, kernel: str, device: torch.device, **arguments) -> None:
+        raise NotImplementedError
+
+    def _whiten_workspace(self, mask: torch.Tensor, needed: bool) -> tuple[torch.Tensor | None, dict]:
+        """A workspace tensor for the whitening kernels and the arguments naming it (none on the host)."""
+        return None, {}
+
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
+        check_rows_layout(logits, labels, logp=logp, entropy=entropy, lse=lse)
+        if logits.shape[0] == 0:
+            return
+        self._launch(
+            "token_logprobs_forward",
+            logits.device,
+            logits=logits.data_ptr(),
+            labels=labels.data_ptr(),
+            logp=logp.data_ptr(),
+            entropy=_ptr(entropy),
+            lse=lse.data_ptr(),
+            n_rows=logits.shape[0],
+            vocab=logits.shape[1],
+            logits_row_stride=logits.stride(0),
+            dtype=dtype_code(logits.dtype),
+            labels_dtype=dtype_code(labels.dtype),
+            temperature=float(temperature),
+            ignore_index=int(ignore_index),
+        )
+
+    def token_logprobs_backward(
+        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
+    ):
+        if (entropy is None) != (grad_entropy is None):
+            raise ValueError("entropy and grad_entropy must be both given or both None")
+        check_rows_layout(logits, labels, grad_logits, lse=lse, entropy=entropy, grad_logp=grad_logp,
+                          grad_entropy=grad_entropy)
+        if logits.shape[0] == 0:
+            return
+        self._launch(
+            "token_logprobs_backward",
+            logits.device,
+            logits=logits.data_ptr(),
+            labels=labels.data_ptr(),
+            lse=lse.data_ptr(),
+            entropy=_ptr(entropy),
+            grad_logp=grad_logp.data_ptr(),
+            grad_entropy=_ptr(grad_entropy),
+            grad_logits=grad_logits.data_ptr(),
+            n_rows=logits.shape[0],
+            vocab=logits.shape[1],
+            logits_row_stride=logits.stride(0),
+            grad_row_stride=grad_logits.stride(0),
+            dtype=dtype_code(logits.dtype),
+            labels_dtype=dtype_code(labels.dtype),
+            temperature=float(temperature),
+            ignore_index=int(ignore_index),
+        )
+
+    # [B, T] ops (csrc/{host,cuda}/{kl_rewards,gae,whiten,group_advantages}): a row per thread or block.
+
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, rewards=rewards)
+        if mask.numel() == 0:
+            return
+        self._launch(
+            "kl_rewards_forward",
+            mask.device,
+            logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), mask=mask.data_ptr(),
+            rewards=rewards.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
+            estimator=kl_estimator_code(estimator),
+        )  # fmt: skip
+
+    def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
+        check_bt_layout(mask, rewards=rewards, values=values, advantages=advantages, returns=returns)
+        if mask.numel() == 0:
+            return
+        self._launch(
+            "gae_forward",
+            mask.device,
+            rewards=rewards.data_ptr(), values=values.data_ptr(), mask=mask.data_ptr(),
+            advantages=advantages.data_ptr(), returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
+            gamma=float(gamma), lam=float(lam),
+        )  # fmt: skip
+
+    def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
+        check_bt_layout(mask, grad_advantages=grad_advantages, grad_returns=grad_returns, grad_rewards=grad_rewards,
+                        grad_values=grad_values)
+        if mask.numel() == 0:
+            return
+        self._launch(
+            "gae_backward",
+            mask.device,
+            grad_advantages=grad_advantages.data_ptr(), grad_returns=grad_returns.data_ptr(), mask=mask.data_ptr(),
+            grad_rewards=grad_rewards.data_ptr(), grad_values=grad_values.data_ptr(), rows=mask.shape[0],
+            tokens=mask.shape[1], gamma=float(gamma), lam=float(lam),
+        )  # fmt: skip
+
+    def whiten_forward(self, x, mask, out, shift_mean):
+        check_bt_layout(mask, x=x, out=out)
+        if mask.numel() == 0:
+            return
+        workspace, extra = self._whiten_workspace(mask, needed=True)
+        self._launch(
+            "whiten_forward",
+            mask.device,
+            x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
+            shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS, **extra,
+        )  # fmt: skip
+        del workspace  # alive until the launch is enqueued; the allocator orders its reuse on the stream
+
+    def ppo_advantages_forward(
+        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
+    ):
+        check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, values=values, rewards=rewards,
+                        advantages=advantages, returns=returns)
+        if mask.numel() == 0:
+            return
+        workspace, extra = self._whiten_workspace(mask, needed=whiten)
+        self._launch(
+            "ppo_advantages_forward",
+            mask.device,
+            logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
+            mask=mask.data_ptr(), rewards=rewards.data_ptr(), advantages=advantages.data_ptr(),
+            returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
+            estimator=kl_estimator_code(estimator), gamma=float(gamma), lam=float(lam), whiten=bool(whiten),
+            whiten_eps=reference.WHITEN_EPS, **extra,
+        )  # fmt: skip
+        del workspace
+
+    def group_advantages_forward(self, scores, out, group_size, mode, eps):
+        check_group_layout(scores, out, group_size)
+        if scores.numel() == 0:
+            return
+        self._launch(
+            "group_advantages_forward",
+            scores.device,
+            scores=scores.data_ptr(), out=out.data_ptr(), groups=scores.shape[0] // group_size,
+            group_size=int(group_size), mode=group_mode_code(mode), eps=float(eps),
+        )  # fmt: skip
