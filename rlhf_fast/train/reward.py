@@ -27,12 +27,12 @@ import torch
 import rlhf_fast
 
 from . import dist
-from .config import ConfigError, ModelConfig, RewardConfig, to_dict
-from .data import BatchStream, PreferenceBatch, build_preferences, collate_preferences, eval_batches, load_records
-from .loop import Hooks, Loop, LossFn
+from .config import ConfigError, ModelConfig, RewardConfig
+from .data import PreferenceBatch, build_preferences, collate_preferences, eval_batches, load_records
+from .loop import Hooks, LossFn
 from .models import _require_dir, arch_config, check_vocab, is_reward_model_dir, load_tokenizer, pad_id
 from .reward_model import RewardModel
-from .run import plot_run, prepare_out_dir, save_config, save_summary, seed_everything
+from .run import dataset_loop, plot_run, save_summary, seed_everything, start_run
 from .task import SyntheticTask
 
 
@@ -145,37 +145,16 @@ class RewardTrainer:
         use_margin = config.loss.use_margin
         self.train_examples = build_preferences(train, self.tokenizer, config.data, train_name, use_margin=use_margin)
         self.eval_examples = build_preferences(held, self.tokenizer, config.data, held_name, use_margin=use_margin) if held else []
-        pad = pad_id(self.tokenizer)
-        batches = BatchStream(
-            self.train_examples,
-            config.train.batch_size,
-            partial(collate_preferences, pad_id=pad),
-            seed=config.train.seed,
-            rank=dist.rank(),
-            world_size=dist.world_size(),
-        )
-        eval_fn = None
-        if self.eval_examples:
-            eval_fn = partial(reward_evaluate, examples=self.eval_examples, batch_size=config.train.eval_batch_size, pad=pad, device=self.device)
-        self.loop = Loop(
-            config.train,
-            config.optim,
-            self.model,
-            batches,
-            loss_fn=loss_fn or partial(reward_loss_step, center_coef=config.loss.center_coef),
-            eval_fn=eval_fn,
-            out_dir=self.out_dir,
-            run_config=to_dict(config),
-            hooks=hooks,
-            name="rm",
-        )
+        self.loop = dataset_loop(
+            config, self.model, self.train_examples, self.eval_examples, pad=pad_id(self.tokenizer),
+            collate=collate_preferences, evaluate=reward_evaluate,
+            loss_fn=loss_fn or partial(reward_loss_step, center_coef=config.loss.center_coef), hooks=hooks,
+            device=self.device, name="rm",
+        )  # fmt: skip
 
     def train(self) -> dict[str, float]:
         """Run (or resume) training; at the last step save the reward model (and tokenizer) to out_dir/reward_model/."""
-        prepare_out_dir(self.out_dir, self.config.resume)
-        if self.config.resume and self.loop.resume() is None and dist.is_main():
-            print(f"note: --resume found no checkpoint in {self.out_dir}; starting from step 0")
-        save_config(self.config, self.out_dir)
+        start_run(self.config, self.loop)
         metrics = self.loop.run()
         if self.loop.step == self.config.train.steps:
             if dist.is_main():

@@ -19,12 +19,12 @@ import torch
 import rlhf_fast
 
 from . import dist
-from .config import SFTConfig, to_dict
-from .data import BatchStream, SFTBatch, build_sft, collate_sft, eval_batches, load_records
-from .loop import Hooks, Loop, LossFn
+from .config import SFTConfig
+from .data import SFTBatch, build_sft, collate_sft, eval_batches, load_records
+from .loop import Hooks, LossFn
 from .models import check_vocab, load_policy, load_tokenizer, pad_id
 from .reward_model import replace_dir
-from .run import plot_run, prepare_out_dir, save_config, save_summary, seed_everything
+from .run import dataset_loop, plot_run, save_summary, seed_everything, start_run
 from .task import SyntheticTask
 
 
@@ -74,37 +74,14 @@ class SFTTrainer:
         (train, train_name), (held, held_name) = load_records(config.data, SyntheticTask(), config.task, "sft")
         self.train_examples = build_sft(train, self.tokenizer, config.data, train_name)
         self.eval_examples = build_sft(held, self.tokenizer, config.data, held_name) if held else []
-        pad = pad_id(self.tokenizer)
-        batches = BatchStream(
-            self.train_examples,
-            config.train.batch_size,
-            partial(collate_sft, pad_id=pad),
-            seed=config.train.seed,
-            rank=dist.rank(),
-            world_size=dist.world_size(),
-        )
-        eval_fn = None
-        if self.eval_examples:
-            eval_fn = partial(sft_evaluate, examples=self.eval_examples, batch_size=config.train.eval_batch_size, pad=pad, device=self.device)
-        self.loop = Loop(
-            config.train,
-            config.optim,
-            self.model,
-            batches,
-            loss_fn=loss_fn,
-            eval_fn=eval_fn,
-            out_dir=self.out_dir,
-            run_config=to_dict(config),
-            hooks=hooks,
-            name="sft",
-        )
+        self.loop = dataset_loop(
+            config, self.model, self.train_examples, self.eval_examples, pad=pad_id(self.tokenizer),
+            collate=collate_sft, evaluate=sft_evaluate, loss_fn=loss_fn, hooks=hooks, device=self.device, name="sft",
+        )  # fmt: skip
 
     def train(self) -> dict[str, float]:
         """Run (or resume) training; at the last step save the policy and tokenizer to out_dir/model/."""
-        prepare_out_dir(self.out_dir, self.config.resume)
-        if self.config.resume and self.loop.resume() is None and dist.is_main():
-            print(f"note: --resume found no checkpoint in {self.out_dir}; starting from step 0")
-        save_config(self.config, self.out_dir)
+        start_run(self.config, self.loop)
         metrics = self.loop.run()
         if self.loop.step == self.config.train.steps:
             self.save_model(self.out_dir / "model")
