@@ -68,9 +68,8 @@ def run_sft(args: argparse.Namespace) -> int:
     if args.print_config:
         _print_config(config)
         return 0
-    from .sft import SFTTrainer
-
     from . import dist
+    from .sft import SFTTrainer
 
     with training_session():
         trainer = SFTTrainer(config)
@@ -85,9 +84,8 @@ def run_rm(args: argparse.Namespace) -> int:
     if args.print_config:
         _print_config(config)
         return 0
-    from .reward import RewardTrainer
-
     from . import dist
+    from .reward import RewardTrainer
 
     with training_session():
         trainer = RewardTrainer(config)
