@@ -84,7 +84,7 @@ if ((${#liger_wheels[@]})); then
   step liger 60 $((BENCH_MIN_S + 80)) python -m pip install --no-index --no-deps "${liger_wheels[@]}"
 fi
 # One RL step (rollout and update) with the fused ops vs the same loop on plain PyTorch, vocab 128256.
-step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python bench/bench_rl_step.py --device cuda --out "$LOG_DIR/results"
+step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python bench/bench_rl_step.py --device cuda --repeats 2 --out "$LOG_DIR/results"
 
 # The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
 # ends on its own and writes its rows, report and plots (it also writes rows after each case, and

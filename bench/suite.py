@@ -57,10 +57,10 @@ BENCH = "suite"
 KEY_FIELDS = ("op", "dtype", "shape", "impl", "mode")
 FAMILIES = (suite_logprobs, bench_policy_loss, suite_fused_linear, bench_advantages, bench_pairwise)
 OPS: dict[str, object] = {op: module for module in FAMILIES for op in module.CASES}
-# Run order: headline cases first, the cheap and the most asked-for before the rest, so that a run
-# cut short by --deadline-s still has them; then the sweeps.
-PRIORITY = ("logprobs", "policy_loss", "gae", "ppo_advantages", "group_advantages", "pairwise",
-            "logprobs_entropy", "linear_logprobs", "linear_sft", "linear_policy_loss")  # fmt: skip
+# Run order: headline cases first, those with targets still to measure on a GPU before those already
+# measured (token_logprobs), so that a run cut short by --deadline-s still has them; then the sweeps.
+PRIORITY = ("policy_loss", "gae", "linear_policy_loss", "linear_logprobs", "logprobs", "ppo_advantages",
+            "group_advantages", "linear_sft", "logprobs_entropy", "pairwise")  # fmt: skip
 LOGITS_OPS = ("logprobs", "logprobs_entropy", "policy_loss", "linear_logprobs", "linear_sft", "linear_policy_loss")
 SHAPE_WORDS = ("all", "tiny", "sweeps") + TAGS
 
