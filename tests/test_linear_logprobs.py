@@ -201,6 +201,53 @@ def test_low_precision_within_eager_error(dtype):
         assert rel_err(a, r) <= budget, f"{name}: {rel_err(a, r):.3g} > {budget:.3g}"
 
 
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_the_head_in_autocast_dtype(hidden_dtype):
+    """Under autocast (float32 weights, hidden float32 or already bf16) the head runs in bf16 as
+    F.linear would: error within the bf16 budget (1e-2, or 2x eager autocast's where that is
+    larger) vs the float64 reference on the same values, and each gradient in its input's own
+    dtype (the weight's float32, not bf16-rounded). Eager autocast keeps d logits in float32 where
+    we keep them in the bf16 logits buffer, so its error can be the smaller one."""
+    require("host", "cpu", torch.bfloat16)
+    hidden, weight, bias, labels = make_case(96, 1000, 64, torch.float32)
+    hidden = hidden.detach().to(hidden_dtype).requires_grad_()
+    g_logp, g_entropy = torch.randn(64), torch.randn(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_values(hidden, weight, bias, labels, g_logp, g_entropy, chunk_size=24)
+        h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+        eager = eager_values(h, w, b, labels, g_logp, g_entropy)
+    want = reference_values(hidden, weight, bias, labels, g_logp, g_entropy)
+    assert [t.dtype for t in got[2]] == [hidden_dtype, torch.float32, torch.float32]
+    assert got[0].dtype == torch.float32
+    names = ("logp", "entropy", "grad hidden", "grad weight", "grad bias")
+    for name, a, e, r in zip(names, list(got[:2]) + got[2], list(eager[:2]) + eager[2], list(want[:2]) + want[2]):
+        budget = max(2 * rel_err(e, r), 1e-2)
+        assert rel_err(a, r) <= budget, f"{name}: {rel_err(a, r):.3g} > {budget:.3g}"
+    assert rel_err(got[0], want[0]) > 1e-6, "the head did not run in bf16"
+
+
+def test_autocast_losses_match_their_eager_autocast():
+    """linear_sft_loss and fused_linear_policy_loss under autocast: the value within bf16 error
+    of the float64 reference, gradients in the inputs' dtypes."""
+    require("host", "cpu", torch.bfloat16)
+    hidden, weight, bias, labels = make_case(64, 1000, 48, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sft = rlhf_fast.linear_sft_loss(hidden, weight, labels, bias=bias)
+        mask, labels_bt = labels.view(6, 8) != -100, labels.view(6, 8)
+        old, advantages = torch.randn(6, 8) - 7, torch.randn(6)
+        policy, _ = rlhf_fast.fused_linear_policy_loss(
+            hidden.view(6, 8, -1), weight, labels_bt, old, advantages, mask, bias=bias
+        )
+    (sft + policy).backward()
+    h, w, b = (t.detach().double() for t in (hidden, weight, bias))
+    want_sft = reference.linear_sft_loss(h, w, labels, bias=b)
+    logits = reference.linear_logits(h, w, b).view(6, 8, -1)
+    want_policy, _ = reference.fused_policy_loss(logits, labels_bt, old.double(), advantages.double(), mask)
+    for got, want in ((sft, want_sft), (policy, want_policy)):
+        assert got.dtype == torch.float32 and abs(got.item() - want.item()) < 2e-2 * abs(want.item())
+    assert [t.grad.dtype for t in (hidden, weight, bias)] == [torch.float32] * 3
+
+
 def eager_values(hidden, weight, bias, labels, g_logp, g_entropy):
     """Eager PyTorch in the inputs' dtype: logits and log_softmax in that dtype."""
     log_p = torch.log_softmax(reference.linear_logits(hidden, weight, bias), dim=-1)
@@ -227,6 +274,26 @@ def test_sft_loss_matches_reference(backend, n_chunks):
     (0.74 * want).backward()
     for got_t, want_t in ((hidden, h), (weight, w), (bias, b)):
         assert rel_err(got_t.grad, want_t.grad) < F64_TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "host"])
+def test_ignored_rows_are_skipped_with_zero_results(backend):
+    """Every label ignored, and one kept row among ignored ones: logp, entropy and every gradient
+    of the skipped rows are exactly 0, the kept row matches the reference."""
+    require(backend, "cpu", torch.float64)
+    hidden, weight, bias, labels = make_case(16, 40, 6, torch.float64, ignore_frac=1.0)
+    logp, entropy = rlhf_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=backend)
+    (logp.sum() + entropy.sum()).backward()
+    assert (logp == 0).all() and (entropy == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all() and (bias.grad == 0).all()
+    for t in (hidden, weight, bias):
+        t.grad = None
+    labels[3] = 7
+    g = torch.randn(6, dtype=torch.float64)
+    got = fused_values(hidden, weight, bias, labels, g, g.flip(0), backend=backend, chunk_size=1)
+    want = reference_values(hidden, weight, bias, labels, g, g.flip(0))
+    assert_close(got, want, F64_TOL)
+    assert (got[2][0][[0, 1, 2, 4, 5]] == 0).all()
 
 
 def test_sft_loss_all_ignored():

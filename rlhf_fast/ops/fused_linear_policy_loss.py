@@ -4,7 +4,8 @@
 token chunks (``linear_chunks.linear_loss``) computes logp and entropy *and* the gradients w.r.t.
 hidden, weight and bias, because the policy loss is a sum of per-token terms with weights fixed by
 the mask: d loss / d logp_t depends on logp_t alone once the ``agg`` normaliser is known, and that
-comes from the mask before any logit exists. No logits are recomputed (6 N H V FLOPs in all).
+comes from the mask before any logit exists. No logits are recomputed (6 N H V FLOPs in all, N
+counting the tokens of the mask only: padding and prompt positions are never computed).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from .. import _validate as check
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
-from .linear_chunks import RowStats, TokenObjective, linear_loss
+from .linear_chunks import RowStats, TokenObjective, kept_rows, linear_loss, scatter_rows
 from .linear_logprobs import check_linear, make_spec
 from .policy_loss import PolicyLossOptions, masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
 
@@ -33,16 +34,19 @@ class PolicyObjective(TokenObjective):
 
     with_entropy = True
 
-    def __init__(self, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, entropy_coef, normalizer):
+    def __init__(self, old_logp, advantages, mask, ref_logp, options, entropy_coef, normalizer, index):
         self.inputs = (old_logp, advantages, mask, ref_logp)
-        self.options, self.entropy_coef, self.normalizer = options, entropy_coef, normalizer
+        self.options, self.entropy_coef, self.normalizer, self.index = options, entropy_coef, normalizer, index
         self.stats: dict[str, torch.Tensor] = {}
         per_token_adv = advantages.unsqueeze(-1).expand(mask.shape) if advantages.dim() == 1 else advantages
-        self.flat = [t.reshape(-1) if t is not None else None for t in (old_logp, per_token_adv, mask, ref_logp)]
         with torch.enable_grad():
             probe = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
             (weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer), probe)
-        self.weights = weights.reshape(-1)
+        per_token = (old_logp, per_token_adv, mask, ref_logp, weights)
+        *self.flat, self.weights = (None if t is None else self._kept(t.reshape(-1)) for t in per_token)
+
+    def _kept(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat if self.index is None else flat.index_select(0, self.index)
 
     def token_grads(self, rows: RowStats, start: int, end: int):
         old_logp, adv, mask, ref_logp = (t[start:end].view(1, -1) if t is not None else None for t in self.flat)
@@ -56,7 +60,7 @@ class PolicyObjective(TokenObjective):
 
     def value(self, rows: RowStats) -> torch.Tensor:
         old_logp, advantages, mask, ref_logp = self.inputs
-        logp, entropy = rows.logp.view(mask.shape), rows.entropy.view(mask.shape)
+        logp, entropy = (scatter_rows(t, self.index, mask.numel()).view(mask.shape) for t in (rows.logp, rows.entropy))
         loss, stats = policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, self.options, self.normalizer)
         if self.entropy_coef:
             loss = loss - self.entropy_coef * aggregate(entropy, mask, self.options.agg, self.normalizer)
@@ -115,14 +119,15 @@ def fused_linear_policy_loss(
     normalizer = check_normalizer(normalizer)
     if options.kl_coef and ref_logp is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
-    spec = make_spec(temperature, IGNORE_INDEX, backend, chunk_size)
+    spec = make_spec(temperature, IGNORE_INDEX, backend, chunk_size, hidden, weight)
     # As in fused_policy_loss: any label at a masked position becomes ignore_index (logp, entropy
     # and gradient 0 there, and the vocabulary is never indexed with it).
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)
     check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
+    index = kept_rows(mask.reshape(-1))
     objective = PolicyObjective(
         old_logp.detach(), advantages.detach(), mask, ref_logp.detach() if ref_logp is not None else None,
-        options, entropy_coef, normalizer,
+        options, entropy_coef, normalizer, index,
     )  # fmt: skip
-    loss = linear_loss(flat_hidden, weight, bias, flat_labels, spec, objective)
+    loss = linear_loss(flat_hidden, weight, bias, flat_labels, index, spec, objective)
     return loss, objective.stats

@@ -14,6 +14,10 @@ by something per token. ``sweep`` walks the N token rows in chunks of C rows; fo
 Peak extra memory: the [C, V] buffer, the float32 [V, H] accumulator and grad_hidden [N, H];
 nothing of size N x V.
 
+Rows whose label is ignored (ignore_index, or masked out of the policy loss) have logp, entropy
+and gradient 0 whatever their logits, so the ops hand ``sweep`` the index of the kept rows
+(``kept_rows``) and it gathers C of those per chunk: prompt tokens and padding cost no FLOPs.
+
 Two autograd shapes use it (FLOPs counted as 2 N H V per matmul pass):
 - ``linear_token_logprobs``: the upstream gradient of logp is unknown in the forward, so the
   forward saves lse (and entropy) and the backward sweeps again, recomputing each chunk's logits:
@@ -72,6 +76,7 @@ class LinearSpec:
     ignore_index: int
     backend: str
     chunk_size: int | None  # rows per chunk; None: ``chunk_rows`` picks from the shape
+    compute_dtype: torch.dtype  # of the logits and the matmuls: the inputs' own, or autocast's
 
 
 @dataclass
@@ -148,6 +153,17 @@ class WeightGradAccumulator:
         return out
 
 
+def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
+    """Index of the True rows of ``keep`` [N], or None when every row is kept (one host sync)."""
+    index = keep.nonzero().squeeze(1)
+    return None if index.numel() == keep.numel() else index
+
+
+def scatter_rows(values: torch.Tensor, index: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """[M] values of the kept rows -> [N] with 0 at the others."""
+    return values if index is None else values.new_zeros(n_rows).index_copy_(0, index, values)
+
+
 @dataclass
 class LinearGrads:
     """Where a sweep writes the gradients of hidden, weight and bias (None: not wanted)."""
@@ -157,17 +173,25 @@ class LinearGrads:
     bias: torch.Tensor | None  # [V] float32 (float64) sum
 
     @staticmethod
-    def allocate(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool) -> LinearGrads:
+    def allocate(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool, *, every_row=True):
+        """``every_row``: the sweep writes every row of grad_hidden; else the rows it skips are 0."""
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        new_hidden = torch.empty_like if every_row else torch.zeros_like
         return LinearGrads(
-            torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
+            new_hidden(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
             WeightGradAccumulator(*weight.shape, weight.dtype, weight.device) if need_weight else None,
             torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_bias and bias is not None else None,
         )
 
-    def add(self, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> None:
+    def add(self, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rows: slice | torch.Tensor) -> None:
+        """One chunk's G [C, V] into the sums; ``rows``: the chunk's rows of hidden (slice or index)."""
         if self.hidden is not None:
-            torch.mm(grad_logits, weight, out=self.hidden[start:end])
+            if isinstance(rows, torch.Tensor):
+                self.hidden.index_copy_(0, rows, (grad_logits @ weight).to(self.hidden.dtype))
+            elif self.hidden.dtype == grad_logits.dtype:
+                torch.mm(grad_logits, weight, out=self.hidden[rows])
+            else:  # autocast: float32 hidden states, bf16 head
+                self.hidden[rows].copy_(grad_logits @ weight)
         if self.weight is not None:
             self.weight.add(grad_logits, h)
         if self.bias is not None:
@@ -194,18 +218,25 @@ def sweep(
     forward: bool,
     upstream: Upstream | None = None,
     grads: LinearGrads | None = None,
+    index: torch.Tensor | None = None,
 ) -> None:
     """One pass over the token chunks (see the module docstring); the only loop of the linear ops.
 
-    hidden [N, H], weight [V, H], bias [V] or None, labels [N] contiguous (validated upstream).
-    ``forward``: run the forward kernel and write ``rows``; otherwise ``rows`` holds lse (and
-    entropy) from an earlier sweep. ``grads``: also run the backward kernel with the upstream
-    gradients ``upstream(start, end)`` returns for the chunk (called after the chunk's forward, so
-    it may read rows.logp[start:end]) and accumulate the linear layer's gradients.
+    hidden [N, H], weight [V, H], bias [V] or None (validated upstream). ``index`` [M]: the rows
+    of hidden to compute (``kept_rows``; None: all, M = N); labels [M] contiguous and ``rows`` are
+    those rows', in that order. ``forward``: run the forward kernel and write ``rows``; otherwise
+    ``rows`` holds lse (and entropy) from an earlier sweep. ``grads``: also run the backward kernel
+    with the upstream gradients ``upstream(start, end)`` returns for rows start..end of the M
+    (called after the chunk's forward, so it may read rows.logp[start:end]) and accumulate the
+    linear layer's gradients (rows of grad_hidden not in ``index`` are left as they are).
     """
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    n_rows, vocab = labels.shape[0], weight.shape[0]
     if n_rows == 0:
         return
+    # Autocast: the head in its dtype (one cast of the weight per sweep, as autocast's F.linear);
+    # ``grads`` keeps the inputs' own dtypes.
+    hidden, weight = hidden.to(spec.compute_dtype), weight.to(spec.compute_dtype)
+    bias = bias.to(spec.compute_dtype) if bias is not None else None
     prov = registry.resolve(spec.backend, hidden.device, hidden.dtype)
     step = chunk_rows(n_rows, hidden.shape[1], spec.chunk_size)
     buffer = torch.empty(min(step, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
@@ -213,7 +244,9 @@ def sweep(
     with torch.autocast(hidden.device.type, enabled=False):  # the logits keep the inputs' dtype
         for start in range(0, n_rows, step):
             end = min(start + step, n_rows)
-            h, logits, chunk_labels = hidden[start:end], buffer[: end - start], labels[start:end]
+            chunk = slice(start, end) if index is None else index[start:end]
+            h = hidden[chunk] if index is None else hidden.index_select(0, chunk)
+            logits, chunk_labels = buffer[: end - start], labels[start:end]
             if bias is None:
                 torch.mm(h, weight_t, out=logits)
             else:
@@ -231,14 +264,15 @@ def sweep(
                 logits, chunk_labels, lse, entropy if grad_entropy is not None else None,
                 grad_logp, grad_entropy, logits, spec.temperature, spec.ignore_index,
             )  # fmt: skip
-            grads.add(logits, h, weight, start, end)
+            grads.add(logits, h, weight, chunk)
 
 
 class TokenObjective:
     """A scalar loss of the per-token logp (and entropy) with a per-token gradient known in the forward.
 
-    ``token_grads(rows, start, end)`` returns d loss / d logp and d loss / d entropy (or None) of
-    rows start..end, from those rows' values only; ``value(rows)`` the loss from all of them.
+    It sees the kept rows only (``kept_rows``: index [M] into the N rows, or None for all), in
+    their order: ``token_grads(rows, start, end)`` returns d loss / d logp and d loss / d entropy
+    (or None) of kept rows start..end, from those rows' values only; ``value(rows)`` the loss.
     """
 
     with_entropy: bool = False
@@ -254,12 +288,12 @@ class _LinearLoss(torch.autograd.Function):
     """Loss value and, in the same sweep, its gradients w.r.t. hidden, weight and bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, spec: LinearSpec, objective: TokenObjective, need_grads: bool):
-        rows = RowStats.empty(hidden.shape[0], objective.with_entropy, hidden.dtype, hidden.device)
+    def forward(ctx, hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective, need_grads):
+        rows = RowStats.empty(labels.shape[0], objective.with_entropy, spec.compute_dtype, hidden.device)
         need = ctx.needs_input_grad[:3] if need_grads else (False, False, False)
-        grads = LinearGrads.allocate(hidden, weight, bias, *need) if any(need) else None
+        grads = LinearGrads.allocate(hidden, weight, bias, *need, every_row=index is None) if any(need) else None
         upstream = (lambda start, end: objective.token_grads(rows, start, end)) if grads is not None else None
-        sweep(hidden, weight, bias, labels, spec, rows, forward=True, upstream=upstream, grads=grads)
+        sweep(hidden, weight, bias, labels, spec, rows, forward=True, upstream=upstream, grads=grads, index=index)
         ctx.save_for_backward(*(grads.results(bias) if grads is not None else (None, None, None)))
         return objective.value(rows)
 
@@ -267,11 +301,13 @@ class _LinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # The loss is linear in nothing but its own output: each saved gradient times the upstream scalar.
         # Out of place, so a second backward (retain_graph) sees the saved gradients intact.
-        return tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors) + (None,) * 4
+        return tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors) + (None,) * 5
 
 
-def linear_loss(hidden, weight, bias, labels, spec: LinearSpec, objective: TokenObjective) -> torch.Tensor:
-    """``objective`` of token_logprobs(hidden @ weight.T + bias, labels) on validated 2-D inputs."""
+def linear_loss(hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective) -> torch.Tensor:
+    """``objective`` of token_logprobs(hidden @ weight.T + bias, labels) over the kept rows ``index``
+    (None: all), on validated 2-D inputs; labels [N]."""
     tensors = (hidden, weight) + ((bias,) if bias is not None else ())
     need_grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return _LinearLoss.apply(hidden, weight, bias, labels, spec, objective, need_grads)
+    kept_labels = labels if index is None else labels.index_select(0, index)
+    return _LinearLoss.apply(hidden, weight, bias, kept_labels, index, spec, objective, need_grads)

@@ -13,24 +13,40 @@ import torch
 from .. import _validate as check
 from ..backends import registry
 from ..reference import IGNORE_INDEX
-from .linear_chunks import LinearGrads, LinearSpec, RowStats, sweep
+from .linear_chunks import LinearGrads, LinearSpec, RowStats, kept_rows, scatter_rows, sweep
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``F.linear`` would compute this head in under the active autocast, or None.
+
+    Under autocast (the usual mixed-precision training: float32 weights, bf16 matmuls) the head
+    runs in autocast's dtype like torch's own linear, whatever mix of float32/bf16/fp16 hidden and
+    weight come in; the gradients come back in the inputs' own dtypes (the weight's summed in
+    float32 straight into a float32 weight's gradient). float64 is never cast, as in autocast.
+    """
+    device = hidden.device.type
+    low = (torch.float32, torch.bfloat16, torch.float16)
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and hidden.dtype in low and weight.dtype in low:
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def check_linear(hidden, weight, bias, labels, *, labels_shape=None):
     """Validate the linear head's inputs; return (hidden [N, H], labels [N] contiguous).
 
-    hidden [..., H] float; weight [V, H] of hidden's dtype and device; bias [V] or None, same dtype;
-    labels of shape ``labels_shape`` (default hidden.shape[:-1]), int64 or int32.
+    hidden [..., H] float; weight [V, H] of hidden's dtype (any float16/bfloat16/float32 mix under
+    autocast) and device; bias [V] or None, weight's dtype; labels of shape ``labels_shape``
+    (default hidden.shape[:-1]), int64 or int32.
     """
     check.tensor("hidden", hidden, dtypes=HIDDEN_DTYPES, min_dim=1)
     check.tensor("weight", weight, dtypes=HIDDEN_DTYPES, like=("hidden", hidden))
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, H] (the lm_head / output embedding); got {check.describe(weight)}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and autocast_dtype(hidden, weight) is None:
         raise TypeError(
-            f"weight must have hidden's dtype ({hidden.dtype}); got {check.describe(weight)}. "
+            f"weight must have hidden's dtype ({hidden.dtype}) outside autocast; got {check.describe(weight)}. "
             "Cast one of them (the logits are computed in that dtype)."
         )
     if weight.shape[1] != hidden.shape[-1]:
@@ -41,45 +57,55 @@ def check_linear(hidden, weight, bias, labels, *, labels_shape=None):
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have a non-empty vocabulary (first) dimension; got {check.describe(weight)}")
     if bias is not None:
-        check.tensor("bias", bias, dtypes=(hidden.dtype,), shape=weight.shape[:1], like=("hidden", hidden))
+        check.tensor("bias", bias, dtypes=(weight.dtype,), shape=weight.shape[:1], like=("hidden", hidden))
     shape = hidden.shape[:-1] if labels_shape is None else labels_shape
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=shape, like=("hidden", hidden))
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
 
 
-def make_spec(temperature, ignore_index, backend, chunk_size) -> LinearSpec:
+def make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight) -> LinearSpec:
     temperature = check.positive_finite("temperature", temperature)
     registry.check_backend_name(backend)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
-    return LinearSpec(temperature, int(ignore_index), backend, chunk_size)
+    compute = autocast_dtype(hidden, weight) or hidden.dtype
+    return LinearSpec(temperature, int(ignore_index), backend, chunk_size, compute)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
+    """logp (and entropy) [N] of the rows ``index`` keeps (None: all), 0 at the others."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, spec: LinearSpec, with_entropy: bool):
-        rows = RowStats.empty(hidden.shape[0], with_entropy, hidden.dtype, hidden.device)
-        sweep(hidden, weight, bias, labels, spec, rows, forward=True)
+    def forward(ctx, hidden, weight, bias, labels, index, spec: LinearSpec, with_entropy: bool):
+        kept_labels = labels if index is None else labels.index_select(0, index)
+        rows = RowStats.empty(kept_labels.shape[0], with_entropy, spec.compute_dtype, hidden.device)
+        sweep(hidden, weight, bias, kept_labels, spec, rows, forward=True, index=index)
         entropy = rows.entropy if with_entropy else rows.lse.new_empty(0)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows.lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, kept_labels, index, rows.lse, entropy)
         ctx.spec = spec
-        return rows.logp, entropy
+        n_rows = labels.shape[0]
+        return scatter_rows(rows.logp, index, n_rows), scatter_rows(entropy, index, n_rows) if with_entropy else entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        grads = LinearGrads.allocate(hidden, weight, bias, *ctx.needs_input_grad[:3])
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+        hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
+        grads = LinearGrads.allocate(hidden, weight, bias, *ctx.needs_input_grad[:3], every_row=index is None)
+
+        def kept(grad):
+            grad = grad.to(lse.dtype)
+            return grad.contiguous() if index is None else grad.index_select(0, index)
+
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else kept(grad_logp)
         with_entropy = entropy.numel() > 0 and grad_entropy is not None
         if with_entropy:
-            grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+            grad_entropy = kept(grad_entropy)
         rows = RowStats(None, entropy if with_entropy else None, lse)
 
         def upstream(start, end):
             return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None
 
-        sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads)
-        return grads.results(bias) + (None, None, None)
+        sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads, index=index)
+        return grads.results(bias) + (None, None, None, None)
 
 
 def linear_token_logprobs(
@@ -104,6 +130,8 @@ def linear_token_logprobs(
         hidden: [..., H] float32, bfloat16, float16 (float64 on the torch and host backends):
             the last hidden states, before the head (see ``rlhf_fast.hf.hidden_and_head``).
         weight: [V, H], hidden's dtype and device: the lm_head (possibly tied to the embedding).
+            Under autocast the head runs in autocast's dtype, as ``F.linear`` would (float32
+            weights with bf16 hidden states included).
         labels: [...] = hidden.shape[:-1], int64 or int32, in [0, V) or ``ignore_index``.
         bias: [V] or None.
         temperature, ignore_index, return_entropy, backend: as in ``token_logprobs``.
@@ -112,12 +140,14 @@ def linear_token_logprobs(
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;
         differentiable w.r.t. hidden, weight and bias. The weight gradient is summed in float32
-        whatever the inputs' dtype. The backward recomputes the logits chunk by chunk.
+        whatever the inputs' dtype. The backward recomputes the logits chunk by chunk. Rows whose
+        label is ``ignore_index`` (prompts, padding) cost no FLOPs.
     """
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    spec = make_spec(temperature, ignore_index, backend, chunk_size)
+    spec = make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
-    logp, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, spec, return_entropy)
+    index = kept_rows(flat_labels != spec.ignore_index)
+    logp, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)

@@ -6,18 +6,17 @@ import torch
 
 from .. import _validate as check
 from ..reference import IGNORE_INDEX
-from .linear_chunks import RowStats, TokenObjective, linear_loss
+from .linear_chunks import RowStats, TokenObjective, kept_rows, linear_loss
 from .linear_logprobs import check_linear, make_spec
 
 
 class SFTObjective(TokenObjective):
-    """loss = -sum(logp over kept tokens) / max(kept count, 1): d loss / d logp_t = -keep_t / count."""
+    """loss = -sum(logp over kept tokens) / max(kept count, 1): d loss / d logp_t = -1 / count."""
 
-    def __init__(self, labels: torch.Tensor, ignore_index: int, dtype: torch.dtype):
-        keep = labels != ignore_index
-        self.count = keep.sum().clamp(min=1)
+    def __init__(self, kept: int, dtype: torch.dtype, device: torch.device):
+        self.count = max(kept, 1)
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.grad = -keep.to(out_dtype) / self.count
+        self.grad = torch.full((kept,), -1.0 / self.count, dtype=out_dtype, device=device)
 
     def token_grads(self, rows: RowStats, start: int, end: int):
         return self.grad[start:end], None
@@ -42,10 +41,12 @@ def linear_sft_loss(
     ``linear_token_logprobs``. Returns a float32 scalar (0 with zero gradients when every token is
     ignored). The gradients w.r.t. hidden, weight and bias are computed during the forward, in the
     same pass over the chunks as the loss (the weight gradient summed in float32); the backward
-    scales them by the upstream gradient.
+    scales them by the upstream gradient. Ignored tokens (prompts, padding) cost no FLOPs.
     """
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    spec = make_spec(1.0, ignore_index, backend, chunk_size)
+    spec = make_spec(1.0, ignore_index, backend, chunk_size, hidden, weight)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
-    objective = SFTObjective(flat_labels, spec.ignore_index, hidden.dtype)
-    return linear_loss(flat_hidden, weight, bias, flat_labels, spec, objective)
+    index = kept_rows(flat_labels != spec.ignore_index)
+    kept = flat_labels.numel() if index is None else index.numel()
+    objective = SFTObjective(kept, spec.compute_dtype, hidden.device)
+    return linear_loss(flat_hidden, weight, bias, flat_labels, index, spec, objective)

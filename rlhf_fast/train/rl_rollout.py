@@ -154,9 +154,9 @@ def response_hidden(model, rollout: Rollout):
         model, rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask)
     )
     P = rollout.prompt_len
-    # Under autocast the decoder may return another dtype than the head's weight; the linear ops
-    # take one dtype (the weight's), and the cast keeps the gradient path to the decoder.
-    return hidden[:, P - 1 : -1].to(weight.dtype), weight, bias
+    # Under autocast hidden may be bf16 and the weight float32: the linear ops then run the head in
+    # autocast's dtype, as the model's own lm_head would.
+    return hidden[:, P - 1 : -1], weight, bias
 
 
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
