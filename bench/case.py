@@ -120,9 +120,10 @@ class Check:
         return out
 
 
-def tolerance(name: str, result: torch.Tensor, eager: Check | None) -> float:
-    """max(floor of the result's dtype, 2 x eager's error on the same quantity)."""
-    floor = FLOOR.get(result.dtype, 2e-5)
+def tolerance(name: str, result: torch.Tensor, eager: Check | None, rounded_to: torch.dtype | None = None) -> float:
+    """max(floor of the result's dtype, 2 x eager's error on the same quantity). ``rounded_to``:
+    the dtype the computation rounds through (eager's own bf16 logits), whose floor applies too."""
+    floor = max(FLOOR.get(result.dtype, 2e-5), FLOOR.get(rounded_to, 0.0))
     eager_err = eager.err(name) if eager is not None else None
     return max(floor, 2 * eager_err) if eager_err is not None and eager_err == eager_err else floor
 
