@@ -13,8 +13,9 @@
 #   BENCH_ARGS           suite arguments (default "--quick"; "" runs the full suite, which needs a
 #                        larger budget; e.g. "--quick --ops logprobs,policy_loss" narrows it)
 #   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S   per-step limits (defaults 150 and 240)
-#   RLHF_FAST_COMMIT     commit recorded in the results when the tree has no .git (pass it in:
-#                        RLHF_FAST_COMMIT=$(git rev-parse --short HEAD) where the command is composed)
+#   RLHF_FAST_COMMIT     commit recorded in the results; it wins over the tree's .git, which on a
+#                        copied tree can be stale (pass it in: RLHF_FAST_COMMIT=$(git rev-parse
+#                        --short HEAD) where the command is composed)
 #
 # Every step runs under `timeout` with its output in a log; a failed step (the build, a test, a
 # FAILED benchmark row, a timeout) is reported with its log's tail and the script carries on to
@@ -70,7 +71,7 @@ TAIL=40 step env 30 0 bash -c '
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   (nvcc --version || echo "nvcc: not found") | tail -n 2
   python -c "import sys, torch, triton; print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \"cuda\", torch.version.cuda, \"| triton\", triton.__version__, \"|\", torch.cuda.get_device_name())"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no .git)"'
+  echo "commit ${RLHF_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git)")}"'
 step build 200 $((BENCH_MIN_S + 90)) python -m pip install --no-index --no-build-isolation --no-deps -v -e .
 TAIL=20 step info 60 $((BENCH_MIN_S + 80)) python -m rlhf_fast info
 step tests "${TESTS_TIMEOUT_S:-150}" $((BENCH_MIN_S + 20)) \

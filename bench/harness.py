@@ -61,10 +61,13 @@ def device_slug(name: str) -> str:
 def git_commit() -> tuple[str, bool | None]:
     """(short commit, working tree dirty?) of the repository.
 
-    Outside a git checkout (a copied tree on a remote machine) it is RLHF_FAST_COMMIT when set,
-    else "unknown"; dirtiness is then unknown (None).
+    RLHF_FAST_COMMIT, when set, wins: a tree copied to a remote machine may carry a stale .git
+    (its HEAD is not the copied files' commit). Outside a git checkout and without it, "unknown".
+    Dirtiness is unknown (None) unless git answered.
     """
-    fallback = os.environ.get("RLHF_FAST_COMMIT", "unknown"), None
+    if os.environ.get("RLHF_FAST_COMMIT"):
+        return os.environ["RLHF_FAST_COMMIT"], None
+    fallback = "unknown", None
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -96,7 +99,8 @@ def driver_version(device: torch.device | str) -> str | None:
     if torch.device(device).type != "cuda":
         return None
     try:
-        match = re.search(r"Kernel Module\s+(\S+)", Path("/proc/driver/nvidia/version").read_text())
+        # "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build ..."
+        match = re.search(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)?)\s", Path("/proc/driver/nvidia/version").read_text())
         if match:
             return match[1]
     except OSError:

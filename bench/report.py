@@ -370,14 +370,17 @@ def write_report(out_dir: Path | str, device_name: str, date: str) -> Path:
 # --------------------------------------------------------------------------- README and summary
 
 
+PEERS = ("liger", "cce", "trl")  # impl-name prefixes of the other libraries' rows
+
+
 def compact_table(rows: list[dict]) -> str:
-    """Headline case of every op: eager, the other PyTorch baselines of ours, and ours; fwd and fwd+bwd side by side."""
+    """Headline case of every op: eager, the other PyTorch baselines, the peers and ours; fwd and fwd+bwd side by side."""
     out = []
     for op in ops_in(rows):
         rs = _headline(rows, op)
         impls = []
         for r in rs:
-            keep = r["impl"] == "eager" or r["impl"].startswith(("eager-", "compile")) or r.get("ours")
+            keep = r["impl"] == "eager" or r["impl"].startswith(("eager-", "compile") + PEERS) or r.get("ours")
             if keep and timed(r) and r["impl"] not in impls and not r["impl"].startswith("token_logprobs/"):
                 impls.append(r["impl"])
         for impl in impls:

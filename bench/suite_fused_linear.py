@@ -20,7 +20,7 @@ Implementations:
 The oracle is the reference in float64 (CPU) / float32 (CUDA), two passes over row chunks (as
 bench_fused_linear.py). The work is the three matmuls of forward + backward, 6 N H V FLOPs (2 N H V
 forward), set against the measured rate of hidden @ weight.T at the same shape and dtype. For the
-policy loss N counts the tokens of the mask only (right padding leaves about 5/8 of the batch):
+policy loss N counts the tokens of the mask only (right padding leaves about 2/3 of the batch):
 the rest have no loss and no gradient, and our op skips them; eager and Liger compute all rows.
 bench_fused_linear.py is the standalone script for these ops (chunk-size trade, Liger fp32 accumulation).
 """
