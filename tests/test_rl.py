@@ -190,6 +190,29 @@ def test_missing_model_reward_and_data(tmp_path):
         RLTrainer(tiny(tmp_path, **{"data.train_path": str(tmp_path / "none.jsonl")}))
 
 
+def test_reward_fn_by_import_path(tmp_path, monkeypatch):
+    """reward.fn="module:function" (the CLI's reward_fn): imported from the working directory and
+    used as the score; a bad path, a missing colon or reward.gold beside it is a ConfigError."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def word_count(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    trainer = RLTrainer(tiny(tmp_path / "run", **{"reward.gold": False, "reward.fn": "my_rewards:word_count",
+                                                 "algo.name": "reinforce", "algo.mini_batch_size": 8, "train.steps": 1}))
+    rollout = trainer.rollout_fn(trainer, trainer.next_prompts())
+    scores, _ = trainer.score_fn(trainer, rollout)
+    assert scores.tolist() == [float(len(r.split())) for r in rollout.responses]
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
+        RLTrainer(tiny(tmp_path / "bad", **{"reward.gold": False, "reward.fn": "no_such_module:f"}))
+    with pytest.raises(ConfigError, match="has no callable 'nope'"):
+        RLTrainer(tiny(tmp_path / "bad", **{"reward.gold": False, "reward.fn": "my_rewards:nope"}))
+    with pytest.raises(ConfigError, match="module:function"):
+        tiny(tmp_path / "bad", **{"reward.gold": False, "reward.fn": "my_rewards"})
+    with pytest.raises(ConfigError, match="reward.gold"):
+        tiny(tmp_path / "bad", **{"reward.fn": "my_rewards:word_count"})
+
+
 def test_different_reward_tokenizer_needs_the_bridge(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

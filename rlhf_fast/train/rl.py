@@ -17,7 +17,10 @@ the same optimizer step and keep identical parameters. Only rank 0 writes files.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +82,21 @@ def task_gold(prompts: list[str], responses: list[str], task: SyntheticTask | No
     """The built-in task's hidden gold score of each response (a verifiable reward_fn)."""
     task = task or SyntheticTask()
     return [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+def import_reward_fn(path: str) -> RewardFn:
+    """The callable named by reward.fn, "module:function" (the module imported as Python would)."""
+    module_name, _, name = path.partition(":")
+    if os.getcwd() not in sys.path:  # the rlhf-fast script's sys.path lacks it, unlike python -m
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"reward.fn={path!r}: cannot import {module_name!r} ({error})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward.fn={path!r}: {module_name} has no callable {name!r}")
+    return fn
 
 
 @torch.no_grad()
@@ -175,6 +193,8 @@ class RLTrainer:
         self.ref_policy = copy.deepcopy(self.policy).eval()
         self.ref_policy.requires_grad_(False)
 
+        if reward_fn is None and config.reward.fn is not None:
+            reward_fn = import_reward_fn(config.reward.fn)
         if config.reward.gold and reward_fn is None:
             reward_fn = task_gold
         self.reward_fn = reward_fn
@@ -184,7 +204,10 @@ class RLTrainer:
             self.reward_model, found_tokenizer = self._load_reward_model(config.reward.model_path)
             self.reward_tokenizer = self.reward_tokenizer or found_tokenizer
         if self.reward_model is None and self.reward_fn is None:
-            raise ConfigError("no reward: set reward.model_path (a reward model directory), reward.gold=true, or pass reward_fn=")
+            raise ConfigError(
+                "no reward: set reward.model_path (a reward model directory), reward.fn (module:function), "
+                "reward.gold=true, or pass reward_fn="
+            )
         if self.reward_model is not None:
             self.reward_model.to(self.device).eval().requires_grad_(False)
             self._check_reward_tokenizer()

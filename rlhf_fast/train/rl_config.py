@@ -64,7 +64,7 @@ class RolloutConfig(Section):
 
 @dataclass
 class RewardSourceConfig(Section):
-    """Where the sequence score comes from: a reward model, a Python reward_fn (API only), or both."""
+    """Where the sequence score comes from: a reward model, a Python reward_fn, or both."""
 
     SECTION: ClassVar[str] = "reward"
 
@@ -74,6 +74,9 @@ class RewardSourceConfig(Section):
     """Weight of the reward model's score in the total score."""
     fn_coef: float = 1.0
     """Weight of reward_fn(prompts, responses) in the total score (when a reward_fn is passed)."""
+    fn: str | None = None
+    """A reward_fn(prompts, responses) -> scores as "module:function" (importable from the working
+    directory or PYTHONPATH), e.g. a verifiable reward; the CLI's way to pass one."""
     gold: bool = False
     """Use the built-in task's hidden gold score as a verifiable reward_fn (CLI convenience)."""
     retokenize: bool = False
@@ -85,6 +88,10 @@ class RewardSourceConfig(Section):
     def validate(self) -> None:
         if self.clip is not None:
             self.require(self.clip > 0, "clip", "must be > 0")
+        if self.fn is not None:
+            module, _, name = self.fn.partition(":")
+            self.require(bool(module and name), "fn", f'must be "module:function", got {self.fn!r}')
+            self.require(not self.gold, "fn", "and reward.gold both name a reward_fn: set one")
 
 
 @dataclass
