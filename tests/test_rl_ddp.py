@@ -33,6 +33,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, results: str) -> Non
             {"policy": trainer.policy.state_dict(), "critic": trainer.critic.state_dict(), "prompts": prompts},
             os.path.join(results, f"rank{rank}.pt"),
         )
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 

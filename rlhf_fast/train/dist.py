@@ -53,6 +53,8 @@ def process_group():
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield
+        # All ranks leave together: a rank tearing gloo down while another still talks to it aborts.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

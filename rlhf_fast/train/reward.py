@@ -167,4 +167,5 @@ class RewardTrainer:
             save_summary(self.out_dir, {"step": self.loop.step, "eval": metrics})
             if metrics and dist.is_main():
                 print(describe(metrics), flush=True)
+        dist.barrier()  # every rank returns once rank 0 has written the run's files
         return metrics

@@ -513,6 +513,7 @@ class RLTrainer:
             self.save_model(self.out_dir / "model")
             self.plot()
             save_summary(self.out_dir, {"step": self.step, "algo": cfg.algo.name, "eval": self.last_eval, **backends})
+        dist.barrier()  # every rank returns once rank 0 has written the run's files
         for hook in self.hooks.on_end:
             hook(self, self.last_eval)
         return self.last_eval

@@ -87,6 +87,7 @@ class SFTTrainer:
             self.save_model(self.out_dir / "model")
             plot_run(self.out_dir, "SFT", panels=("loss",))
             save_summary(self.out_dir, {"step": self.loop.step, "eval": metrics})
+        dist.barrier()  # every rank returns once rank 0 has written the run's files
         return metrics
 
     def save_model(self, directory: Path) -> None:
