@@ -201,18 +201,22 @@ def test_low_precision_within_eager_error(dtype):
         assert rel_err(a, r) <= budget, f"{name}: {rel_err(a, r):.3g} > {budget:.3g}"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
-def test_autocast_runs_the_head_in_autocast_dtype(hidden_dtype):
+def test_autocast_runs_the_head_in_autocast_dtype(hidden_dtype, device):
     """Under autocast (float32 weights, hidden float32 or already bf16) the head runs in bf16 as
     F.linear would: error within the bf16 budget (1e-2, or 2x eager autocast's where that is
     larger) vs the float64 reference on the same values, and each gradient in its input's own
     dtype (the weight's float32, not bf16-rounded). Eager autocast keeps d logits in float32 where
     we keep them in the bf16 logits buffer, so its error can be the smaller one."""
-    require("host", "cpu", torch.bfloat16)
-    hidden, weight, bias, labels = make_case(96, 1000, 64, torch.float32)
+    if device == "cpu":
+        require("host", "cpu", torch.bfloat16)
+    cases = make_case(96, 1000, 64, torch.float32)
+    hidden, weight, bias = (t.detach().to(device).requires_grad_() for t in cases[:3])
+    labels = cases[3].to(device)
     hidden = hidden.detach().to(hidden_dtype).requires_grad_()
-    g_logp, g_entropy = torch.randn(64), torch.randn(64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    g_logp, g_entropy = torch.randn(64, device=device), torch.randn(64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         got = fused_values(hidden, weight, bias, labels, g_logp, g_entropy, chunk_size=24)
         h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
         eager = eager_values(h, w, b, labels, g_logp, g_entropy)
