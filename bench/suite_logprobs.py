@@ -2,14 +2,19 @@
 
 Ops "logprobs" (logp alone) and "logprobs_entropy" (return_entropy=True), [N x V] logits.
 Implementations are bench_logprobs.IMPLS (eager, each backend, torch.compile, the logits.float()
-upcast, TRL's selective_log_softmax) plus Liger-Kernel's cross entropy with reduction="none"
-(logp = -loss; CUDA, when installed). Liger writes the logits' gradient into the logits during
-its forward, so it runs on a private copy of the inputs.
+upcast, TRL's selective_log_softmax), "inplace" (ours, auto backend, inplace_backward=True:
+forward+backward only, the gradient written over the logits) plus Liger-Kernel's cross entropy
+with reduction="none" (logp = -loss; CUDA, when installed). Liger and inplace write the logits'
+gradient into the logits, so each runs on a private copy of the inputs.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+import rlhf_fast
 
 from . import bench_logprobs as bl
 from .case import Case, Check, Impl, liger_problem
@@ -46,7 +51,7 @@ class LogprobsCase(Case):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._private: bl.Inputs | None = None
+        self._private: dict[str, bl.Inputs] = {}
 
     def input_bytes(self):
         return self.dims["N"] * self.dims["V"] * self.dtype.itemsize
@@ -60,6 +65,8 @@ class LogprobsCase(Case):
                 impls.append(Impl(name, skip=reason, ours=True) if reason else Impl(name, make=build, ours=True))
             else:
                 impls.append(Impl(name, make=build, slow=name in ("compile", "trl-selective")))
+        inplace = functools.partial(rlhf_fast.token_logprobs, return_entropy=self.family != "logp", inplace_backward=True)
+        impls.append(Impl("inplace", make=lambda: inplace, ours=True, modes=("fwd+bwd",)))
         if self.family == "logp":
             reason = liger_problem(self.device)
             impls.append(Impl("liger", skip=reason) if reason else Impl("liger", make=_liger_logp))
@@ -72,12 +79,12 @@ class LogprobsCase(Case):
         return bl.expected_values(inputs, [self.family])
 
     def inputs_for(self, impl, inputs):
-        if impl.name != "liger":
+        if impl.name not in ("liger", "inplace"):
             return inputs
-        if self._private is None:
+        if impl.name not in self._private:
             x = inputs.xs[0].detach().clone().requires_grad_()
-            self._private = bl.Inputs([x], inputs.labels, inputs.g_logp, inputs.g_entropy)
-        return self._private
+            self._private[impl.name] = bl.Inputs([x], inputs.labels, inputs.g_logp, inputs.g_entropy)
+        return self._private[impl.name]
 
     def check(self, impl, fn, inputs, expected, eager, with_grad):
         report = bl.verify(fn, inputs, expected, self.family, with_grad)
