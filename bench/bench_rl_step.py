@@ -37,6 +37,8 @@ from rlhf_fast import reference
 
 from . import harness
 
+BENCH = "rl_step"
+KEY_FIELDS = ("impl", "vocab", "hidden", "layers", "batch", "response_len")
 
 class IdTokenizer:
     """A tokenizer over V ids whose text is the ids themselves ("5 17 9"): no vocabulary file needed."""
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     args.batch = args.batch or (64 if cuda else 16)
     args.new_tokens = args.new_tokens or (256 if cuda else 32)
     rows = summarize(run(args))
-    path = harness.write_results(rows, args.out, bench="rl_step", key_fields=("impl", "vocab", "hidden", "layers", "batch", "response_len"))
+    path = harness.write_results(rows, args.out, bench=BENCH, key_fields=KEY_FIELDS)
     for r in rows:
         mem = "" if r["update_peak_mb"] is None else f"  update peak {r['update_peak_mb']:.0f} MiB  logprobs peak {r['logprobs_peak_mb']:.0f} MiB"
         print(f"{r['impl']:<6} rollout {r['rollout_tokens_per_s']:>9.0f} tok/s (generate {r['generate_s']:.2f}s + logprobs {r['logprobs_s']:.3f}s)"

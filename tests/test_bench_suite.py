@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast.bench import harness, suite
+from rlhf_fast.bench import harness, merge, suite
 from rlhf_fast.bench.bench_pairwise import PairwiseCase
 from rlhf_fast.bench.case import Impl
 
@@ -60,6 +60,15 @@ def test_quick_tiny_run_writes_report_plots_and_device_rows(tmp_path):
     for plot in plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
         assert f"plots/{plot.name}" in text, "the report shows each plot"
+
+    # The rows merge into another results directory (as gpu_check.sh's come home), commit overridden.
+    merged = tmp_path / "merged"
+    assert merge.main([str(out), "--out", str(merged), "--commit", "abc1234", "--no-readme"]) == 0
+    merged_rows = json.loads((merged / json_path.name).read_text())["rows"]
+    assert len(merged_rows) == len(rows) and {(r["commit"], r["dirty"]) for r in merged_rows} == {("abc1234", False)}
+    assert (merged / report.name).is_file() and len(list((merged / "plots").glob("*.png"))) == len(plots)
+    with (merged / "suite.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
 
 
 def _args(**overrides) -> Namespace:

@@ -15,7 +15,7 @@ import torch
 from .. import _validate as check
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
-from .linear_chunks import RowStats, TokenObjective, kept_rows, linear_loss, scatter_rows
+from .linear_chunks import RowStats, TokenObjective, gather_rows, kept_rows, linear_loss, scatter_rows
 from .linear_logprobs import check_linear, make_spec
 from .policy_loss import PolicyLossOptions, masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
 
@@ -43,10 +43,7 @@ class PolicyObjective(TokenObjective):
             probe = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
             (weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer), probe)
         per_token = (old_logp, per_token_adv, mask, ref_logp, weights)
-        *self.flat, self.weights = (None if t is None else self._kept(t.reshape(-1)) for t in per_token)
-
-    def _kept(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat if self.index is None else flat.index_select(0, self.index)
+        *self.flat, self.weights = (None if t is None else gather_rows(t.reshape(-1), index) for t in per_token)
 
     def token_grads(self, rows: RowStats, start: int, end: int):
         old_logp, adv, mask, ref_logp = (t[start:end].view(1, -1) if t is not None else None for t in self.flat)

@@ -159,6 +159,11 @@ def kept_rows(keep: torch.Tensor) -> torch.Tensor | None:
     return None if index.numel() == keep.numel() else index
 
 
+def gather_rows(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """[N, ...] -> the kept rows [M, ...] (``values`` itself when every row is kept)."""
+    return values if index is None else values.index_select(0, index)
+
+
 def scatter_rows(values: torch.Tensor, index: torch.Tensor | None, n_rows: int) -> torch.Tensor:
     """[M] values of the kept rows -> [N] with 0 at the others."""
     return values if index is None else values.new_zeros(n_rows).index_copy_(0, index, values)
@@ -245,7 +250,7 @@ def sweep(
         for start in range(0, n_rows, step):
             end = min(start + step, n_rows)
             chunk = slice(start, end) if index is None else index[start:end]
-            h = hidden[chunk] if index is None else hidden.index_select(0, chunk)
+            h = hidden[chunk]  # a view, or the kept rows gathered
             logits, chunk_labels = buffer[: end - start], labels[start:end]
             if bias is None:
                 torch.mm(h, weight_t, out=logits)
@@ -309,5 +314,4 @@ def linear_loss(hidden, weight, bias, labels, index, spec: LinearSpec, objective
     (None: all), on validated 2-D inputs; labels [N]."""
     tensors = (hidden, weight) + ((bias,) if bias is not None else ())
     need_grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    kept_labels = labels if index is None else labels.index_select(0, index)
-    return _LinearLoss.apply(hidden, weight, bias, kept_labels, index, spec, objective, need_grads)
+    return _LinearLoss.apply(hidden, weight, bias, gather_rows(labels, index), index, spec, objective, need_grads)

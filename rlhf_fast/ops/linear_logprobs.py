@@ -13,7 +13,7 @@ import torch
 from .. import _validate as check
 from ..backends import registry
 from ..reference import IGNORE_INDEX
-from .linear_chunks import LinearGrads, LinearSpec, RowStats, kept_rows, scatter_rows, sweep
+from .linear_chunks import LinearGrads, LinearSpec, RowStats, gather_rows, kept_rows, scatter_rows, sweep
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -77,7 +77,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, index, spec: LinearSpec, with_entropy: bool):
-        kept_labels = labels if index is None else labels.index_select(0, index)
+        kept_labels = gather_rows(labels, index)
         rows = RowStats.empty(kept_labels.shape[0], with_entropy, spec.compute_dtype, hidden.device)
         sweep(hidden, weight, bias, kept_labels, spec, rows, forward=True, index=index)
         entropy = rows.entropy if with_entropy else rows.lse.new_empty(0)
@@ -92,8 +92,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grads = LinearGrads.allocate(hidden, weight, bias, *ctx.needs_input_grad[:3], every_row=index is None)
 
         def kept(grad):
-            grad = grad.to(lse.dtype)
-            return grad.contiguous() if index is None else grad.index_select(0, index)
+            return gather_rows(grad.to(lse.dtype), index).contiguous()
 
         grad_logp = torch.zeros_like(lse) if grad_logp is None else kept(grad_logp)
         with_entropy = entropy.numel() > 0 and grad_entropy is not None
