@@ -26,15 +26,22 @@ KLS = [{}, {"kl_coef": 0.1, "kl_estimator": "k3"}, {"kl_coef": 0.05, "kl_estimat
 
 
 def policy_case(rows=7, tokens=13, pattern="mixed", per_token_adv=True, device="cpu"):
-    """Log-ratios both well inside the clip range and far outside it; advantages of both signs;
-    NaN and inf at every masked position of every input."""
+    """Advantages of both signs; NaN and inf at every masked position of every input; log-ratios
+    cycling along each row through three regimes, so that any row of 3+ valid tokens (the "mixed"
+    pattern's full row) exercises them all: inside the clip range, outside it on the side the clip
+    cuts (toward the advantage's sign), and outside it on the side it leaves alone (where a dual
+    clip may bite)."""
     mask = random_mask(rows, tokens, pattern, device)
     logp = -3 * torch.rand(rows, tokens, device=device)
-    spread = torch.where(torch.rand(rows, tokens, device=device) < 0.5, 0.1, 1.0)
-    old_logp = logp + spread * torch.randn(rows, tokens, device=device)
-    ref_logp = logp + 0.3 * torch.randn(rows, tokens, device=device)
     adv_shape = (rows, tokens) if per_token_adv else (rows,)
     advantages = torch.randn(adv_shape, device=device)
+    toward = torch.sign(advantages if per_token_adv else advantages[:, None].expand(rows, tokens))
+    far = 0.3 + 1.5 * torch.rand(rows, tokens, device=device)  # beyond log(1.28), the widest clip
+    regime = torch.arange(tokens, device=device) % 3
+    log_ratio = torch.where(regime == 0, 0.2 * torch.rand(rows, tokens, device=device) - 0.1,
+                            torch.where(regime == 1, toward * far, -toward * far))  # fmt: skip
+    old_logp = logp - log_ratio
+    ref_logp = logp + 0.3 * torch.randn(rows, tokens, device=device)
     if per_token_adv:
         advantages = poison(advantages, mask)
     return poison(logp, mask), poison(old_logp, mask), advantages, mask, poison(ref_logp, mask)
