@@ -11,6 +11,8 @@ Implementations:
   backend=<b>    rlhf_fast.linear_token_logprobs / linear_sft_loss / fused_linear_policy_loss with
                  the token kernels of backend b
   fused-logits   rlhf_fast.token_logprobs / sft_loss / fused_policy_loss on hidden @ weight.T
+  auto-bf16acc   the linear ops with accum_dtype=None (bf16/fp16 inputs): the weight gradient summed
+                 in its own dtype, as Liger's default, instead of float32 (half that sum's memory)
   liger          Liger-Kernel (CUDA): liger_fused_linear_cross_entropy (sft; its default bf16 sum of the
                  weight gradient over chunks), LigerFusedLinearGRPOLoss (policy, loss_type "dapo" =
                  token-mean, torch.compile'd chunks as by default); it has no per-token log-prob form
@@ -37,6 +39,8 @@ from rlhf_fast import reference
 from . import harness
 from .bench_policy_loss import POLICY
 from .case import Case, Check, Impl, backend_impls, cce_problem, liger_problem, tolerance
+
+SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 SEQ_LEN = 1024
 CHUNK_ROWS = 2048  # rows per oracle chunk
@@ -89,14 +93,14 @@ def _compiled(kind):
     return lambda h, w, x: graph(h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, x.ref_logp)
 
 
-def _ours(kind, backend):
+def _ours(kind, backend, accum_dtype=torch.float32):
     if kind == "logprobs":
-        return lambda h, w, x: rlhf_fast.linear_token_logprobs(h, w, x.labels, backend=backend)
+        return lambda h, w, x: rlhf_fast.linear_token_logprobs(h, w, x.labels, backend=backend, accum_dtype=accum_dtype)
     if kind == "sft":
-        return lambda h, w, x: rlhf_fast.linear_sft_loss(h, w, x.labels, backend=backend)
+        return lambda h, w, x: rlhf_fast.linear_sft_loss(h, w, x.labels, backend=backend, accum_dtype=accum_dtype)
     return lambda h, w, x: rlhf_fast.fused_linear_policy_loss(
         h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp,
-        backend=backend, **POLICY,
+        backend=backend, accum_dtype=accum_dtype, **POLICY,
     )[0]  # fmt: skip
 
 
@@ -181,6 +185,9 @@ class LinearCase(Case):
         impls = [Impl("eager", make=lambda: _eager(kind)), Impl("compile", make=lambda: _compiled(kind), slow=True)]
         impls += backend_impls("token_logprobs", dev, self.dtype, lambda name: _ours(kind, name))
         impls.append(Impl("fused-logits", make=lambda: _fused_logits(kind), ours=True))
+        if self.dtype.itemsize == 2:  # like for like with Liger's default: the weight gradient summed in bf16
+            short = SHORT_DTYPE[self.dtype]
+            impls.append(Impl(f"auto-{short}acc", make=lambda: _ours(kind, "auto", accum_dtype=None), ours=True))
         reason = liger_problem(dev) or ("Liger-Kernel has no per-token log-prob form of the fused linear head"
                                         if kind == "logprobs" else None)  # fmt: skip
         impls.append(Impl("liger", skip=reason) if reason else Impl("liger", make=lambda: _liger(kind)))

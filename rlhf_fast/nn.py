@@ -169,6 +169,7 @@ class LinearTokenLogProbs(torch.nn.Module):
         return_entropy: bool = False,
         backend: str = "auto",
         chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = torch.float32,
     ):
         super().__init__()
         self.temperature = temperature
@@ -176,37 +177,51 @@ class LinearTokenLogProbs(torch.nn.Module):
         self.return_entropy = return_entropy
         self.backend = backend
         self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
 
     def forward(self, hidden, weight, labels, bias=None):
         return linear_token_logprobs(
             hidden, weight, labels, bias=bias, temperature=self.temperature, ignore_index=self.ignore_index,
             return_entropy=self.return_entropy, backend=self.backend, chunk_size=self.chunk_size,
+            accum_dtype=self.accum_dtype,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"return_entropy={self.return_entropy}, backend={self.backend!r}, chunk_size={self.chunk_size}"
+            f"return_entropy={self.return_entropy}, backend={self.backend!r}, chunk_size={self.chunk_size}, "
+            f"accum_dtype={self.accum_dtype}"
         )
 
 
 class LinearSFTLoss(torch.nn.Module):
     """Module form of ``rlhf_fast.linear_sft_loss``: forward(hidden, weight, labels, bias=None) -> loss."""
 
-    def __init__(self, *, ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_size: int | None = None):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = IGNORE_INDEX,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = torch.float32,
+    ):
         super().__init__()
         self.ignore_index = ignore_index
         self.backend = backend
         self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
 
     def forward(self, hidden, weight, labels, bias=None):
         return linear_sft_loss(
             hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, backend=self.backend,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, accum_dtype=self.accum_dtype,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, backend={self.backend!r}, chunk_size={self.chunk_size}"
+        return (
+            f"ignore_index={self.ignore_index}, backend={self.backend!r}, chunk_size={self.chunk_size}, "
+            f"accum_dtype={self.accum_dtype}"
+        )
 
 
 class FusedLinearPolicyLoss(torch.nn.Module):
@@ -220,6 +235,7 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         entropy_coef: float = 0.0,
         backend: str = "auto",
         chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = torch.float32,
         clip_eps: float | None = 0.2,
         clip_eps_high: float | None = None,
         dual_clip: float | None = None,
@@ -233,16 +249,17 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         self.entropy_coef = entropy_coef
         self.backend = backend
         self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
 
     def forward(self, hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, normalizer=None):
         return fused_linear_policy_loss(
             hidden, weight, labels, old_logp, advantages, mask, bias=bias,
             temperature=self.temperature, entropy_coef=self.entropy_coef, backend=self.backend,
-            chunk_size=self.chunk_size, ref_logp=ref_logp, normalizer=normalizer, **asdict(self.options),
+            chunk_size=self.chunk_size, accum_dtype=self.accum_dtype, ref_logp=ref_logp, normalizer=normalizer, **asdict(self.options),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, entropy_coef={self.entropy_coef}, backend={self.backend!r}, "
-            f"chunk_size={self.chunk_size}, " + _options_repr(self.options)
+            f"chunk_size={self.chunk_size}, accum_dtype={self.accum_dtype}, " + _options_repr(self.options)
         )

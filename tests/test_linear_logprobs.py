@@ -311,7 +311,7 @@ def test_sft_loss_all_ignored():
 def test_weight_grad_accumulator_narrows_in_place(vocab):
     """A 2-byte weight's gradient: float32 sum over chunks, one rounding at the end, exact-size storage."""
     hidden_size, chunks = 24, 40
-    acc = WeightGradAccumulator(vocab, hidden_size, torch.bfloat16, torch.device("cpu"))
+    acc = WeightGradAccumulator(vocab, hidden_size, torch.bfloat16, torch.device("cpu"), torch.float32)
     total = torch.zeros(vocab, hidden_size)
     for _ in range(chunks):
         g = torch.randn(5, vocab).to(torch.bfloat16)
@@ -325,10 +325,64 @@ def test_weight_grad_accumulator_narrows_in_place(vocab):
     assert out.untyped_storage().nbytes() <= 2 * vocab * hidden_size + 2 * hidden_size
 
 
+@pytest.mark.parametrize("backend", ["torch", "host"])
+def test_weight_grad_summed_in_the_weights_dtype(backend):
+    """accum_dtype=None: a bf16 weight's gradient is summed in bf16, one rounding per chunk (no
+    float32 [V, H] buffer): within a few bf16 roundings per chunk of the float32 sum, and the same
+    values as the default everywhere else; hidden's gradient and the loss do not depend on it."""
+    require(backend, "cpu", torch.bfloat16)
+    hidden, weight, bias, labels = make_case(32, 300, 40, torch.bfloat16)
+    results = {}
+    for accum in (torch.float32, None):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        loss = rlhf_fast.linear_sft_loss(hidden, weight, labels, bias=bias, backend=backend, chunk_size=8,
+                                         accum_dtype=accum)  # fmt: skip
+        loss.backward()
+        results[accum] = (loss.detach(), hidden.grad, weight.grad)
+    (loss32, gh32, gw32), (loss16, gh16, gw16) = results[torch.float32], results[None]
+    assert gw16.dtype == torch.bfloat16 and gw16.shape == weight.shape
+    assert torch.equal(loss32, loss16) and torch.equal(gh32, gh16)
+    chunks = math.ceil(int((labels != -100).sum()) / 8)
+    assert 0 < rel_err(gw16, gw32) < 2 * chunks * 2**-8
+
+
+def test_accum_dtype_choices():
+    """float32 (default), None (the weight's dtype) or the weight's dtype itself; nothing else.
+    A float32 weight's sum is float32 either way, a float64 weight's float64."""
+    from rlhf_fast.ops.linear_logprobs import weight_grad_sum_dtype
+
+    bf16, f32, f64 = (torch.empty(2, 2, dtype=d) for d in (torch.bfloat16, torch.float32, torch.float64))
+    assert weight_grad_sum_dtype(torch.float32, bf16) == torch.float32
+    assert weight_grad_sum_dtype(None, bf16) == weight_grad_sum_dtype(torch.bfloat16, bf16) == torch.bfloat16
+    assert weight_grad_sum_dtype(None, f32) == weight_grad_sum_dtype(torch.float32, f32) == torch.float32
+    assert weight_grad_sum_dtype(torch.float32, f64) == weight_grad_sum_dtype(None, f64) == torch.float64
+    kwargs = _bad()
+    for bad in (torch.float16, torch.int32, "float32"):
+        with pytest.raises(ValueError, match=r"accum_dtype must be torch.float32 .* or None .*torch.float32\); got"):
+            rlhf_fast.linear_sft_loss(kwargs["hidden"], kwargs["weight"], kwargs["labels"], accum_dtype=bad)
+
+
+def test_unit_upstream_gradient_hands_over_the_saved_gradients():
+    """loss.backward() takes the gradients computed in the forward without a [V, H] copy; a retained
+    graph's second backward still sees them intact (autograd copies when they are still saved)."""
+    hidden, weight, bias, labels = make_case(16, 50, 9, torch.float64)
+    loss = rlhf_fast.linear_sft_loss(hidden, weight, labels, bias=bias)
+    grad_w, = torch.autograd.grad(loss, weight, retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.equal(weight.grad, 2 * grad_w) and weight.grad.data_ptr() != grad_w.data_ptr()
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    reference.linear_sft_loss(h, w, labels, bias=b).backward()
+    assert rel_err(grad_w, w.grad) < F64_TOL and rel_err(hidden.grad, 2 * h.grad) < F64_TOL
+
+
 def test_chunk_rows():
     assert chunk_rows(4100, 512) == 832  # 5 balanced chunks, not 4 x 1024 + 4
     assert chunk_rows(16384, 4096) == 1024
     assert chunk_rows(16384, 8192) == 2048
+    assert chunk_rows(16384, 4096, accum_bytes=2) == 512  # a bf16 sum: half the traffic per chunk
+    assert chunk_rows(16384, 8192, accum_bytes=2) == 1024
     assert chunk_rows(100, 64) == 100 and chunk_rows(0, 64) == 1
     assert chunk_rows(100, 64, requested=7) == 7 and chunk_rows(5, 64, requested=7) == 5
 

@@ -79,6 +79,7 @@ def fused_linear_policy_loss(
     entropy_coef: float = 0.0,
     backend: str = "auto",
     chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = torch.float32,
     clip_eps: float | None = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
@@ -100,10 +101,12 @@ def fused_linear_policy_loss(
             old_logp, advantages and ref_logp are treated as constants (no gradient flows to them).
         backend: provider of the token_logprobs kernels run on each chunk of logits.
         chunk_size: token rows per chunk; None picks it from the shape.
+        accum_dtype: the weight gradient's sum over chunks, as in ``linear_token_logprobs``.
 
     Returns:
         (loss, stats) as ``fused_policy_loss``: the loss is differentiable w.r.t. hidden, weight and
-        bias. Their gradients are computed during the forward (the weight's summed in float32)
+        bias. Their gradients are computed during the forward (the weight's summed in
+        float32 unless ``accum_dtype=None``)
         and scaled by the upstream gradient in the backward.
     """
     options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
@@ -116,7 +119,7 @@ def fused_linear_policy_loss(
     normalizer = check_normalizer(normalizer)
     if options.kl_coef and ref_logp is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
-    spec = make_spec(temperature, IGNORE_INDEX, backend, chunk_size, hidden, weight)
+    spec = make_spec(temperature, IGNORE_INDEX, backend, chunk_size, hidden, weight, accum_dtype)
     # As in fused_policy_loss: any label at a masked position becomes ignore_index (logp, entropy
     # and gradient 0 there, and the vocabulary is never indexed with it).
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)

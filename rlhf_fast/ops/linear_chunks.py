@@ -9,9 +9,9 @@ by something per token. ``sweep`` walks the N token rows in chunks of C rows; fo
    in place (G), given the upstream gradients of logp and entropy of those rows,
 3. pushes G through the linear layer at once:
        grad_hidden[chunk] = G @ weight           (K = V, accumulated inside one GEMM)
-       grad_weight       += G.T @ hidden[chunk]  (float32 accumulator, ``WeightGradAccumulator``)
+       grad_weight       += G.T @ hidden[chunk]  (float32 sum by default, ``WeightGradAccumulator``)
        grad_bias         += G.sum(0)             (float32)
-Peak extra memory: the [C, V] buffer, the float32 [V, H] accumulator and grad_hidden [N, H];
+Peak extra memory: the [C, V] buffer, the [V, H] weight-gradient sum and grad_hidden [N, H];
 nothing of size N x V.
 
 Rows whose label is ignored (ignore_index, or masked out of the policy loss) have logp, entropy
@@ -38,21 +38,24 @@ import torch
 
 from ..backends import registry
 
-# Rows per chunk, C. The weight-gradient GEMM of a chunk has K = C and reads and writes the float32
-# [V, H] accumulator once: 2 C V H FLOPs for 8 V H bytes, C / 4 FLOPs per byte. Below C ~ 1000
+# Rows per chunk, C. The weight-gradient GEMM of a chunk has K = C and reads and writes the [V, H]
+# accumulator (a bytes per element: 4 for the default float32 sum, 2 for ``accum_dtype=None`` on a
+# bf16/fp16 weight) once: 2 C V H FLOPs for 2 a V H bytes, C / a FLOPs per byte. Below C ~ 256 a
 # that traffic, not the tensor cores, bounds it (an H100 does ~300 bf16 FLOPs per byte of HBM
 # bandwidth), and CPU GEMMs (oneDNN/MKL) also lose rate on thin operands. Above it, C only costs
-# memory: the [C, V] buffer, C V e bytes (e = 2 in bf16). C = max(1024, H / 4): from H = 4096 on
-# (1024 rows at H = 4096) that is V H / 2 bytes in bf16, an eighth of the accumulator's 4 V H.
-MIN_CHUNK_ROWS = 1024
+# memory: the [C, V] buffer, C V e bytes (e = 2 in bf16). C = max(256 a, a H / 16): from H = 4096
+# on that buffer is an eighth of the accumulator's a V H bytes (1024 rows at H = 4096 for a float32
+# sum, 512 for a bf16 one: Liger's chunk at that shape).
+ROWS_PER_ACCUM_BYTE = 256
 CHUNK_ALIGN = 64  # chunk rows rounded up to this (tensor-core tiles, cache lines)
 NARROW_TILE_ELEMENTS = 1 << 23  # float32 elements converted per step when the accumulator narrows
 
 _MIXED_ADDMM = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # addmm(out_dtype=) on CUDA
 
 
-def chunk_rows(n_rows: int, hidden_size: int, requested: int | None = None) -> int:
-    """Rows per chunk: ``requested`` if given, else about max(1024, H / 4) rows in balanced chunks.
+def chunk_rows(n_rows: int, hidden_size: int, requested: int | None = None, accum_bytes: int = 4) -> int:
+    """Rows per chunk: ``requested`` if given, else about max(256 a, a H / 16) rows (a =
+    ``accum_bytes``, the weight-gradient sum's bytes per element) in balanced chunks.
 
     The chunk count is fixed first (N / target, rounded up) and the rows spread evenly over it, so
     the last chunk is not a sliver: N = 4100 with a target of 1024 gives 5 chunks of 832 rows
@@ -60,7 +63,7 @@ def chunk_rows(n_rows: int, hidden_size: int, requested: int | None = None) -> i
     """
     if requested is not None:
         return max(1, min(int(requested), n_rows))
-    target = max(MIN_CHUNK_ROWS, hidden_size // 4)
+    target = accum_bytes * max(ROWS_PER_ACCUM_BYTE, hidden_size // 16)
     if n_rows <= target:
         return max(n_rows, 1)
     n_chunks = math.ceil(n_rows / target)
@@ -77,6 +80,7 @@ class LinearSpec:
     backend: str
     chunk_size: int | None  # rows per chunk; None: ``chunk_rows`` picks from the shape
     compute_dtype: torch.dtype  # of the logits and the matmuls: the inputs' own, or autocast's
+    weight_grad_dtype: torch.dtype  # the weight gradient's sum over chunks (``weight_grad_sum_dtype``)
 
 
 @dataclass
@@ -110,8 +114,9 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class WeightGradAccumulator:
-    """sum over chunks of G.T @ h [V, H] in float32 (float64 for float64), returned in the weight's dtype.
+    """sum over chunks of G.T @ h [V, H] in ``sum_dtype``, returned in the weight's dtype.
 
+    In the weight's own dtype (float32 weights, or ``accum_dtype=None``) the sum is the gradient.
     A float32 sum of a 2-byte weight's gradient would need a [V, H] float32 buffer *and* the final
     2-byte [V, H] copy: 6 V H bytes at the end. Here the float32 sum lives in two halves of V / 2
     rows, and the 2-byte result (2 V H bytes) is written into the first half's storage (which holds
@@ -120,13 +125,12 @@ class WeightGradAccumulator:
     and freed. Peak: the 4 V H bytes of the float32 sum, and the gradient owns exactly its storage.
     """
 
-    def __init__(self, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device, sum_dtype: torch.dtype):
         self.shape = (vocab, hidden_size)
         self.dtype = dtype
-        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        bounds = (0, (vocab + 1) // 2, vocab) if dtype.itemsize == 2 else (0, vocab)
+        bounds = (0, (vocab + 1) // 2, vocab) if sum_dtype != dtype else (0, vocab)
         self.parts = [
-            (lo, hi, torch.zeros(hi - lo, hidden_size, dtype=acc_dtype, device=device))
+            (lo, hi, torch.zeros(hi - lo, hidden_size, dtype=sum_dtype, device=device))
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
 
@@ -138,7 +142,7 @@ class WeightGradAccumulator:
     def result(self) -> torch.Tensor:
         """The summed gradient [V, H] in the weight's dtype (call once)."""
         parts, self.parts = self.parts, None
-        if len(parts) == 1:  # float32 / float64 weights: the sum is the gradient
+        if len(parts) == 1:  # summed in the weight's dtype: the sum is the gradient
             return parts[0][2]
         vocab, hidden_size = self.shape
         (_, top, first), (_, _, second) = parts
@@ -178,14 +182,16 @@ class LinearGrads:
     bias: torch.Tensor | None  # [V] float32 (float64) sum
 
     @staticmethod
-    def allocate(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool, *, every_row=True):
+    def allocate(hidden, weight, bias, spec: LinearSpec, need_hidden: bool, need_weight: bool, need_bias: bool, *,
+                 every_row=True):  # fmt: skip
         """``every_row``: the sweep writes every row of grad_hidden; else the rows it skips are 0."""
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        bias_sum_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         new_hidden = torch.empty_like if every_row else torch.zeros_like
+        new_weight = WeightGradAccumulator(*weight.shape, weight.dtype, weight.device, spec.weight_grad_dtype)
         return LinearGrads(
             new_hidden(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
-            WeightGradAccumulator(*weight.shape, weight.dtype, weight.device) if need_weight else None,
-            torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_bias and bias is not None else None,
+            new_weight if need_weight else None,
+            torch.zeros(weight.shape[0], dtype=bias_sum_dtype, device=weight.device) if need_bias and bias is not None else None,
         )
 
     def add(self, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rows: slice | torch.Tensor) -> None:
@@ -243,7 +249,7 @@ def sweep(
     hidden, weight = hidden.to(spec.compute_dtype), weight.to(spec.compute_dtype)
     bias = bias.to(spec.compute_dtype) if bias is not None else None
     prov = registry.resolve(spec.backend, hidden.device, hidden.dtype)
-    step = chunk_rows(n_rows, hidden.shape[1], spec.chunk_size)
+    step = chunk_rows(n_rows, hidden.shape[1], spec.chunk_size, spec.weight_grad_dtype.itemsize)
     buffer = torch.empty(min(step, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
     weight_t = weight.t()
     with torch.autocast(hidden.device.type, enabled=False):  # the logits keep the inputs' dtype
@@ -296,7 +302,7 @@ class _LinearLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective, need_grads):
         rows = RowStats.empty(labels.shape[0], objective.with_entropy, spec.compute_dtype, hidden.device)
         need = ctx.needs_input_grad[:3] if need_grads else (False, False, False)
-        grads = LinearGrads.allocate(hidden, weight, bias, *need, every_row=index is None) if any(need) else None
+        grads = LinearGrads.allocate(hidden, weight, bias, spec, *need, every_row=index is None) if any(need) else None
         upstream = (lambda start, end: objective.token_grads(rows, start, end)) if grads is not None else None
         sweep(hidden, weight, bias, labels, spec, rows, forward=True, upstream=upstream, grads=grads, index=index)
         ctx.save_for_backward(*(grads.results(bias) if grads is not None else (None, None, None)))
@@ -304,9 +310,15 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The loss is linear in nothing but its own output: each saved gradient times the upstream scalar.
-        # Out of place, so a second backward (retain_graph) sees the saved gradients intact.
-        return tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors) + (None,) * 5
+        # Each saved gradient times the upstream scalar, out of place, so that a second backward
+        # (retain_graph) sees them intact. An upstream gradient of exactly 1 (``loss.backward()``)
+        # hands them over as they are: a [V, H] product would double the weight gradient's memory
+        # at the peak (the saved tensors are released before autograd accumulates them into .grad,
+        # which then takes them without a copy).
+        grads = ctx.saved_tensors
+        if not bool(grad_loss == 1):
+            grads = tuple(None if g is None else g * grad_loss for g in grads)
+        return tuple(grads) + (None,) * 5
 
 
 def linear_loss(hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective) -> torch.Tensor:

@@ -63,13 +63,29 @@ def check_linear(hidden, weight, bias, labels, *, labels_shape=None):
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
 
 
-def make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight) -> LinearSpec:
+def weight_grad_sum_dtype(accum_dtype: torch.dtype | None, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the weight gradient is summed in over chunks: float32 by default (float64 for a
+    float64 weight), or with ``accum_dtype=None`` the weight's own dtype, as Liger's default: a
+    bf16/fp16 weight then needs a 2-byte [V, H] sum instead of a 4-byte one (half the memory at
+    the peak), at the price of one rounding per chunk of C rows instead of one in all."""
+    if accum_dtype is not None and accum_dtype not in (torch.float32, weight.dtype):
+        raise ValueError(
+            f"accum_dtype must be torch.float32 (sum the weight gradient in float32) or None (in the weight's "
+            f"dtype, {weight.dtype}); got {accum_dtype!r}"
+        )
+    if accum_dtype is None or weight.dtype == torch.float64:
+        return weight.dtype
+    return accum_dtype
+
+
+def make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight, accum_dtype=torch.float32) -> LinearSpec:
     temperature = check.positive_finite("temperature", temperature)
     registry.check_backend_name(backend)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
     compute = autocast_dtype(hidden, weight) or hidden.dtype
-    return LinearSpec(temperature, int(ignore_index), backend, chunk_size, compute)
+    sum_dtype = weight_grad_sum_dtype(accum_dtype, weight)
+    return LinearSpec(temperature, int(ignore_index), backend, chunk_size, compute, sum_dtype)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -89,7 +105,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
-        grads = LinearGrads.allocate(hidden, weight, bias, *ctx.needs_input_grad[:3], every_row=index is None)
+        grads = LinearGrads.allocate(hidden, weight, bias, ctx.spec, *ctx.needs_input_grad[:3], every_row=index is None)
 
         def kept(grad):
             return gather_rows(grad.to(lse.dtype), index).contiguous()
@@ -118,6 +134,7 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = torch.float32,
 ):
     """Log-probability of each label (and the entropy) under softmax((hidden @ weight.T + bias) / T).
 
@@ -135,15 +152,18 @@ def linear_token_logprobs(
         bias: [V] or None.
         temperature, ignore_index, return_entropy, backend: as in ``token_logprobs``.
         chunk_size: token rows per chunk; None picks it from the shape (``linear_chunks.chunk_rows``).
+        accum_dtype: what the weight gradient is summed over chunks in: torch.float32 (default), or
+            None for the weight's own dtype, which halves that [V, H] sum's memory for bf16/fp16
+            weights and rounds it once per chunk (Liger's default; ``weight_grad_sum_dtype``).
 
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;
         differentiable w.r.t. hidden, weight and bias. The weight gradient is summed in float32
-        whatever the inputs' dtype. The backward recomputes the logits chunk by chunk. Rows whose
+        whatever the inputs' dtype, unless ``accum_dtype=None``. The backward recomputes the logits chunk by chunk. Rows whose
         label is ``ignore_index`` (prompts, padding) cost no FLOPs.
     """
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    spec = make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight)
+    spec = make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight, accum_dtype)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     logp, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)

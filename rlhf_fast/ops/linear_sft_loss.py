@@ -34,17 +34,19 @@ def linear_sft_loss(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = torch.float32,
 ) -> torch.Tensor:
     """``sft_loss(hidden @ weight.T + bias, labels)``: mean -log p(label) over non-ignored tokens.
 
     hidden [..., H], weight [V, H] (hidden's dtype), labels [...], bias [V] or None: as in
     ``linear_token_logprobs``. Returns a float32 scalar (0 with zero gradients when every token is
     ignored). The gradients w.r.t. hidden, weight and bias are computed during the forward, in the
-    same pass over the chunks as the loss (the weight gradient summed in float32); the backward
+    same pass over the chunks as the loss (the weight gradient summed in float32, or with
+    ``accum_dtype=None`` in the weight's dtype, as in ``linear_token_logprobs``); the backward
     scales them by the upstream gradient. Ignored tokens (prompts, padding) cost no FLOPs.
     """
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    spec = make_spec(1.0, ignore_index, backend, chunk_size, hidden, weight)
+    spec = make_spec(1.0, ignore_index, backend, chunk_size, hidden, weight, accum_dtype)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     kept = flat_labels.numel() if index is None else index.numel()
