@@ -49,6 +49,7 @@ from ..backends import registry
 ROWS_PER_ACCUM_BYTE = 256
 CHUNK_ALIGN = 64  # chunk rows rounded up to this (tensor-core tiles, cache lines)
 NARROW_TILE_ELEMENTS = 1 << 23  # float32 elements converted per step when the accumulator narrows
+UPCAST_ROWS = 4096  # accumulator rows per GEMM where the operands must be upcast to its dtype
 
 _MIXED_ADDMM = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # addmm(out_dtype=) on CUDA
 
@@ -109,8 +110,13 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         # bf16/fp16 operands, float32 accumulation and output inside one cuBLAS call.
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
-        # No mixed-precision addmm here (CPU, or torch < 2.8): upcast the operands, one chunk's worth.
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        # No mixed-precision addmm here (CPU, or torch < 2.8): upcast the operands, a slab of acc's
+        # rows at a time (the whole of a, G.T of one chunk, would be a float32 copy twice the size
+        # of the chunk's logits; CPU bf16 linear_sft_loss at N, H, V = 4096, 512, 32000: peak 194 ->
+        # 147 MiB, same time).
+        b = b.to(acc.dtype)
+        for r0 in range(0, a.shape[0], UPCAST_ROWS):
+            acc[r0 : r0 + UPCAST_ROWS].addmm_(a[r0 : r0 + UPCAST_ROWS].to(acc.dtype), b)
 
 
 class WeightGradAccumulator:
