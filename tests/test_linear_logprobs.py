@@ -167,11 +167,22 @@ def test_tied_weights():
     assert rel_err(got, want) < F64_TOL
 
 
-def test_frozen_head_and_no_grad():
+def test_frozen_head_and_no_grad(monkeypatch):
+    """A frozen head gets no gradient and no [V, H] sum is even allocated for it."""
+    import rlhf_fast.ops.linear_chunks as chunks
+
+    def no_weight_sum(*args):
+        raise AssertionError("a weight-gradient sum allocated for a frozen head")
+
     hidden, weight, bias, labels = make_case(32, 100, 10, torch.float64)
     weight.requires_grad_(False)
     bias.requires_grad_(False)
     g = torch.randn(10, dtype=torch.float64)
+    monkeypatch.setattr(chunks, "WeightGradAccumulator", no_weight_sum)
+    (rlhf_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, chunk_size=3) * g).sum().backward()
+    rlhf_fast.linear_sft_loss(hidden, weight, labels, bias=bias, chunk_size=3).backward()
+    monkeypatch.undo()
+    hidden.grad = None
     (rlhf_fast.linear_token_logprobs(hidden, weight, labels, bias=bias, chunk_size=3) * g).sum().backward()
     assert weight.grad is None and bias.grad is None
     h = hidden.detach().clone().requires_grad_()

@@ -191,13 +191,14 @@ class LinearGrads:
     def allocate(hidden, weight, bias, spec: LinearSpec, need_hidden: bool, need_weight: bool, need_bias: bool, *,
                  every_row=True):  # fmt: skip
         """``every_row``: the sweep writes every row of grad_hidden; else the rows it skips are 0."""
-        bias_sum_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         new_hidden = torch.empty_like if every_row else torch.zeros_like
-        new_weight = WeightGradAccumulator(*weight.shape, weight.dtype, weight.device, spec.weight_grad_dtype)
+        bias_sum_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return LinearGrads(
             new_hidden(hidden, memory_format=torch.contiguous_format) if need_hidden else None,
-            new_weight if need_weight else None,
-            torch.zeros(weight.shape[0], dtype=bias_sum_dtype, device=weight.device) if need_bias and bias is not None else None,
+            WeightGradAccumulator(*weight.shape, weight.dtype, weight.device, spec.weight_grad_dtype)
+            if need_weight
+            else None,
+            torch.zeros(len(weight), dtype=bias_sum_dtype, device=weight.device) if need_bias and bias is not None else None,
         )
 
     def add(self, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rows: slice | torch.Tensor) -> None:

@@ -159,8 +159,8 @@ def linear_token_logprobs(
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;
         differentiable w.r.t. hidden, weight and bias. The weight gradient is summed in float32
-        whatever the inputs' dtype, unless ``accum_dtype=None``. The backward recomputes the logits chunk by chunk. Rows whose
-        label is ``ignore_index`` (prompts, padding) cost no FLOPs.
+        whatever the inputs' dtype, unless ``accum_dtype=None``. The backward recomputes the
+        logits chunk by chunk. Rows whose label is ``ignore_index`` (prompts, padding) cost no FLOPs.
     """
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
     spec = make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight, accum_dtype)
