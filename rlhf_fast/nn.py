@@ -20,7 +20,29 @@ from .ops import (
 from .reference import IGNORE_INDEX
 
 
-class TokenLogProbs(torch.nn.Module):
+
+
+class _OpModule(torch.nn.Module):
+    """A functional op with its keyword options held as attributes (change them between calls if you
+    like); ``op_kwargs()`` hands them back by name, and the repr lists them. ``options``: a
+    validated ``PolicyLossOptions`` whose fields are spread in after the others."""
+
+    def __init__(self, options: PolicyLossOptions | None = None, **kwargs):
+        super().__init__()
+        self._option_names = tuple(kwargs)
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+        self.options = options
+
+    def op_kwargs(self) -> dict:
+        kwargs = {name: getattr(self, name) for name in self._option_names}
+        return kwargs | (asdict(self.options) if self.options is not None else {})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.op_kwargs().items())
+
+
+class TokenLogProbs(_OpModule):
     """Module form of ``rlhf_fast.token_logprobs``: forward(logits, labels) -> logp (and entropy)."""
 
     def __init__(
@@ -32,36 +54,16 @@ class TokenLogProbs(torch.nn.Module):
         inplace_backward: bool = False,
         backend: str = "auto",
     ):
-        super().__init__()
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.return_entropy = return_entropy
-        self.inplace_backward = inplace_backward
-        self.backend = backend
+        super().__init__(
+            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+            inplace_backward=inplace_backward, backend=backend,
+        )  # fmt: skip
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
-        return token_logprobs(
-            logits,
-            labels,
-            temperature=self.temperature,
-            ignore_index=self.ignore_index,
-            return_entropy=self.return_entropy,
-            inplace_backward=self.inplace_backward,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"return_entropy={self.return_entropy}, backend={self.backend!r}"
-        )
+        return token_logprobs(logits, labels, **self.op_kwargs())
 
 
-def _options_repr(options) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in asdict(options).items())
-
-
-class PolicyLoss(torch.nn.Module):
+class PolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.policy_loss``: forward(logp, old_logp, advantages, mask, ref_logp=None,
     normalizer=None) -> (loss, stats). The options are a validated ``PolicyLossOptions``."""
 
@@ -75,19 +77,14 @@ class PolicyLoss(torch.nn.Module):
         kl_estimator: str = "k3",
         agg: str = "token-mean",
     ):
-        super().__init__()
-        self.options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
+        super().__init__(PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg))
 
     def forward(self, logp, old_logp, advantages, mask, ref_logp=None, normalizer=None):
-        return policy_loss(
-            logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **asdict(self.options)
-        )
-
-    def extra_repr(self) -> str:
-        return _options_repr(self.options)
+        options = self.op_kwargs()
+        return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **options)
 
 
-class FusedPolicyLoss(torch.nn.Module):
+class FusedPolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.fused_policy_loss``: forward(logits, labels, old_logp, advantages, mask,
     ref_logp=None, normalizer=None) -> (loss, stats)."""
 
@@ -105,60 +102,41 @@ class FusedPolicyLoss(torch.nn.Module):
         kl_estimator: str = "k3",
         agg: str = "token-mean",
     ):
-        super().__init__()
-        self.options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
-        self.temperature = temperature
-        self.entropy_coef = entropy_coef
-        self.inplace_backward = inplace_backward
-        self.backend = backend
+        super().__init__(
+            PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg),
+            temperature=temperature, entropy_coef=entropy_coef, inplace_backward=inplace_backward, backend=backend,
+        )  # fmt: skip
 
     def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None, normalizer=None):
         return fused_policy_loss(
-            logits, labels, old_logp, advantages, mask,
-            temperature=self.temperature, entropy_coef=self.entropy_coef,
-            inplace_backward=self.inplace_backward, backend=self.backend,
-            ref_logp=ref_logp, normalizer=normalizer, **asdict(self.options),
-        )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, entropy_coef={self.entropy_coef}, backend={self.backend!r}, "
-            + _options_repr(self.options)
+            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **self.op_kwargs()
         )
 
 
-class ValueLoss(torch.nn.Module):
+class ValueLoss(_OpModule):
     """Module form of ``rlhf_fast.value_loss``: forward(values, old_values, returns, mask, normalizer=None)."""
 
     def __init__(self, *, clip_eps: float | None = None, agg: str = "token-mean"):
-        super().__init__()
-        self.clip_eps = clip_eps
-        self.agg = agg
+        super().__init__(clip_eps=clip_eps, agg=agg)
 
     def forward(self, values, old_values, returns, mask, normalizer=None):
-        return value_loss(values, old_values, returns, mask, clip_eps=self.clip_eps, agg=self.agg, normalizer=normalizer)
-
-    def extra_repr(self) -> str:
-        return f"clip_eps={self.clip_eps}, agg={self.agg!r}"
+        return value_loss(values, old_values, returns, mask, normalizer=normalizer, **self.op_kwargs())
 
 
-class PairwiseRewardLoss(torch.nn.Module):
+class PairwiseRewardLoss(_OpModule):
     """Module form of ``rlhf_fast.pairwise_reward_loss``: forward(chosen, rejected, margin=None) -> (loss, stats)."""
 
     def __init__(self, *, margin: float | None = None, center_coef: float = 0.0):
-        super().__init__()
-        self.margin = margin
-        self.center_coef = center_coef
+        super().__init__(margin=margin, center_coef=center_coef)
 
     def forward(self, chosen, rejected, margin=None):
-        margin = self.margin if margin is None else margin
-        return pairwise_reward_loss(chosen, rejected, margin=margin, center_coef=self.center_coef)
+        kwargs = self.op_kwargs()
+        if margin is not None:  # a per-call margin (one per pair, say) wins over the held one
+            kwargs["margin"] = margin
+        return pairwise_reward_loss(chosen, rejected, **kwargs)
 
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, center_coef={self.center_coef}"
 
-
-class LinearTokenLogProbs(torch.nn.Module):
+class LinearTokenLogProbs(_OpModule):
     """Module form of ``rlhf_fast.linear_token_logprobs``: forward(hidden, weight, labels, bias=None)."""
 
     def __init__(
@@ -171,30 +149,16 @@ class LinearTokenLogProbs(torch.nn.Module):
         chunk_size: int | None = None,
         accum_dtype: torch.dtype | None = torch.float32,
     ):
-        super().__init__()
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.return_entropy = return_entropy
-        self.backend = backend
-        self.chunk_size = chunk_size
-        self.accum_dtype = accum_dtype
-
-    def forward(self, hidden, weight, labels, bias=None):
-        return linear_token_logprobs(
-            hidden, weight, labels, bias=bias, temperature=self.temperature, ignore_index=self.ignore_index,
-            return_entropy=self.return_entropy, backend=self.backend, chunk_size=self.chunk_size,
-            accum_dtype=self.accum_dtype,
+        super().__init__(
+            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
+            chunk_size=chunk_size, accum_dtype=accum_dtype,
         )  # fmt: skip
 
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"return_entropy={self.return_entropy}, backend={self.backend!r}, chunk_size={self.chunk_size}, "
-            f"accum_dtype={self.accum_dtype}"
-        )
+    def forward(self, hidden, weight, labels, bias=None):
+        return linear_token_logprobs(hidden, weight, labels, bias=bias, **self.op_kwargs())
 
 
-class LinearSFTLoss(torch.nn.Module):
+class LinearSFTLoss(_OpModule):
     """Module form of ``rlhf_fast.linear_sft_loss``: forward(hidden, weight, labels, bias=None) -> loss."""
 
     def __init__(
@@ -205,26 +169,13 @@ class LinearSFTLoss(torch.nn.Module):
         chunk_size: int | None = None,
         accum_dtype: torch.dtype | None = torch.float32,
     ):
-        super().__init__()
-        self.ignore_index = ignore_index
-        self.backend = backend
-        self.chunk_size = chunk_size
-        self.accum_dtype = accum_dtype
+        super().__init__(ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
 
     def forward(self, hidden, weight, labels, bias=None):
-        return linear_sft_loss(
-            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, backend=self.backend,
-            chunk_size=self.chunk_size, accum_dtype=self.accum_dtype,
-        )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, backend={self.backend!r}, chunk_size={self.chunk_size}, "
-            f"accum_dtype={self.accum_dtype}"
-        )
+        return linear_sft_loss(hidden, weight, labels, bias=bias, **self.op_kwargs())
 
 
-class FusedLinearPolicyLoss(torch.nn.Module):
+class FusedLinearPolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.fused_linear_policy_loss``: forward(hidden, weight, labels, old_logp,
     advantages, mask, bias=None, ref_logp=None, normalizer=None) -> (loss, stats)."""
 
@@ -243,23 +194,14 @@ class FusedLinearPolicyLoss(torch.nn.Module):
         kl_estimator: str = "k3",
         agg: str = "token-mean",
     ):
-        super().__init__()
-        self.options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
-        self.temperature = temperature
-        self.entropy_coef = entropy_coef
-        self.backend = backend
-        self.chunk_size = chunk_size
-        self.accum_dtype = accum_dtype
+        super().__init__(
+            PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg),
+            temperature=temperature, entropy_coef=entropy_coef, backend=backend, chunk_size=chunk_size,
+            accum_dtype=accum_dtype,
+        )  # fmt: skip
 
     def forward(self, hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, normalizer=None):
         return fused_linear_policy_loss(
-            hidden, weight, labels, old_logp, advantages, mask, bias=bias,
-            temperature=self.temperature, entropy_coef=self.entropy_coef, backend=self.backend,
-            chunk_size=self.chunk_size, accum_dtype=self.accum_dtype, ref_logp=ref_logp, normalizer=normalizer, **asdict(self.options),
+            hidden, weight, labels, old_logp, advantages, mask, bias=bias, ref_logp=ref_logp, normalizer=normalizer,
+            **self.op_kwargs(),
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, entropy_coef={self.entropy_coef}, backend={self.backend!r}, "
-            f"chunk_size={self.chunk_size}, accum_dtype={self.accum_dtype}, " + _options_repr(self.options)
-        )
