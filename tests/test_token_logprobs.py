@@ -56,7 +56,13 @@ def check_against_reference(logits, labels, temperature, backend, *, min_grad_to
     floor = max(labels.numel(), 1) ** 0.5
     grad_tol = max(tol, min_grad_tol)
     if logits.dtype in LOW_PRECISION:
-        grad_tol = max(tol, low_precision_grad_budget(logits, labels, g_logp, g_ent, temperature, ref[2], floor))
+        budget = low_precision_grad_budget(logits, labels, g_logp, g_ent, temperature, ref[2], floor)
+        if backend == "triton" and logits.device.type == "cpu" and logits.dtype == torch.bfloat16:
+            # The Triton interpreter casts float32 to bf16 by truncation (up to 1 ulp off, where a
+            # GPU rounds to nearest: 1/2 ulp). Seen: 2 rows of V = 128256, whose gradient norm is
+            # two label entries, each truncated by one ulp: 2.9x PyTorch's error. GPU runs keep 2x.
+            budget *= 2
+        grad_tol = max(tol, budget)
     grad_err = rel_err(got[2], ref[2], floor=floor)
     assert grad_err <= grad_tol, f"grad: rel err {grad_err:.3g} > {grad_tol:.3g}"
     ignored = labels == -100
