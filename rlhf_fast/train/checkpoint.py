@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dist
+
 FORMAT = "rlhf_fast.train.checkpoint/1"
 NAME_RE = re.compile(r"^step_(\d{8})\.pt$")
 TMP_MARK = ".tmp"
@@ -124,3 +126,39 @@ def set_rng_state(state: dict) -> None:
             "gauss": np_state["gauss"],
         }
     )
+
+
+class CheckpointedRun:
+    """``save_checkpoint`` and ``resume`` for a training run (the SFT/RM ``Loop``, ``RLTrainer``).
+
+    The run provides ``state_dict()`` (what to save; it must hold "step") and
+    ``load_state_dict(payload)``, and the attributes ``step``, ``checkpoint_dir``,
+    ``keep_checkpoints``, ``hooks`` (``on_checkpoint``) and ``metrics`` (a ``MetricsLog``).
+    """
+
+    _last_saved = -1  # the step of the newest checkpoint this process wrote or resumed from
+
+    def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint of this step (atomically) and prunes old ones; all ranks wait."""
+        path = path_for(self.checkpoint_dir, self.step)
+        if dist.is_main():
+            save(self.state_dict(), path)
+            prune(self.checkpoint_dir, self.keep_checkpoints)
+        dist.barrier()
+        self._last_saved = self.step
+        for hook in self.hooks.on_checkpoint:
+            hook(self, path)
+        return path
+
+    def resume(self) -> Path | None:
+        """Restore the newest loadable checkpoint (every process loads it); None when there is none.
+        Metrics logged after its step (by the interrupted run) are dropped: they will be redone."""
+        found = load_latest(self.checkpoint_dir)
+        if found is None:
+            return None
+        path, payload = found
+        self.load_state_dict(payload)
+        self.step = int(payload["step"])
+        self._last_saved = self.step
+        self.metrics.drop_after(self.step)
+        return path

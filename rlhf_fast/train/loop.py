@@ -80,7 +80,7 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
-class Loop:
+class Loop(checkpoint.CheckpointedRun):
     """Runs ``cfg.steps`` optimizer steps of ``model`` on ``batches`` (see the module docstring).
 
     ``model`` must already be on its device; when torch.distributed is initialised it is wrapped in
@@ -116,6 +116,7 @@ class Loop:
         self.run_config = run_config
         self.out_dir = Path(out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.keep_checkpoints = cfg.keep_checkpoints
         self.grad_clip = optim.grad_clip
         self.optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim, cfg.steps)
@@ -125,7 +126,6 @@ class Loop:
         self.last_eval: dict[str, float] = {}
         self._window: dict[str, float] = {}
         self._window_steps = 0
-        self._last_saved = -1
         self._last_evaluated = -1
         self._start = time.monotonic()
 
@@ -204,41 +204,23 @@ class Loop:
             self.metrics.write({"step": self.step, "split": "train", **record})
             self._window, self._window_steps = {}, 0
 
-    def save_checkpoint(self) -> Path:
-        path = checkpoint.path_for(self.checkpoint_dir, self.step)
-        if dist.is_main():
-            payload = {
-                "step": self.step,
-                "model": self.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "data": self.batches.state_dict(),
-                "config": self.run_config,
-            }
-            checkpoint.save(payload, path)
-            checkpoint.prune(self.checkpoint_dir, self.cfg.keep_checkpoints)
-        dist.barrier()
-        self._last_saved = self.step
-        for hook in self.hooks.on_checkpoint:
-            hook(self, path)
-        return path
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "data": self.batches.state_dict(),
+            "config": self.run_config,
+        }
 
-    def resume(self) -> Path | None:
-        """Restore the newest loadable checkpoint of out_dir (every process loads it); None when there is none."""
-        found = checkpoint.load_latest(self.checkpoint_dir)
-        if found is None:
-            return None
-        path, payload = found
+    def load_state_dict(self, payload: dict) -> None:
         self.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.batches.load_state_dict(payload["data"])
         checkpoint.set_rng_state(payload["rng"])
-        self.step = int(payload["step"])
-        self._last_saved = self.step
-        self.metrics.drop_after(self.step)
-        return path
 
     # ----------------------------------------------------------------- the run
     def run(self) -> dict[str, float]:

@@ -142,7 +142,7 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
     return out
 
 
-class RLTrainer:
+class RLTrainer(checkpoint.CheckpointedRun):
     """Builds (or takes) the policy, reference, reward model and critic from ``config`` and runs RL.
 
     Args:
@@ -240,9 +240,9 @@ class RLTrainer:
         self.autocast = autocast_for(config.train.precision, self.device)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.keep_checkpoints = config.train.keep_checkpoints
         self.step = 0
         self.last_eval: dict[str, float] = {}
-        self._last_saved = -1
 
     # ------------------------------------------------------------------ construction helpers
     def _load_reward_model(self, path: str):
@@ -444,23 +444,7 @@ class RLTrainer:
             "config": to_dict(self.config),
         }
 
-    def save_checkpoint(self) -> Path:
-        path = checkpoint.path_for(self.checkpoint_dir, self.step)
-        if dist.is_main():
-            checkpoint.save(self.state_dict(), path)
-            checkpoint.prune(self.checkpoint_dir, self.config.train.keep_checkpoints)
-        dist.barrier()
-        self._last_saved = self.step
-        for hook in self.hooks.on_checkpoint:
-            hook(self, path)
-        return path
-
-    def resume(self) -> Path | None:
-        """Restore the newest loadable checkpoint (every process); None when there is none."""
-        found = checkpoint.load_latest(self.checkpoint_dir)
-        if found is None:
-            return None
-        path, payload = found
+    def load_state_dict(self, payload: dict) -> None:
         self.policy.load_state_dict(payload["model"])
         if self.critic is not None:
             self.critic.load_state_dict(payload["critic"])
@@ -469,10 +453,6 @@ class RLTrainer:
         self.kl_ctl.value = float(payload["kl_coef"])
         self.prompt_stream.load_state_dict(payload["data"])
         checkpoint.set_rng_state(payload["rng"])
-        self.step = int(payload["step"])
-        self._last_saved = self.step
-        self.metrics.drop_after(self.step)
-        return path
 
     # ------------------------------------------------------------------ the run
     def train(self) -> dict[str, float]:
