@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from rlhf_fast.train.rl_cli import add_rl_commands, run_rl_command
+from rlhf_fast.train.cli import run as run_command
+from rlhf_fast.train.rl_cli import add_rl_commands
 from rlhf_fast.train.rl_demo import format_table, run_demo
 
 
@@ -43,16 +44,16 @@ def test_tiny_demo_writes_the_table_summary_and_plot(tmp_path, capsys):
 
 def test_rl_command_line_errors_exit_2_with_one_line(tmp_path, capsys):
     args = parser().parse_args(["rl", "--out_dir", str(tmp_path), "--rollout.max_new_tokens", "0"])
-    assert run_rl_command(args) == 2
+    assert run_command(args) == 2
     assert "rollout.max_new_tokens must be >= 1, got 0" in capsys.readouterr().err
     args = parser().parse_args(["rl", "--out_dir", str(tmp_path), "--model.path", str(tmp_path / "missing"), "--reward.gold"])
-    assert run_rl_command(args) == 2
+    assert run_command(args) == 2
     assert "model.path" in capsys.readouterr().err
 
 
 def test_rl_print_config_lists_every_section(tmp_path, capsys):
     args = parser().parse_args(["rl", "--print-config", "--algo.name", "grpo", "--rollout.group_size", "4"])
-    assert run_rl_command(args) == 0
+    assert run_command(args) == 0
     text = capsys.readouterr().out
     for section in ("rollout:", "reward:", "algo:", "optim:", "train:"):
         assert section in text

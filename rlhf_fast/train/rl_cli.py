@@ -1,14 +1,13 @@
 """Command line of the RL stage and the demo: ``rlhf-fast rl`` and ``rlhf-fast demo``.
 
-``add_rl_commands(subparsers)`` registers both (each sets ``handler``, so ``cli.run`` dispatches
-them like sft and rm); ``run_rl_command(args)`` runs one with the same error handling (exit status 2
-and a one-line message for configuration and data errors).
+``add_rl_commands(subparsers)`` registers both; each sets ``handler``, so ``cli.run`` dispatches
+them like sft and rm, with the same error handling (exit status 2 and a one-line message for
+configuration and data errors).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .cli import _print_config, add_config_options, config_from_args, training_session
 from .rl_config import ALGOS, RLConfig
@@ -78,15 +77,3 @@ def add_rl_commands(commands) -> None:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--check", action="store_true", help="exit 1 unless the RL gold score beats SFT's by 3 standard errors")
     demo.set_defaults(handler=run_demo_command)
-
-
-def run_rl_command(args: argparse.Namespace) -> int:
-    """Run ``rl`` or ``demo``; configuration, data and file errors exit with status 2 and one line."""
-    from .config import ConfigError
-    from .data import DataError
-
-    try:
-        return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
-        print(f"rlhf-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
