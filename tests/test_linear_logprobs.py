@@ -553,8 +553,11 @@ def test_llama3_shape_bf16_gpu():
     def eager(h, w, y):
         return reference.token_logprobs(h @ w.T, y)
 
+    def fused_bf16_sum(h, w, y):
+        return rlhf_fast.linear_token_logprobs(h, w, y, accum_dtype=None)
+
     results = {}
-    for name, fn in (("fused", rlhf_fast.linear_token_logprobs), ("eager", eager)):
+    for name, fn in (("fused", rlhf_fast.linear_token_logprobs), ("fused-bf16acc", fused_bf16_sum), ("eager", eager)):
         ms, peak = _timed_peak(lambda: run(fn), clear)
         clear()
         logp = run(fn)
@@ -578,3 +581,13 @@ def test_llama3_shape_bf16_gpu():
     print(f"fwd+bwd: fused {fused[0]:.1f} ms, {fused[1]:.0f} MiB peak; eager {eager_r[0]:.1f} ms, {eager_r[1]:.0f} MiB peak "
           f"(memory {fused[1] / eager_r[1]:.3f}x, time {fused[0] / eager_r[0]:.2f}x)")  # fmt: skip
     assert fused[1] < eager_r[1] / 5
+    # accum_dtype=None: the same logp and hidden gradient; the weight gradient summed in bf16 over
+    # 32 chunks (bf16 tolerance), and a peak at least 3/4 of the float32 sum's extra 2 V H bytes lower.
+    low = results["fused-bf16acc"]
+    for k, name, want in ((2, "logp", logp32), (3, "grad hidden", gh32), (4, "grad weight", w32.grad)):
+        ours, theirs = rel_err(low[k], want), rel_err(eager_r[k], want)
+        print(f"{name}: fused-bf16acc rel err {ours:.3g}, eager bf16 {theirs:.3g}")
+        assert ours <= (1e-2 if name == "grad weight" else 2 * theirs + 1e-6), name
+    saved_mib = (fused[1] - low[1])
+    print(f"fwd+bwd: fused-bf16acc {low[0]:.1f} ms, {low[1]:.0f} MiB peak ({saved_mib:.0f} MiB below the float32 sum)")
+    assert saved_mib > 0.75 * 2 * vocab * hidden_size / 2**20
