@@ -242,24 +242,30 @@ def test_autocast_runs_the_head_in_autocast_dtype(hidden_dtype, device):
 
 
 def test_autocast_losses_match_their_eager_autocast():
-    """linear_sft_loss and fused_linear_policy_loss under autocast: the value within bf16 error
-    of the float64 reference, gradients in the inputs' dtypes."""
+    """linear_sft_loss and fused_linear_policy_loss under autocast: the value within 2x the error of
+    eager autocast (F.linear's bf16 logits, then the loss) against the float64 reference, gradients
+    in the inputs' dtypes. (Policy ratios up to ~100 turn the logits' bf16 rounding into a few %.)"""
     require("host", "cpu", torch.bfloat16)
     hidden, weight, bias, labels = make_case(64, 1000, 48, torch.float32)
+    mask, labels_bt = labels.view(6, 8) != -100, labels.view(6, 8)
+    old, advantages = torch.randn(6, 8) - 7, torch.randn(6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sft = rlhf_fast.linear_sft_loss(hidden, weight, labels, bias=bias)
-        mask, labels_bt = labels.view(6, 8) != -100, labels.view(6, 8)
-        old, advantages = torch.randn(6, 8) - 7, torch.randn(6)
         policy, _ = rlhf_fast.fused_linear_policy_loss(
             hidden.view(6, 8, -1), weight, labels_bt, old, advantages, mask, bias=bias
         )
+        eager_logits = torch.nn.functional.linear(hidden, weight, bias).detach()
     (sft + policy).backward()
     h, w, b = (t.detach().double() for t in (hidden, weight, bias))
-    want_sft = reference.linear_sft_loss(h, w, labels, bias=b)
-    logits = reference.linear_logits(h, w, b).view(6, 8, -1)
-    want_policy, _ = reference.fused_policy_loss(logits, labels_bt, old.double(), advantages.double(), mask)
-    for got, want in ((sft, want_sft), (policy, want_policy)):
-        assert got.dtype == torch.float32 and abs(got.item() - want.item()) < 2e-2 * abs(want.item())
+
+    def losses(logits):
+        policy_inputs = (labels_bt, old.double(), advantages.double(), mask)
+        return reference.sft_loss(logits, labels), reference.fused_policy_loss(logits.view(6, 8, -1), *policy_inputs)[0]
+
+    want, eager = losses(reference.linear_logits(h, w, b)), losses(eager_logits.double())
+    for got, want_t, eager_t in zip((sft, policy), want, eager):
+        err, eager_err = abs(got.item() - want_t.item()), abs(eager_t.item() - want_t.item())
+        assert got.dtype == torch.float32 and err <= 2 * eager_err + 1e-5 * abs(want_t.item()), (err, eager_err)
     assert [t.grad.dtype for t in (hidden, weight, bias)] == [torch.float32] * 3
 
 
