@@ -218,8 +218,8 @@ def test_autocast_runs_the_head_in_autocast_dtype(hidden_dtype, device):
     """Under autocast (float32 weights, hidden float32 or already bf16) the head runs in bf16 as
     F.linear would: error within the bf16 budget (1e-2, or 2x eager autocast's where that is
     larger) vs the float64 reference on the same values, and each gradient in its input's own
-    dtype (the weight's float32, not bf16-rounded). Eager autocast keeps d logits in float32 where
-    we keep them in the bf16 logits buffer, so its error can be the smaller one."""
+    dtype (the weight's float32, not bf16-rounded). Eager is F.linear + log_softmax under the same
+    autocast (its log_softmax runs in float32 on CUDA, in bf16 on CPU)."""
     if device == "cpu":
         require("host", "cpu", torch.bfloat16)
     cases = make_case(96, 1000, 64, torch.float32)
@@ -270,8 +270,9 @@ def test_autocast_losses_match_their_eager_autocast():
 
 
 def eager_values(hidden, weight, bias, labels, g_logp, g_entropy):
-    """Eager PyTorch in the inputs' dtype: logits and log_softmax in that dtype."""
-    log_p = torch.log_softmax(reference.linear_logits(hidden, weight, bias), dim=-1)
+    """Eager PyTorch in the inputs' dtype: F.linear's logits (under autocast: its dtype, the bias
+    added before the one rounding) and log_softmax in that dtype."""
+    log_p = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias), dim=-1)
     keep = labels != -100
     logp = log_p.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1) * keep
     entropy = -(log_p.exp() * log_p).sum(-1) * keep
