@@ -31,9 +31,11 @@ def test_matches_reference(margin, center_coef, dtype):
     assert loss.item() == pytest.approx(want.item(), rel=2e-5)
     tol = 2e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradient is rounded to the inputs' dtype
     assert rel_err(c.grad, c64.grad) < tol and rel_err(r.grad, r64.grad) < tol
+    # The margin stat is a mean of differences of both signs: its float32 error scales with their size.
+    scale = (c64 - r64).abs().mean().item()
     for key in ("accuracy", "margin"):
         assert stats[key].dtype == torch.float32 and not stats[key].requires_grad
-        assert stats[key].item() == pytest.approx(want_stats[key].item(), rel=1e-5)
+        assert stats[key].item() == pytest.approx(want_stats[key].item(), rel=1e-5, abs=1e-6 * scale)
 
 
 def test_stats_values_and_module():
