@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_fast import reference
 from rlhf_fast.backends.registry import BACKENDS, can_serve
 
 
@@ -77,3 +78,19 @@ def poison(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     junk = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype, device=x.device)
     fill = junk[torch.randint(0, 3, x.shape, device=x.device)]
     return torch.where(mask, x, fill)
+
+
+def policy_term_scale(logp, old_logp, advantages, mask, agg, *, ref_logp=None, kl_coef=0.0, kl_estimator="k3"):
+    """``agg`` of the per-token policy-loss terms' sizes, |A| ratio (+ kl_coef |kl|), in float64.
+
+    A policy loss sums terms of both signs (advantages are), so it can cancel to nearly 0 while
+    its float32 rounding error stays proportional to the terms: compare loss values to this scale.
+    """
+    mask = mask.bool()
+    adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
+    logp, old_logp = (torch.where(mask, t.detach().double(), 0.0) for t in (logp, old_logp))
+    size = torch.where(mask, adv.double().abs(), 0.0) * (logp - old_logp).exp()
+    if ref_logp is not None and kl_coef:
+        kl = reference.kl_penalty(logp, torch.where(mask, ref_logp.double(), 0.0), estimator=kl_estimator)
+        size = size + kl_coef * kl.abs()
+    return reference.aggregate(size, mask, agg).item()
