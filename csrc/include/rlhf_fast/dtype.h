@@ -161,43 +161,30 @@ inline const char* dtype_name(int code) {
 
 // Runtime dtype code -> compile-time element type, at the one boundary between the bindings and the
 // kernels (habit 4). Usage: RLHF_FAST_FLOAT_SWITCH(code, "logits", T, [&] { run<T>(); });
-#define RLHF_FAST_FLOAT_SWITCH(CODE, WHAT, T, ...)              \
-  switch (CODE) {                                               \
-    case ::rlhf_fast::kFloat32: {                               \
-      using T = float;                                          \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    case ::rlhf_fast::kBFloat16: {                              \
-      using T = ::rlhf_fast::bf16_t;                            \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    case ::rlhf_fast::kFloat16: {                               \
-      using T = ::rlhf_fast::f16_t;                             \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    case ::rlhf_fast::kFloat64: {                               \
-      using T = double;                                         \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    default: ::rlhf_fast::unsupported_dtype(WHAT, CODE);        \
+#define RLHF_FAST_DTYPE_CASE(CODE, TYPE, T, ...) \
+  case ::rlhf_fast::CODE: {                      \
+    using T = TYPE;                              \
+    __VA_ARGS__();                               \
+  } break;
+
+// float32, bfloat16 and float16: what the CUDA kernels serve.
+#define RLHF_FAST_HALF_AND_FLOAT_CASES(T, ...)                        \
+  RLHF_FAST_DTYPE_CASE(kFloat32, float, T, __VA_ARGS__)               \
+  RLHF_FAST_DTYPE_CASE(kBFloat16, ::rlhf_fast::bf16_t, T, __VA_ARGS__) \
+  RLHF_FAST_DTYPE_CASE(kFloat16, ::rlhf_fast::f16_t, T, __VA_ARGS__)
+
+#define RLHF_FAST_FLOAT_SWITCH(CODE, WHAT, T, ...)          \
+  switch (CODE) {                                           \
+    RLHF_FAST_HALF_AND_FLOAT_CASES(T, __VA_ARGS__)          \
+    RLHF_FAST_DTYPE_CASE(kFloat64, double, T, __VA_ARGS__)  \
+    default: ::rlhf_fast::unsupported_dtype(WHAT, CODE);    \
   }
 
 // The same without float64 (the CUDA kernels serve float32, bfloat16 and float16 only).
-#define RLHF_FAST_FLOAT_SWITCH_NO_F64(CODE, WHAT, T, ...)       \
-  switch (CODE) {                                               \
-    case ::rlhf_fast::kFloat32: {                               \
-      using T = float;                                          \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    case ::rlhf_fast::kBFloat16: {                              \
-      using T = ::rlhf_fast::bf16_t;                            \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    case ::rlhf_fast::kFloat16: {                               \
-      using T = ::rlhf_fast::f16_t;                             \
-      __VA_ARGS__();                                            \
-    } break;                                                    \
-    default: ::rlhf_fast::unsupported_dtype(WHAT, CODE);        \
+#define RLHF_FAST_FLOAT_SWITCH_NO_F64(CODE, WHAT, T, ...) \
+  switch (CODE) {                                         \
+    RLHF_FAST_HALF_AND_FLOAT_CASES(T, __VA_ARGS__)        \
+    default: ::rlhf_fast::unsupported_dtype(WHAT, CODE);  \
   }
 
 #define RLHF_FAST_BOOL_SWITCH(COND, NAME, ...) \
