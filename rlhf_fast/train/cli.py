@@ -63,36 +63,42 @@ def training_session():
     return process_group()
 
 
-def run_sft(args: argparse.Namespace) -> int:
-    config = config_from_args(SFTConfig, args)
+def run_trainer(args: argparse.Namespace, config_class: type, make_trainer, steps_done, report) -> int:
+    """The body of a training command: the config from the options (only printed with
+    --print-config), ``make_trainer(config).train()`` in the training session, then on rank 0, once
+    ``steps_done(trainer)`` reaches train.steps (not a ``stop_after`` pause), ``report(trainer, metrics)``."""
+    config = config_from_args(config_class, args)
     if args.print_config:
         _print_config(config)
         return 0
     from . import dist
-    from .sft import SFTTrainer
 
     with training_session():
-        trainer = SFTTrainer(config)
+        trainer = make_trainer(config)
         metrics = trainer.train()
-        if metrics and trainer.loop.step == config.train.steps and dist.is_main():
-            print(f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['ppl']:.3g}); policy saved to {trainer.out_dir / 'model'}")
+        if steps_done(trainer) == config.train.steps and dist.is_main():
+            report(trainer, metrics)
     return 0
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from .sft import SFTTrainer
+
+    def report(trainer, metrics):
+        if metrics:  # no evaluation came back (a finished run resumed): nothing to report
+            loss, ppl = metrics["loss"], metrics["ppl"]
+            print(f"held-out loss {loss:.4f} (perplexity {ppl:.3g}); policy saved to {trainer.out_dir / 'model'}")
+
+    return run_trainer(args, SFTConfig, SFTTrainer, lambda trainer: trainer.loop.step, report)
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    config = config_from_args(RewardConfig, args)
-    if args.print_config:
-        _print_config(config)
-        return 0
-    from . import dist
     from .reward import RewardTrainer
 
-    with training_session():
-        trainer = RewardTrainer(config)
-        trainer.train()
-        if trainer.loop.step == config.train.steps and dist.is_main():
-            print(f"reward model saved to {trainer.out_dir / 'reward_model'}")
-    return 0
+    def report(trainer, metrics):
+        print(f"reward model saved to {trainer.out_dir / 'reward_model'}")
+
+    return run_trainer(args, RewardConfig, RewardTrainer, lambda trainer: trainer.loop.step, report)
 
 
 def run_demo_data(args: argparse.Namespace) -> int:

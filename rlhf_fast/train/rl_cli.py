@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import _print_config, add_config_options, config_from_args, training_session
+from .cli import add_config_options, run_trainer, training_session
 from .rl_config import ALGOS, RLConfig
 
 
 def run_rl(args: argparse.Namespace) -> int:
-    config = config_from_args(RLConfig, args)
-    if args.print_config:
-        _print_config(config)
-        return 0
-    from . import dist
     from .rl import RLTrainer
 
-    with training_session():
-        trainer = RLTrainer(config)
-        metrics = trainer.train()
-        if trainer.step == config.train.steps and dist.is_main():
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            print(f"held-out: {shown}\npolicy saved to {trainer.out_dir / 'model'}")
-    return 0
+    def report(trainer, metrics):
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"held-out: {shown}\npolicy saved to {trainer.out_dir / 'model'}")
+
+    return run_trainer(args, RLConfig, RLTrainer, lambda trainer: trainer.step, report)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
