@@ -365,9 +365,15 @@ if __name__ == "__main__":
             os.replace(tmp, outfile)
             return outfile, copied
 
+    # rlhf_fast.kernels and rlhf_fast.bench are the top-level kernels/ and bench/ folders, reached
+    # through the symlinks rlhf_fast/kernels -> ../kernels and rlhf_fast/bench -> ../bench. Neither
+    # folder has an __init__.py: run from the repository root (python -c, python -m, pytest), the
+    # root is on sys.path, and a regular package named `kernels` there would hide Hugging Face's
+    # `kernels` (which transformers imports); a namespace portion never wins over a regular
+    # package. A package_dir mapping cannot do this: setuptools' editable finder does not import a
+    # namespace subpackage that it maps, while the symlink serves editable and wheel installs alike.
     setup(
         packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.ops", "rlhf_fast.train", "rlhf_fast.kernels", "rlhf_fast.bench"],
-        package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels", "rlhf_fast.bench": "bench"},
         ext_modules=[
             Extension(
                 "rlhf_fast._C",

@@ -1,4 +1,4 @@
-"""``python -m bench``: the benchmark suite (bench/suite.py); ``rlhf-fast bench`` runs the same."""
+"""``python -m rlhf_fast.bench``: the benchmark suite (bench/suite.py); ``rlhf-fast bench`` runs the same."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """Benchmark of the advantage ops on [B, T] rollouts: gae, the fused ppo_advantages pipeline, group_advantages.
 
-    python bench/bench_advantages.py [--quick] [--shapes ...]    (the suite, restricted to these ops)
-    python -m bench --ops gae,ppo_advantages,group_advantages     (the same)
+    python -m rlhf_fast.bench.bench_advantages [--quick] [--shapes ...]    (the suite, restricted to these ops)
+    python -m rlhf_fast.bench --ops gae,ppo_advantages,group_advantages     (the same)
 
 gae (forward, and forward + backward w.r.t. rewards and values), B = 64, T = 4096:
   eager         rlhf_fast.reference.gae: the readable loop over T, the usual way to write it
@@ -26,11 +26,7 @@ writes rewards, advantages and returns: 25 B per token. group_advantages: 8 B pe
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: see bench_logprobs.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

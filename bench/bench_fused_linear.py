@@ -1,8 +1,8 @@
 """Benchmark of the linear-head ops (lm_head + loss, no [N, V] logits) against eager PyTorch and Liger.
 
-    python bench/bench_fused_linear.py [--quick] [--device cpu|cuda] [--shape NxHxV --dtype D] [--out DIR]
+    python -m rlhf_fast.bench.bench_fused_linear [--quick] [--device cpu|cuda] [--shape NxHxV --dtype D] [--out DIR]
                                        [--ops logprobs,sft,policy] [--chunk-size C ...] [--deadline-s S]
-    python bench/bench_fused_linear.py --summarize bench/results/*-fused_linear.json
+    python -m rlhf_fast.bench.bench_fused_linear --summarize bench/results/*-fused_linear.json
 
 Each op is a scalar loss L of hidden [N, H] and the head weight [V, H]; every row is forward +
 backward w.r.t. both (what a training step does):
@@ -41,11 +41,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script: make this module part of the checkout's `bench` package (see bench_logprobs.py).
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

@@ -1,7 +1,7 @@
 """Benchmark of token_logprobs: the fused backends against PyTorch baselines, forward and forward+backward.
 
-    python bench/bench_logprobs.py [--quick] [--device cpu|cuda] [--out DIR] [--shape NxV --dtype D]
-    python bench/bench_logprobs.py --summarize bench/results/*-logprobs.json   (headline figures)
+    python -m rlhf_fast.bench.bench_logprobs [--quick] [--device cpu|cuda] [--out DIR] [--shape NxV --dtype D]
+    python -m rlhf_fast.bench.bench_logprobs --summarize bench/results/*-logprobs.json   (headline figures)
 
 For each (dtype, [N x V]) and each row family ("logp"; "logp+entropy" with return_entropy=True),
 every implementation is
@@ -40,14 +40,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script: put the repository root on the path, as `python -m bench.bench_logprobs`
-    # does, and make this module part of the checkout's `bench` package, so that the relative
-    # imports below resolve (and the spawned memory probes find this module). Installed, the
-    # same files are the package rlhf_fast.bench.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

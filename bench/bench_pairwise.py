@@ -1,6 +1,6 @@
 """Benchmark of pairwise_reward_loss, the Bradley-Terry loss of reward-model training.
 
-    python bench/bench_pairwise.py [--quick]     (the suite, restricted to this op)
+    python -m rlhf_fast.bench.bench_pairwise [--quick]     (the suite, restricted to this op)
 
 loss = mean(-log sigmoid(c - r - margin)) + 0.01 * mean((c + r)^2), a [B] margin (Llama 2's) and
 the centring term on; forward, and forward + backward w.r.t. chosen and rejected.
@@ -15,11 +15,7 @@ forward; the two gradients (8 B per pair) more backward.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: see bench_logprobs.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

@@ -1,6 +1,6 @@
 """Benchmark of fused_policy_loss: the GRPO / PPO loss straight from [B, T, V] logits.
 
-    python bench/bench_policy_loss.py [--quick] [--shapes ...]   (the suite, restricted to this op)
+    python -m rlhf_fast.bench.bench_policy_loss [--quick] [--shapes ...]   (the suite, restricted to this op)
 
 The loss: clip 0.2, a k3 KL to ref_logp with coefficient 0.04 (GRPO's KL loss), token-mean over a
 right-padded mask (rows 1/4 to fully valid), per-sequence advantages [B], no entropy bonus (the
@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: see bench_logprobs.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

@@ -1,6 +1,6 @@
 """One RL step, fused ops vs the same loop on plain PyTorch ops: same model, same batch.
 
-    python bench/bench_rl_step.py [--device cpu|cuda] [--vocab V] [--hidden H] [--layers L]
+    python -m rlhf_fast.bench.bench_rl_step [--device cpu|cuda] [--vocab V] [--hidden H] [--layers L]
                                   [--batch B] [--prompt-len P] [--new-tokens R] [--repeats N] [--out DIR]
 
 The policy is a Llama built from a config (vocab V, hidden H, L layers); the step is GRPO-style
@@ -25,11 +25,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script: make this module part of the checkout's `bench` package (see bench_logprobs.py).
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

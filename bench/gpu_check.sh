@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine (H100, no network): build rlhf_fast._C for sm_90, run the GPU
-# tests and the quick benchmark suite (python -m bench --quick), and print the headline figures LAST.
+# tests and the quick benchmark suite (python -m rlhf_fast.bench --quick), and print the headline figures LAST.
 #
 #   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; under 8 minutes)
 #
@@ -85,7 +85,7 @@ if ((${#liger_wheels[@]})); then
   step liger 60 $((BENCH_MIN_S + 80)) python -m pip install --no-index --no-deps "${liger_wheels[@]}"
 fi
 # One RL step (rollout and update) with the fused ops vs the same loop on plain PyTorch, vocab 128256.
-step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python bench/bench_rl_step.py --device cuda --repeats 2 --out "$LOG_DIR/results"
+step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python -m rlhf_fast.bench.bench_rl_step --device cuda --repeats 2 --out "$LOG_DIR/results"
 
 # The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
 # ends on its own and writes its rows, report and plots (it also writes rows after each case, and
@@ -93,10 +93,10 @@ step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python bench/bench
 bench_limit=$((BUDGET_S - (SECONDS - START) - 20))
 if ((bench_limit > ${BENCH_TIMEOUT_S:-240})); then bench_limit=${BENCH_TIMEOUT_S:-240}; fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-TAIL=30 step bench "$bench_limit" 20 python -m bench --device cuda $BENCH_ARGS "${bench_out[@]}" \
+TAIL=30 step bench "$bench_limit" 20 python -m rlhf_fast.bench --device cuda $BENCH_ARGS "${bench_out[@]}" \
   --deadline-s "$((bench_limit > 90 ? bench_limit - 45 : bench_limit / 2))"
 
-TAIL=0 step summary 30 0 python -m bench.report --summary --device cuda --out bench/results
+TAIL=0 step summary 30 0 python -m rlhf_fast.bench.report --summary --device cuda --out bench/results
 
 echo
 echo "== $((SECONDS - START))s in all; logs in $LOG_DIR"

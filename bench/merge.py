@@ -1,6 +1,6 @@
 """Merge benchmark rows measured elsewhere (gpu_check.sh's tarball) into bench/results.
 
-    python -m bench.merge DIR [DIR ...] [--out bench/results] [--commit SHA] [--no-readme]
+    python -m rlhf_fast.bench.merge DIR [DIR ...] [--out bench/results] [--commit SHA] [--no-readme]
 
 Each DIR holds result files as a run writes them (<date>-<device>-suite.json, ...-rl_step.json).
 Their rows join the day's rows in --out (same key: replaced, as a new run's would be), suite rows
@@ -15,9 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: see bench_logprobs.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 from . import bench_rl_step, harness, report, suite
 

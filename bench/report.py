@@ -1,8 +1,8 @@
 """Reports of the benchmark suite: the day's Markdown report with PNG plots, the README section, a summary.
 
-    python -m bench.report [--out DIR]                 rebuild the newest report(s) from the JSON rows
-    python -m bench.report --summary [--device cuda]   print the highlights and headline tables
-    python -m bench.report --readme [README.md]        refresh the README's benchmark section
+    python -m rlhf_fast.bench.report [--out DIR]                 rebuild the newest report(s) from the JSON rows
+    python -m rlhf_fast.bench.report --summary [--device cuda]   print the highlights and headline tables
+    python -m rlhf_fast.bench.report --readme [README.md]        refresh the README's benchmark section
 
 bench/suite.py calls ``write_report`` at the end of every run: <out>/<date>-<device>.md, built from
 all the rows of <out>/<date>-<device>-suite.json (the day's runs, newest measurement of each key),
@@ -17,9 +17,6 @@ import re
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: see bench_logprobs.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 from . import harness
 from .case import timed

@@ -1,8 +1,8 @@
 """The benchmark suite: every op family, every backend and baseline, forward and forward+backward.
 
-    python -m bench [--quick] [--device cpu|cuda] [--ops OPS] [--shapes SHAPES] [--impls PATTERNS]
+    python -m rlhf_fast.bench [--quick] [--device cpu|cuda] [--ops OPS] [--shapes SHAPES] [--impls PATTERNS]
     rlhf-fast bench ...                 (the same command)
-    python -m bench --list              (the cases and implementations it would run, and why some can't)
+    python -m rlhf_fast.bench --list              (the cases and implementations it would run, and why some can't)
 
 Ops: logprobs, logprobs_entropy (token_logprobs), policy_loss (fused_policy_loss), linear_logprobs,
 linear_sft, linear_policy_loss (the lm_head fused with the loss), gae, ppo_advantages,
@@ -43,10 +43,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: see bench_logprobs.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"  # noqa: A001
 
 import torch
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import bench_logprobs as bl
+from rlhf_fast.bench import bench_logprobs as bl
 from rlhf_fast.backends.registry import BACKENDS
 
 SHAPES = [(64, 32000), (256, 4096)]

@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.bench_advantages import GAECase, GroupAdvantagesCase, PPOAdvantagesCase
-from bench.bench_pairwise import PairwiseCase
-from bench.bench_policy_loss import PolicyLossCase
-from bench.suite_fused_linear import LinearCase, LinearPolicyCase
+from rlhf_fast.bench.bench_advantages import GAECase, GroupAdvantagesCase, PPOAdvantagesCase
+from rlhf_fast.bench.bench_pairwise import PairwiseCase
+from rlhf_fast.bench.bench_policy_loss import PolicyLossCase
+from rlhf_fast.bench.suite_fused_linear import LinearCase, LinearPolicyCase
 
 DEVICE = torch.device("cpu")
 CASES = {

@@ -11,7 +11,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.backends.registry import BackendUnavailable, can_serve, provider, resolve
 
-from .numerics import MASK_PATTERNS, backend_params, poison, random_mask, rel_err, require
+from numerics import MASK_PATTERNS, backend_params, poison, random_mask, rel_err, require
 
 TOL = 2e-5  # float32 result vs the float64 reference on the same input values
 

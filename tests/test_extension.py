@@ -29,7 +29,7 @@ from rlhf_fast import reference
 from rlhf_fast.backends.cuda import CudaProvider
 from rlhf_fast.backends.host import HostProvider
 
-from .numerics import rel_err
+from numerics import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100

@@ -10,7 +10,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.reference import AGG_MODES, KL_ESTIMATORS
 
-from .numerics import poison, random_mask, rel_err, require
+from numerics import poison, random_mask, rel_err, require
 
 B, T, H, V = 4, 9, 40, 300
 # float64 logits, but the [B, T] loss math runs in float32 on both sides (policy_loss_terms), and

@@ -8,7 +8,7 @@ import torch
 import rlhf_fast
 from rlhf_fast import reference
 
-from .numerics import MASK_PATTERNS, backend_params, poison, random_mask, rel_err, require
+from numerics import MASK_PATTERNS, backend_params, poison, random_mask, rel_err, require
 
 ESTIMATORS = ("k1", "k2", "k3", "abs")
 TOL = 2e-5

@@ -17,7 +17,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.ops.linear_chunks import WeightGradAccumulator, chunk_rows
 
-from .numerics import rel_err, require
+from numerics import rel_err, require
 
 # (H, V, N): H in {64, 123, 4096 (few tokens)}, V in {1000, 32003}.
 SHAPES = [(64, 1000, 21), (123, 1000, 21), (64, 32003, 21), (123, 32003, 13), (4096, 1000, 6)]

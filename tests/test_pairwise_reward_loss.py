@@ -8,7 +8,7 @@ import torch
 import rlhf_fast
 from rlhf_fast import reference
 
-from .numerics import rel_err
+from numerics import rel_err
 
 
 @pytest.mark.parametrize("margin", [None, 0.5, "tensor"])

@@ -10,7 +10,7 @@ import torch
 import rlhf_fast
 from rlhf_fast import reference
 
-from .numerics import poison, policy_term_scale, random_mask, rel_err
+from numerics import poison, policy_term_scale, random_mask, rel_err
 
 TOL = 2e-5
 AGGS = reference.AGG_MODES

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from tests.test_rl import ALGOS, tiny
+from test_rl import ALGOS, tiny
 
 
 def _free_port() -> int:

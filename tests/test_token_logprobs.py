@@ -12,7 +12,7 @@ from rlhf_fast import reference
 from rlhf_fast.backends.registry import provider
 from rlhf_fast.ops.token_logprobs import _forward_op
 
-from .numerics import backend_params, rel_err, require, tolerance
+from numerics import backend_params, rel_err, require, tolerance
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -8,7 +8,7 @@ import torch
 import rlhf_fast
 from rlhf_fast import reference
 
-from .numerics import MASK_PATTERNS, poison, random_mask, rel_err
+from numerics import MASK_PATTERNS, poison, random_mask, rel_err
 
 AGGS = reference.AGG_MODES
 
