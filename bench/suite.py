@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.extras import require
+
 from . import bench_advantages, bench_pairwise, bench_policy_loss, harness, report, suite_fused_linear, suite_logprobs
 from .case import MODES, TAGS, Case, Impl, timed
 
@@ -371,6 +373,7 @@ def list_cases(cases: list[Case], args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    require("bench", "the benchmark suite")  # its report draws plots
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     if unknown := [op for op in args.ops if op not in OPS]:
         raise SystemExit(f"--ops takes a comma-separated subset of {','.join(OPS)}; got {','.join(unknown)}")

@@ -7,11 +7,16 @@
 Also on the command line: ``rlhf-fast sft --help`` and ``rlhf-fast rm --help``. With no data paths
 both use the built-in synthetic task (``rlhf_fast.train.task``), whose gold preference is known.
 
-The names below are imported on first use, so ``rlhf_fast.train.config`` (and the CLI's --help)
-does not pay for importing transformers.
+Needs the ``[train]`` extra (transformers, tokenizers, ...): without it, importing this package
+raises ``rlhf_fast.extras.MissingExtra`` naming the extra. The names below are imported on first
+use, so ``rlhf_fast.train.config`` (and the CLI's --help) does not pay for importing transformers.
 """
 
 from importlib import import_module
+
+from rlhf_fast.extras import require
+
+require("train", "rlhf_fast.train")
 
 _EXPORTS = {
     "ConfigError": "config",
