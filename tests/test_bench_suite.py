@@ -24,6 +24,7 @@ from rlhf_fast.bench.case import Impl
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_tiny_run_writes_report_plots_and_device_rows(tmp_path):
     entry = [sys.executable, "-m", "rlhf_fast", "bench"]
     out = tmp_path / "results"

@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_the_table_summary_and_plot(tmp_path, capsys):
     summary = run_demo(tmp_path, algo="grpo", sft_steps=4, rm_steps=4, rl_steps=2, device="cpu", progress=False,
                        overrides=TINY)  # fmt: skip

@@ -318,6 +318,7 @@ ptxas info    : Used 32 registers, used 1 barriers
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_cuda_kernels_do_not_spill():
     build = load_build_script()

@@ -500,6 +500,7 @@ def peak_mib(impl: str, n: int, hidden_size: int, vocab: int) -> subprocess.Pope
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux /proc/self/clear_refs")
 def test_peak_memory_cpu():
     """N = 4096, H = 512, V = 32000 float32, forward + backward: measured peak RSS growth of the

@@ -147,6 +147,7 @@ def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):
     assert metrics["fn_score"] == pytest.approx(metrics["reward"])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     overrides = {**ALGOS["ppo"], "train.steps": 4, "train.save_every": 2}
     full = RLTrainer(tiny(tmp_path / "full", **overrides))

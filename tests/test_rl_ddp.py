@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -38,6 +39,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, results: str) -> Non
         torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_keep_identical_parameters(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

@@ -71,6 +71,7 @@ def test_gradient_accumulation_normalises_by_pairs(tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     cpu = {"train.device": "cpu"}
     straight = RewardTrainer(tiny(tmp_path / "a", **cpu))
@@ -99,6 +100,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_reward_model_reaches_the_gold_ceiling_margin(tmp_path, capsys, one_thread):
     config = load_config(RewardConfig, None, {"out_dir": str(tmp_path), **CI_RM})
     assert (config.train.batch_size, config.optim.lr) == (64, 2e-3)  # the defaults this test vouches for

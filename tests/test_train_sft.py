@@ -106,6 +106,7 @@ def test_gradient_accumulation_normalises_by_tokens(tmp_path):
     assert max(float((naive[n] - whole[n]).abs().max()) for n in whole) > 1e-4
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     """3 + 3 steps with a resume give bit-identical parameters to 6 straight on CPU (dropout on, so the
     RNG state must be restored too)."""

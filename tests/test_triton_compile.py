@@ -77,6 +77,7 @@ def _compile_all(arch: int) -> list[dict]:
         return list(pool.map(one, jobs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernels_compile_without_spills(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
