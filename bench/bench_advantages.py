@@ -1,7 +1,6 @@
 """Benchmark of the advantage ops on [B, T] rollouts: gae, the fused ppo_advantages pipeline, group_advantages.
 
-    python -m rlhf_fast.bench.bench_advantages [--quick] [--shapes ...]    (the suite, restricted to these ops)
-    python -m rlhf_fast.bench --ops gae,ppo_advantages,group_advantages     (the same)
+    python -m rlhf_fast.bench --ops gae,ppo_advantages,group_advantages [--quick] [--shapes ...]
 
 gae (forward, and forward + backward w.r.t. rewards and values), B = 64, T = 4096:
   eager         rlhf_fast.reference.gae: the readable loop over T, the usual way to write it
@@ -25,7 +24,6 @@ writes rewards, advantages and returns: 25 B per token. group_advantages: 8 B pe
 
 from __future__ import annotations
 
-import sys
 
 
 import torch
@@ -189,13 +187,3 @@ SHAPES = {
 }
 CASES = {"gae": GAECase, "ppo_advantages": PPOAdvantagesCase, "group_advantages": GroupAdvantagesCase}
 DTYPES = {"cpu": torch.float32, "cuda": torch.float32}  # the ops compute in float32
-
-
-def main(argv=None) -> int:
-    from .suite import main as suite_main
-
-    return suite_main(["--ops", ",".join(CASES)] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Benchmark of pairwise_reward_loss, the Bradley-Terry loss of reward-model training.
 
-    python -m rlhf_fast.bench.bench_pairwise [--quick]     (the suite, restricted to this op)
+    python -m rlhf_fast.bench --ops pairwise [--quick] [--shapes ...]
 
 loss = mean(-log sigmoid(c - r - margin)) + 0.01 * mean((c + r)^2), a [B] margin (Llama 2's) and
 the centring term on; forward, and forward + backward w.r.t. chosen and rejected.
@@ -14,7 +14,6 @@ forward; the two gradients (8 B per pair) more backward.
 
 from __future__ import annotations
 
-import sys
 
 
 import torch
@@ -66,13 +65,3 @@ SHAPES = {
 }
 CASES = {"pairwise": PairwiseCase}
 DTYPES = {"cpu": torch.float32, "cuda": torch.float32}
-
-
-def main(argv=None) -> int:
-    from .suite import main as suite_main
-
-    return suite_main(["--ops", ",".join(CASES)] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

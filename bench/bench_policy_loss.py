@@ -1,6 +1,6 @@
 """Benchmark of fused_policy_loss: the GRPO / PPO loss straight from [B, T, V] logits.
 
-    python -m rlhf_fast.bench.bench_policy_loss [--quick] [--shapes ...]   (the suite, restricted to this op)
+    python -m rlhf_fast.bench --ops policy_loss [--quick] [--shapes ...]
 
 The loss: clip 0.2, a k3 KL to ref_logp with coefficient 0.04 (GRPO's KL loss), token-mean over a
 right-padded mask (rows 1/4 to fully valid), per-sequence advantages [B], no entropy bonus (the
@@ -26,7 +26,6 @@ bench_logprobs.py). Bytes the op must move: those of token_logprobs with entropy
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 
@@ -246,13 +245,3 @@ SHAPES = {
 }
 CASES = {"policy_loss": PolicyLossCase}
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
-
-
-def main(argv=None) -> int:
-    from .suite import main as suite_main
-
-    return suite_main(["--ops", ",".join(CASES)] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

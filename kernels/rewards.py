@@ -28,7 +28,7 @@ def _kl(logp, ref_logp, ESTIMATOR: tl.constexpr):
         kl = 0.5 * d * d
     elif ESTIMATOR == 2:
         # k3 = e^x - 1 - x, x = -d. As written it drowns in the rounding of e^x for small |x|;
-        # below 0.5 use the Taylor series to x^8 (relative error < 4e-8). Same as ops/kl.py k3_of.
+        # below 0.5 use the Taylor series to x^8 (relative error < 4e-8). Same as rlhf_fast/kl_estimators.py k3_of.
         x = -d
         small = tl.abs(x) < 0.5
         xs = tl.where(small, x, 0.0)

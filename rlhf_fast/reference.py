@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .choices import AGG_MODES, GROUP_MODES, KL_ESTIMATORS
+
 IGNORE_INDEX = -100
 
 
@@ -92,9 +94,6 @@ def sft_loss(
 # (the tests run these in float64 as the oracle).
 # ---------------------------------------------------------------------------------------------
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-GROUP_MODES = ("grpo", "drgrpo", "rloo")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 WHITEN_EPS = 1e-8
 
 

@@ -15,10 +15,9 @@ from functools import cache
 
 import torch
 
+from ..choices import BACKEND_CHOICES as CHOICES
+from ..choices import BACKENDS
 from .base import Provider, Support
-
-BACKENDS = ("triton", "cuda", "host", "torch")
-CHOICES = BACKENDS + ("auto",)
 
 # "auto" order per device type. On CUDA the measured faster kernel comes first: see
 # bench/results/ (token log-probs, bf16 [16384 x 128256], H100).
@@ -86,6 +85,8 @@ def use_backend(name: str):
 
 def can_serve(name: str, device: torch.device, dtype: torch.dtype, op: str = "token_logprobs") -> Support:
     """Whether backend ``name`` can run op family ``op`` here on tensors of this device and dtype, and why not."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return Support(False, "no CUDA device (torch.cuda.is_available() is False)")
     try:
         prov = provider(name)
         ready = prov.available()
@@ -109,10 +110,18 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, op: str = "toke
     """The provider that runs a call: the requested one (or an error saying why it cannot), or auto's pick.
 
     ``op`` names the op family (``base.TOKEN_OPS | base.BT_OPS``): "auto" skips providers without
-    a kernel for it, down to the torch reference, which has them all.
+    a kernel for it, down to the torch reference, which has them all. The answer is cached per
+    (backend setting, device type, dtype, op): the ops resolve on every forward and backward.
     """
     if name == "auto":
         name = default_backend()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # changes what Triton can serve on CPU
+    return _resolve(name, torch.device(device).type, dtype, op, interpret)
+
+
+@cache
+def _resolve(name: str, device_type: str, dtype: torch.dtype, op: str, interpret: bool) -> Provider:
+    device = torch.device(device_type)
     if name != "auto":
         support = can_serve(name, device, dtype, op)
         if not support:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..kl_estimators import kl_values  # float32-accurate k3 (the reference's is float64-grade)
 from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
 
 
@@ -66,8 +67,6 @@ class TorchProvider(Provider):
     # (reference.gae_scan) rather than the loop over T.
 
     def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
-        from ..ops.kl import kl_values  # the float32-accurate k3 (the reference's is float64-grade)
-
         kl = kl_values(torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0), estimator)
         out = torch.where(mask, -beta * kl, 0.0)
         last = reference.last_valid_index(mask)

@@ -14,7 +14,8 @@ import torch
 
 from .. import _validate as check
 from ..backends import registry
-from ..reference import GROUP_MODES, KL_ESTIMATORS, WHITEN_EPS
+from ..choices import GROUP_MODES, KL_ESTIMATORS
+from ..reference import WHITEN_EPS
 from .kl import kl_penalized_rewards
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from ..reference import AGG_MODES
+from ..choices import AGG_MODES
 
 
 def loss_normalizer(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:

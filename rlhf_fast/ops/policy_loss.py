@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import _validate as check
-from ..reference import AGG_MODES, KL_ESTIMATORS
+from ..choices import AGG_MODES, KL_ESTIMATORS
+from ..kl_estimators import k3_of, kl_values
 from .aggregate import aggregate, check_normalizer
-from .kl import k3_of, kl_values
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from ..reference import AGG_MODES
+from ..choices import AGG_MODES
 from .aggregate import aggregate, check_normalizer
 
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ..choices import AGG_MODES, GROUP_MODES, KL_ESTIMATORS
 from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig
 
 ALGOS = ("ppo", "grpo", "reinforce")
-GROUP_MODES = ("grpo", "drgrpo", "rloo")
 BASELINES = ("none", "mean", "rloo")
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_PLACES = ("reward", "loss", "none")
 
 

@@ -1,0 +1,8 @@
+"""The option vocabularies, defined once: ops, nn modules, the reference, the backends and the
+training configs all take their accepted values from here. Plain tuples of strings, no torch."""
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+GROUP_MODES = ("grpo", "drgrpo", "rloo")
+BACKENDS = ("triton", "cuda", "host", "torch")
+BACKEND_CHOICES = BACKENDS + ("auto",)
