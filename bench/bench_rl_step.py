@@ -73,12 +73,11 @@ def eager_loss_step(trainer, micro, normalizer):
     from rlhf_fast.train.rl_rollout import response_logits
     from rlhf_fast.train.rl_steps import policy_loss_options
 
-    options = policy_loss_options(trainer)
-    options.pop("entropy_coef")
     logits = response_logits(trainer.policy, micro.rollout)
     loss, stats = reference.fused_policy_loss(
         logits, micro.rollout.labels, micro.old_logp, micro.advantages, micro.mask,
-        temperature=trainer.config.rollout.temperature, ref_logp=micro.ref_logp, **options,
+        temperature=trainer.config.rollout.temperature, entropy_coef=trainer.config.algo.entropy_coef,
+        ref_logp=micro.ref_logp, options=policy_loss_options(trainer),
     )  # fmt: skip
     # reference.aggregate divides by this micro-batch's count; rescale to the minibatch's normaliser.
     return loss * micro.mask.sum() / normalizer, stats

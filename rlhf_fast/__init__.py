@@ -7,6 +7,7 @@ the compiled extension and Triton are loaded on first use.
 from . import hf, nn, reference
 from .backends import BackendUnavailable, explain, use_backend
 from .ops import (
+    LinearOptions,
     PolicyLossOptions,
     PPOAdvantages,
     fused_linear_policy_loss,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "LinearOptions",
     "PPOAdvantages",
     "PolicyLossOptions",
     "explain",

@@ -7,7 +7,6 @@ from dataclasses import asdict
 import torch
 
 from .ops import (
-    PolicyLossOptions,
     fused_linear_policy_loss,
     fused_policy_loss,
     linear_sft_loss,
@@ -17,29 +16,40 @@ from .ops import (
     token_logprobs,
     value_loss,
 )
+from .options import LinearOptions, PolicyLossOptions, no_leftovers, take
 from .reference import IGNORE_INDEX
-
-
 
 
 class _OpModule(torch.nn.Module):
     """A functional op with its keyword options held as attributes (change them between calls if you
-    like); ``op_kwargs()`` hands them back by name, and the repr lists them. ``options``: a
-    validated ``PolicyLossOptions`` whose fields are spread in after the others."""
+    like) and its option groups as validated objects (``options``: PolicyLossOptions, ``linear``:
+    LinearOptions), taken once here and handed to the op as they are; the repr lists every field."""
 
-    def __init__(self, options: PolicyLossOptions | None = None, **kwargs):
+    def __init__(self, groups: dict | None = None, **kwargs):
         super().__init__()
         self._option_names = tuple(kwargs)
         for name, value in kwargs.items():
             setattr(self, name, value)
-        self.options = options
+        self._group_names = tuple(groups or {})
+        for name, value in (groups or {}).items():
+            setattr(self, name, value)
 
     def op_kwargs(self) -> dict:
-        kwargs = {name: getattr(self, name) for name in self._option_names}
-        return kwargs | (asdict(self.options) if self.options is not None else {})
+        return {name: getattr(self, name) for name in self._option_names + self._group_names}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.op_kwargs().items())
+        shown = {name: getattr(self, name) for name in self._option_names}
+        for name in self._group_names:
+            shown |= asdict(getattr(self, name))
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+def _groups(module: str, option_kwargs: dict, **given) -> dict:
+    """The option groups of an nn module from its ``options=`` / ``linear=`` and flat keywords."""
+    classes = {"options": PolicyLossOptions, "linear": LinearOptions}
+    groups = {name: take(classes[name], value, option_kwargs, name) for name, value in given.items()}
+    no_leftovers(module, option_kwargs, *(classes[name] for name in given))
+    return groups
 
 
 class TokenLogProbs(_OpModule):
@@ -65,28 +75,18 @@ class TokenLogProbs(_OpModule):
 
 class PolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.policy_loss``: forward(logp, old_logp, advantages, mask, ref_logp=None,
-    normalizer=None) -> (loss, stats). The options are a validated ``PolicyLossOptions``."""
+    normalizer=None) -> (loss, stats). Takes ``options=PolicyLossOptions(...)`` or its fields as keywords."""
 
-    def __init__(
-        self,
-        *,
-        clip_eps: float | None = 0.2,
-        clip_eps_high: float | None = None,
-        dual_clip: float | None = None,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        agg: str = "token-mean",
-    ):
-        super().__init__(PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg))
+    def __init__(self, *, options: PolicyLossOptions | None = None, **option_kwargs):
+        super().__init__(_groups("PolicyLoss", option_kwargs, options=options))
 
     def forward(self, logp, old_logp, advantages, mask, ref_logp=None, normalizer=None):
-        options = self.op_kwargs()
-        return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **options)
+        return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **self.op_kwargs())
 
 
 class FusedPolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.fused_policy_loss``: forward(logits, labels, old_logp, advantages, mask,
-    ref_logp=None, normalizer=None) -> (loss, stats)."""
+    ref_logp=None, normalizer=None) -> (loss, stats). Takes ``options=`` or its fields as keywords."""
 
     def __init__(
         self,
@@ -95,15 +95,11 @@ class FusedPolicyLoss(_OpModule):
         entropy_coef: float = 0.0,
         inplace_backward: bool = False,
         backend: str = "auto",
-        clip_eps: float | None = 0.2,
-        clip_eps_high: float | None = None,
-        dual_clip: float | None = None,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        agg: str = "token-mean",
+        options: PolicyLossOptions | None = None,
+        **option_kwargs,
     ):
         super().__init__(
-            PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg),
+            _groups("FusedPolicyLoss", option_kwargs, options=options),
             temperature=temperature, entropy_coef=entropy_coef, inplace_backward=inplace_backward, backend=backend,
         )  # fmt: skip
 
@@ -137,7 +133,8 @@ class PairwiseRewardLoss(_OpModule):
 
 
 class LinearTokenLogProbs(_OpModule):
-    """Module form of ``rlhf_fast.linear_token_logprobs``: forward(hidden, weight, labels, bias=None)."""
+    """Module form of ``rlhf_fast.linear_token_logprobs``: forward(hidden, weight, labels, bias=None).
+    Takes ``linear=LinearOptions(...)`` or its fields (backend, chunk_size, accum_dtype) as keywords."""
 
     def __init__(
         self,
@@ -145,13 +142,12 @@ class LinearTokenLogProbs(_OpModule):
         temperature: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
         return_entropy: bool = False,
-        backend: str = "auto",
-        chunk_size: int | None = None,
-        accum_dtype: torch.dtype | None = torch.float32,
+        linear: LinearOptions | None = None,
+        **option_kwargs,
     ):
         super().__init__(
-            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
-            chunk_size=chunk_size, accum_dtype=accum_dtype,
+            _groups("LinearTokenLogProbs", option_kwargs, linear=linear),
+            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
         )  # fmt: skip
 
     def forward(self, hidden, weight, labels, bias=None):
@@ -159,17 +155,11 @@ class LinearTokenLogProbs(_OpModule):
 
 
 class LinearSFTLoss(_OpModule):
-    """Module form of ``rlhf_fast.linear_sft_loss``: forward(hidden, weight, labels, bias=None) -> loss."""
+    """Module form of ``rlhf_fast.linear_sft_loss``: forward(hidden, weight, labels, bias=None) -> loss.
+    Takes ``linear=`` or its fields as keywords."""
 
-    def __init__(
-        self,
-        *,
-        ignore_index: int = IGNORE_INDEX,
-        backend: str = "auto",
-        chunk_size: int | None = None,
-        accum_dtype: torch.dtype | None = torch.float32,
-    ):
-        super().__init__(ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+    def __init__(self, *, ignore_index: int = IGNORE_INDEX, linear: LinearOptions | None = None, **option_kwargs):
+        super().__init__(_groups("LinearSFTLoss", option_kwargs, linear=linear), ignore_index=ignore_index)
 
     def forward(self, hidden, weight, labels, bias=None):
         return linear_sft_loss(hidden, weight, labels, bias=bias, **self.op_kwargs())
@@ -177,27 +167,21 @@ class LinearSFTLoss(_OpModule):
 
 class FusedLinearPolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.fused_linear_policy_loss``: forward(hidden, weight, labels, old_logp,
-    advantages, mask, bias=None, ref_logp=None, normalizer=None) -> (loss, stats)."""
+    advantages, mask, bias=None, ref_logp=None, normalizer=None) -> (loss, stats). Takes ``options=``,
+    ``linear=`` or their fields as keywords."""
 
     def __init__(
         self,
         *,
         temperature: float = 1.0,
         entropy_coef: float = 0.0,
-        backend: str = "auto",
-        chunk_size: int | None = None,
-        accum_dtype: torch.dtype | None = torch.float32,
-        clip_eps: float | None = 0.2,
-        clip_eps_high: float | None = None,
-        dual_clip: float | None = None,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        agg: str = "token-mean",
+        options: PolicyLossOptions | None = None,
+        linear: LinearOptions | None = None,
+        **option_kwargs,
     ):
         super().__init__(
-            PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg),
-            temperature=temperature, entropy_coef=entropy_coef, backend=backend, chunk_size=chunk_size,
-            accum_dtype=accum_dtype,
+            _groups("FusedLinearPolicyLoss", option_kwargs, options=options, linear=linear),
+            temperature=temperature, entropy_coef=entropy_coef,
         )  # fmt: skip
 
     def forward(self, hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, normalizer=None):

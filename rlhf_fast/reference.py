@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .choices import AGG_MODES, GROUP_MODES, KL_ESTIMATORS
+from .options import PolicyLossOptions, no_leftovers, take
 
 IGNORE_INDEX = -100
 
@@ -367,15 +368,12 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_eps: float | None = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    agg: str = "token-mean",
+    options: PolicyLossOptions | None = None,
+    **option_kwargs,
 ):
     """Clipped policy-gradient (PPO / GRPO) loss. logp, old_logp, mask [B, T]; advantages [B, T] or [B].
+    ``options``: a PolicyLossOptions, or its fields as keywords (clip_eps, clip_eps_high, ...).
 
     1. ratio = exp(logp - old_logp); A broadcast over T when it is [B].
     2. pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
@@ -386,6 +384,8 @@ def policy_loss(
     Returns (loss, stats): clipfrac, approx_kl (k3 of old vs new), ratio_mean, ratio_max, and kl
     when ref_logp is given, as detached means over the valid tokens.
     """
+    o = take(PolicyLossOptions, options, option_kwargs)
+    no_leftovers("policy_loss", option_kwargs, PolicyLossOptions)
     mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(logp)
@@ -395,19 +395,19 @@ def policy_loss(
     ratio = torch.exp(logp - old_logp)
     pg = -adv * ratio
     clipped = torch.zeros_like(mask)
-    if clip_eps is not None:
-        high = clip_eps if clip_eps_high is None else clip_eps_high
-        pg_clipped = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    if o.clip_eps is not None:
+        high = o.clip_eps if o.clip_eps_high is None else o.clip_eps_high
+        pg_clipped = -adv * torch.clamp(ratio, 1 - o.clip_eps, 1 + high)
         clipped = pg_clipped > pg
         pg = torch.maximum(pg, pg_clipped)
-    if dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    if o.dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * o.dual_clip), pg)
     stats = {}
     if ref_logp is not None:
-        kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=kl_estimator)
-        pg = pg + kl_coef * kl
+        kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=o.kl_estimator)
+        pg = pg + o.kl_coef * kl
         stats["kl"] = masked_mean(kl, mask).detach()
-    loss = aggregate(pg, mask, agg)
+    loss = aggregate(pg, mask, o.agg)
     ratio = ratio.detach()
     stats["clipfrac"] = masked_mean(clipped.to(ratio.dtype), mask)
     stats["approx_kl"] = masked_mean(kl_penalty(old_logp, logp.detach(), estimator="k3"), mask)
@@ -425,19 +425,23 @@ def fused_policy_loss(
     *,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
-    **options,
+    ref_logp: torch.Tensor | None = None,
+    options: PolicyLossOptions | None = None,
+    **option_kwargs,
 ):
     """``policy_loss`` straight from logits [B, T, V] and labels [B, T], minus an entropy bonus.
 
     1. logp, entropy = token_logprobs(logits, labels, temperature) (labels at masked positions ignored).
-    2. loss, stats = policy_loss(logp, old_logp, advantages, mask, **options).
-    3. loss -= entropy_coef * aggregate(entropy, mask, agg); stats["entropy"] = mean entropy.
+    2. loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, options=options).
+    3. loss -= entropy_coef * aggregate(entropy, mask, options.agg); stats["entropy"] = mean entropy.
     """
+    options = take(PolicyLossOptions, options, option_kwargs)
+    no_leftovers("fused_policy_loss", option_kwargs, PolicyLossOptions)
     mask = mask.bool()
     labels = torch.where(mask, labels, IGNORE_INDEX)
     logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
-    loss, stats = policy_loss(logp, old_logp, advantages, mask, **options)
-    loss = loss - entropy_coef * aggregate(entropy, mask, options.get("agg", "token-mean"))
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, options=options)
+    loss = loss - entropy_coef * aggregate(entropy, mask, options.agg)
     stats["entropy"] = masked_mean(entropy, mask).detach()
     return loss, stats
 
@@ -545,10 +549,10 @@ def fused_linear_policy_loss(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
-    **options,
+    **policy_options,
 ):
     """``fused_policy_loss`` of the lm_head's logits. hidden [B, T, H], weight [V, H], the rest [B, T]."""
     return fused_policy_loss(
         linear_logits(hidden, weight, bias), labels, old_logp, advantages, mask,
-        temperature=temperature, entropy_coef=entropy_coef, **options,
+        temperature=temperature, entropy_coef=entropy_coef, **policy_options,
     )  # fmt: skip

@@ -8,12 +8,14 @@ from .kl import kl_penalized_rewards, kl_penalty
 from .linear_logprobs import linear_token_logprobs
 from .linear_sft_loss import linear_sft_loss
 from .pairwise_reward_loss import pairwise_reward_loss
-from .policy_loss import PolicyLossOptions, policy_loss
+from ..options import LinearOptions, PolicyLossOptions
+from .policy_loss import policy_loss
 from .sft_loss import sft_loss
 from .token_logprobs import token_logprobs
 from .value_loss import value_loss
 
 __all__ = [
+    "LinearOptions",
     "PPOAdvantages",
     "PolicyLossOptions",
     "fused_linear_policy_loss",

@@ -17,7 +17,8 @@ from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
 from .linear_chunks import RowStats, TokenObjective, gather_rows, kept_rows, linear_loss, scatter_rows
 from .linear_logprobs import check_linear, make_spec
-from .policy_loss import PolicyLossOptions, masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
+from ..options import LinearOptions, PolicyLossOptions, no_leftovers, take
+from .policy_loss import masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
 
 
 class PolicyObjective(TokenObjective):
@@ -75,19 +76,13 @@ def fused_linear_policy_loss(
     mask: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    accum_dtype: torch.dtype | None = torch.float32,
-    clip_eps: float | None = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    agg: str = "token-mean",
-    normalizer: float | torch.Tensor | None = None,
+    options: PolicyLossOptions | None = None,
+    linear: LinearOptions | None = None,
+    **option_kwargs,
 ):
     """``fused_policy_loss(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
 
@@ -96,12 +91,11 @@ def fused_linear_policy_loss(
             last hidden states before the head (``rlhf_fast.hf.hidden_and_head``).
         weight: [V, H], hidden's dtype and device; bias: [V] or None.
         labels: [B, T] sampled tokens; labels at masked positions are ignored (any value).
-        old_logp, advantages, mask, ref_logp, clip_eps, clip_eps_high, dual_clip, kl_coef,
-            kl_estimator, agg, normalizer, temperature, entropy_coef: as in ``fused_policy_loss``.
-            old_logp, advantages and ref_logp are treated as constants (no gradient flows to them).
-        backend: provider of the token_logprobs kernels run on each chunk of logits.
-        chunk_size: token rows per chunk; None picks it from the shape.
-        accum_dtype: the weight gradient's sum over chunks, as in ``linear_token_logprobs``.
+        old_logp, advantages, mask, ref_logp, normalizer, temperature, entropy_coef, options:
+            as in ``fused_policy_loss``. old_logp, advantages and ref_logp are treated as
+            constants (no gradient flows to them).
+        linear: as in ``linear_token_logprobs``. The fields of ``options`` and of ``linear``
+            (backend, chunk_size, accum_dtype) may also be passed as keyword arguments.
 
     Returns:
         (loss, stats) as ``fused_policy_loss``: the loss is differentiable w.r.t. hidden, weight and
@@ -109,7 +103,9 @@ def fused_linear_policy_loss(
         float32 unless ``accum_dtype=None``)
         and scaled by the upstream gradient in the backward.
     """
-    options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
+    options = take(PolicyLossOptions, options, option_kwargs)
+    linear = take(LinearOptions, linear, option_kwargs, "linear")
+    no_leftovers("fused_linear_policy_loss", option_kwargs, PolicyLossOptions, LinearOptions)
     check.tensor("hidden", hidden, dtypes=check.FLOAT_DTYPES)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H]; got {check.describe(hidden)}")
@@ -119,7 +115,7 @@ def fused_linear_policy_loss(
     normalizer = check_normalizer(normalizer)
     if options.kl_coef and ref_logp is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
-    spec = make_spec(temperature, IGNORE_INDEX, backend, chunk_size, hidden, weight, accum_dtype)
+    spec = make_spec(temperature, IGNORE_INDEX, linear, hidden, weight)
     # As in fused_policy_loss: any label at a masked position becomes ignore_index (logp, entropy
     # and gradient 0 there, and the vocabulary is never indexed with it).
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)

@@ -13,7 +13,8 @@ import torch
 from .. import _validate as check
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
-from .policy_loss import PolicyLossOptions, masked_mean, policy_loss_with_options, validate_inputs
+from ..options import PolicyLossOptions, no_leftovers, take
+from .policy_loss import masked_mean, policy_loss_with_options, validate_inputs
 from .token_logprobs import token_logprobs
 
 
@@ -24,33 +25,29 @@ def fused_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    ref_logp: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
     inplace_backward: bool = False,
     backend: str = "auto",
-    clip_eps: float | None = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    agg: str = "token-mean",
-    normalizer: float | torch.Tensor | None = None,
+    options: PolicyLossOptions | None = None,
+    **option_kwargs,
 ):
     """Policy-gradient loss from logits, with an entropy bonus, in one pass over the logits.
 
     Equal in value and gradient to::
 
         logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
-        loss, stats = policy_loss(logp, old_logp, advantages, mask, **options)
-        loss - entropy_coef * aggregate(entropy, mask, agg, normalizer)
+        loss, stats = policy_loss(logp, old_logp, advantages, mask, options=options)
+        loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
 
     Args:
         logits: [B, T, V] float32/bfloat16/float16 (differentiable).
         labels: [B, T] int64/int32 sampled tokens. Labels at masked positions are ignored, so they
             may be padding ids or -100; valid labels must be in [0, V).
-        old_logp, advantages, mask, ref_logp, clip_eps, clip_eps_high, dual_clip, kl_coef,
-            kl_estimator, agg, normalizer: as in ``policy_loss``.
+        old_logp, advantages, mask, ref_logp, normalizer, options (and its fields as keywords):
+            as in ``policy_loss``.
         temperature: divides the logits before the softmax (> 0), as at sampling time.
         entropy_coef: weight of the entropy bonus (finite; the loss *subtracts* it).
         inplace_backward: write the logits' gradient into the logits' storage (see token_logprobs).
@@ -59,7 +56,8 @@ def fused_policy_loss(
     Returns:
         (loss, stats) as ``policy_loss``, plus stats["entropy"], the mean entropy over valid tokens.
     """
-    options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
+    options = take(PolicyLossOptions, options, option_kwargs)
+    no_leftovers("fused_policy_loss", option_kwargs, PolicyLossOptions)
     check.tensor("logits", logits, dtypes=check.FLOAT_DTYPES)
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V]; got {check.describe(logits)}")
@@ -67,18 +65,6 @@ def fused_policy_loss(
     mask = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels")
     entropy_coef = check.number("entropy_coef", entropy_coef)
     normalizer = check_normalizer(normalizer)
-    return fused_policy_loss_with_options(
-        logits, labels, old_logp, advantages, mask, ref_logp, options,
-        temperature=temperature, entropy_coef=entropy_coef, inplace_backward=inplace_backward,
-        backend=backend, normalizer=normalizer,
-    )  # fmt: skip
-
-
-def fused_policy_loss_with_options(
-    logits, labels, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, *,
-    temperature=1.0, entropy_coef=0.0, inplace_backward=False, backend="auto", normalizer=None,
-):  # fmt: skip
-    """``fused_policy_loss`` on validated inputs with an options object (used by nn.FusedPolicyLoss)."""
     # Any label id at a masked position becomes ignore_index: its logp, entropy and gradient are 0
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from ..backends import registry
+from ..options import LinearOptions, no_leftovers, take
 from ..reference import IGNORE_INDEX
 from .linear_chunks import LinearGrads, LinearSpec, RowStats, gather_rows, kept_rows, scatter_rows, sweep
 
@@ -78,14 +78,11 @@ def weight_grad_sum_dtype(accum_dtype: torch.dtype | None, weight: torch.Tensor)
     return accum_dtype
 
 
-def make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight, accum_dtype=torch.float32) -> LinearSpec:
+def make_spec(temperature, ignore_index, linear: LinearOptions, hidden, weight) -> LinearSpec:
     temperature = check.positive_finite("temperature", temperature)
-    registry.check_backend_name(backend)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
     compute = autocast_dtype(hidden, weight) or hidden.dtype
-    sum_dtype = weight_grad_sum_dtype(accum_dtype, weight)
-    return LinearSpec(temperature, int(ignore_index), backend, chunk_size, compute, sum_dtype)
+    sum_dtype = weight_grad_sum_dtype(linear.accum_dtype, weight)
+    return LinearSpec(temperature, int(ignore_index), linear.backend, linear.chunk_size, compute, sum_dtype)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -132,9 +129,8 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    accum_dtype: torch.dtype | None = torch.float32,
+    linear: LinearOptions | None = None,
+    **option_kwargs,
 ):
     """Log-probability of each label (and the entropy) under softmax((hidden @ weight.T + bias) / T).
 
@@ -150,11 +146,13 @@ def linear_token_logprobs(
             weights with bf16 hidden states included).
         labels: [...] = hidden.shape[:-1], int64 or int32, in [0, V) or ``ignore_index``.
         bias: [V] or None.
-        temperature, ignore_index, return_entropy, backend: as in ``token_logprobs``.
-        chunk_size: token rows per chunk; None picks it from the shape (``linear_chunks.chunk_rows``).
-        accum_dtype: what the weight gradient is summed over chunks in: torch.float32 (default), or
-            None for the weight's own dtype, which halves that [V, H] sum's memory for bf16/fp16
-            weights and rounds it once per chunk (Liger's default; ``weight_grad_sum_dtype``).
+        temperature, ignore_index, return_entropy: as in ``token_logprobs``.
+        linear: a ``LinearOptions`` (None: its defaults); its fields may also be passed as keyword
+            arguments: backend (as in ``token_logprobs``), chunk_size (token rows per chunk; None
+            picks it from the shape, ``linear_chunks.chunk_rows``), accum_dtype (what the weight
+            gradient is summed over chunks in: torch.float32, the default, or None for the
+            weight's own dtype, which halves that [V, H] sum's memory for bf16/fp16 weights and
+            rounds it once per chunk, Liger's default; ``weight_grad_sum_dtype``).
 
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;
@@ -162,8 +160,10 @@ def linear_token_logprobs(
         whatever the inputs' dtype, unless ``accum_dtype=None``. The backward recomputes the
         logits chunk by chunk. Rows whose label is ``ignore_index`` (prompts, padding) cost no FLOPs.
     """
+    linear = take(LinearOptions, linear, option_kwargs, "linear")
+    no_leftovers("linear_token_logprobs", option_kwargs, LinearOptions)
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    spec = make_spec(temperature, ignore_index, backend, chunk_size, hidden, weight, accum_dtype)
+    spec = make_spec(temperature, ignore_index, linear, hidden, weight)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     logp, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from ..options import LinearOptions, no_leftovers, take
 from ..reference import IGNORE_INDEX
 from .linear_chunks import RowStats, TokenObjective, kept_rows, linear_loss
 from .linear_logprobs import check_linear, make_spec
@@ -32,21 +33,22 @@ def linear_sft_loss(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    accum_dtype: torch.dtype | None = torch.float32,
+    linear: LinearOptions | None = None,
+    **option_kwargs,
 ) -> torch.Tensor:
     """``sft_loss(hidden @ weight.T + bias, labels)``: mean -log p(label) over non-ignored tokens.
 
-    hidden [..., H], weight [V, H] (hidden's dtype), labels [...], bias [V] or None: as in
-    ``linear_token_logprobs``. Returns a float32 scalar (0 with zero gradients when every token is
+    hidden [..., H], weight [V, H] (hidden's dtype), labels [...], bias [V] or None, linear (and
+    its fields backend, chunk_size, accum_dtype as keywords): as in ``linear_token_logprobs``. Returns a float32 scalar (0 with zero gradients when every token is
     ignored). The gradients w.r.t. hidden, weight and bias are computed during the forward, in the
     same pass over the chunks as the loss (the weight gradient summed in float32, or with
     ``accum_dtype=None`` in the weight's dtype, as in ``linear_token_logprobs``); the backward
     scales them by the upstream gradient. Ignored tokens (prompts, padding) cost no FLOPs.
     """
+    linear = take(LinearOptions, linear, option_kwargs, "linear")
+    no_leftovers("linear_sft_loss", option_kwargs, LinearOptions)
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    spec = make_spec(1.0, ignore_index, backend, chunk_size, hidden, weight, accum_dtype)
+    spec = make_spec(1.0, ignore_index, linear, hidden, weight)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     kept = flat_labels.numel() if index is None else index.numel()

@@ -9,43 +9,12 @@ may be huge (its gradient would then be 0 * inf = NaN). Stats stay on the device
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import _validate as check
-from ..choices import AGG_MODES, KL_ESTIMATORS
 from ..kl_estimators import k3_of, kl_values
+from ..options import PolicyLossOptions, no_leftovers, take
 from .aggregate import aggregate, check_normalizer
-
-
-@dataclass(frozen=True)
-class PolicyLossOptions:
-    """Static options of ``policy_loss`` (and ``fused_policy_loss``), validated on construction."""
-
-    clip_eps: float | None = 0.2
-    """PPO clip range: the ratio is clamped to [1 - clip_eps, 1 + clip_eps_high]; None: no clipping (REINFORCE)."""
-    clip_eps_high: float | None = None
-    """Upper clip range (DAPO's clip-higher); None: clip_eps."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1: for A < 0 the per-token loss is at most -A c."""
-    kl_coef: float = 0.0
-    """Weight of the per-token KL to the reference policy (needs ref_logp), >= 0."""
-    kl_estimator: str = "k3"
-    """"k1", "k2", "k3" or "abs" (see kl_penalty)."""
-    agg: str = "token-mean"
-    """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm"."""
-
-    def __post_init__(self):
-        if self.clip_eps is not None:
-            check.positive_finite("clip_eps", self.clip_eps)
-        if self.clip_eps_high is not None:
-            check.positive_finite("clip_eps_high", self.clip_eps_high)
-        if self.dual_clip is not None:
-            check.number("dual_clip", self.dual_clip, low=1.0, low_open=True)
-        check.number("kl_coef", self.kl_coef, low=0.0)
-        check.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        check.choice("agg", self.agg, AGG_MODES)
 
 
 def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="logp"):
@@ -121,14 +90,10 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_eps: float | None = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    agg: str = "token-mean",
     normalizer: float | torch.Tensor | None = None,
+    options: PolicyLossOptions | None = None,
+    **option_kwargs,
 ):
     """Clipped policy-gradient loss: PPO, GRPO (with its KL loss), DAPO (clip-higher), dual-clip PPO.
 
@@ -138,22 +103,24 @@ def policy_loss(
         advantages: [B, T], or [B] broadcast over T.
         mask: [B, T] bool or 0/1, True on the tokens that count. NaN or inf at masked positions of
             any input never reaches the loss, the stats or the gradient.
-        clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg: see ``PolicyLossOptions``.
-            With ratio = exp(logp - old_logp):
-            pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
-            dual clip: where A < 0, pg = min(pg, -A dual_clip); plus kl_coef * kl_penalty(logp,
-            ref_logp, kl_estimator) per token when ref_logp is given.
         ref_logp: [B, T] reference-model log-probs, for the KL loss and the "kl" stat.
         normalizer: what ``agg`` divides by, overriding this batch's count: pass the global
             ``loss_normalizer(mask, agg)`` summed over micro-batches (and ranks) and the
             micro-batch losses add up to the full-batch loss (see ``rlhf_fast.ops.aggregate``).
+        options: a ``PolicyLossOptions`` (None: its defaults); its fields (clip_eps,
+            clip_eps_high, dual_clip, kl_coef, kl_estimator, agg) may also be passed as keyword
+            arguments, which override it. With ratio = exp(logp - old_logp):
+            pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
+            dual clip: where A < 0, pg = min(pg, -A dual_clip); plus kl_coef * kl_penalty(logp,
+            ref_logp, kl_estimator) per token when ref_logp is given.
 
     Returns:
         (loss, stats): loss a float32 scalar (0 with zero gradient when no token is valid);
         stats detached float32 scalars over the valid tokens: "clipfrac", "approx_kl" (k3 of old
         vs new), "ratio_mean", "ratio_max", "kl" (with ref_logp), "dual_clipfrac" (with dual_clip).
     """
-    options = PolicyLossOptions(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, agg)
+    options = take(PolicyLossOptions, options, option_kwargs)
+    no_leftovers("policy_loss", option_kwargs, PolicyLossOptions)
     check.tensor("logp", logp, dtypes=check.FLOAT_DTYPES)
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape [B, T]; got {check.describe(logp)}")
@@ -163,7 +130,7 @@ def policy_loss(
 
 
 def policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, normalizer=None):
-    """``policy_loss`` on validated inputs with an options object (used by nn.PolicyLoss)."""
+    """``policy_loss`` on validated inputs (the fused ops' loss on their log-probs)."""
     if options.kl_coef and ref_logp is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
     per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options)

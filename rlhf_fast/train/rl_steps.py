@@ -19,6 +19,7 @@ import torch
 
 import rlhf_fast
 from rlhf_fast.ops.aggregate import loss_normalizer
+from rlhf_fast.options import PolicyLossOptions
 
 from . import dist
 from .rl_rollout import Rollout, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
@@ -196,29 +197,28 @@ ADVANTAGE_FNS = {"ppo": ppo_advantage, "grpo": grpo_advantage, "reinforce": rein
 
 
 # --------------------------------------------------------------------------------------- loss
-def policy_loss_options(trainer) -> dict:
+def policy_loss_options(trainer) -> PolicyLossOptions:
+    """The loss options of this step: the algo config, with the adaptive KL coefficient's value now."""
     algo = trainer.config.algo
     kl_in_loss = algo.kl_place == "loss"
-    return {
-        "clip_eps": None if algo.name == "reinforce" else algo.clip_eps,
-        "clip_eps_high": None if algo.name == "reinforce" else algo.clip_eps_high,
-        "kl_coef": trainer.kl_ctl.value if kl_in_loss else 0.0,
-        "kl_estimator": algo.kl_estimator,
-        "agg": algo.agg,
-        "entropy_coef": algo.entropy_coef,
-    }
+    return PolicyLossOptions(
+        clip_eps=None if algo.name == "reinforce" else algo.clip_eps,
+        clip_eps_high=None if algo.name == "reinforce" else algo.clip_eps_high,
+        kl_coef=trainer.kl_ctl.value if kl_in_loss else 0.0,
+        kl_estimator=algo.kl_estimator,
+        agg=algo.agg,
+    )
 
 
 def loss_step(trainer, micro: Experience, normalizer: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy loss of one micro-batch (fused_linear_policy_loss, else fused_policy_loss on the logits),
     plus vf_coef * the clipped value loss with a critic. ``normalizer`` is the global one of the minibatch."""
     cfg = trainer.config
-    options = policy_loss_options(trainer)
     rollout = micro.rollout
     common = dict(
         old_logp=micro.old_logp, advantages=micro.advantages, mask=micro.mask,
         ref_logp=micro.ref_logp, temperature=cfg.rollout.temperature, backend=cfg.train.backend,
-        normalizer=normalizer, **options,
+        normalizer=normalizer, options=policy_loss_options(trainer), entropy_coef=cfg.algo.entropy_coef,
     )  # fmt: skip
     if has_linear_head(trainer.policy):
         hidden, weight, bias = response_hidden(trainer.policy, rollout)

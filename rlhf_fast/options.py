@@ -1,0 +1,97 @@
+"""The static options of the ops, each group one frozen keyword-only dataclass validated on
+construction: the reference, the ops, the nn modules and the RL trainer pass these objects along.
+
+An op takes ``options=`` (and ``linear=`` for the lm_head-fused ones) and, as sugar, the same
+fields as flat keyword arguments; ``take`` is the one place where those become an object. Adding
+a knob touches its dataclass, the math that uses it and its tests, not every signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import _validate as check
+from .choices import AGG_MODES, BACKEND_CHOICES, KL_ESTIMATORS
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyLossOptions:
+    """Options of the policy-gradient loss (``policy_loss``, ``fused_policy_loss``,
+    ``fused_linear_policy_loss``, ``nn.PolicyLoss`` ...)."""
+
+    clip_eps: float | None = 0.2
+    """PPO clip range: the ratio is clamped to [1 - clip_eps, 1 + clip_eps_high]; None: no clipping (REINFORCE)."""
+    clip_eps_high: float | None = None
+    """Upper clip range (DAPO's clip-higher); None: clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1: for A < 0 the per-token loss is at most -A c."""
+    kl_coef: float = 0.0
+    """Weight of the per-token KL to the reference policy (needs ref_logp), >= 0."""
+    kl_estimator: str = "k3"
+    """"k1", "k2", "k3" or "abs" (see kl_penalty)."""
+    agg: str = "token-mean"
+    """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm"."""
+
+    def __post_init__(self):
+        if self.clip_eps is not None:
+            check.positive_finite("clip_eps", self.clip_eps)
+        if self.clip_eps_high is not None:
+            check.positive_finite("clip_eps_high", self.clip_eps_high)
+        if self.dual_clip is not None:
+            check.number("dual_clip", self.dual_clip, low=1.0, low_open=True)
+        check.number("kl_coef", self.kl_coef, low=0.0)
+        check.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check.choice("agg", self.agg, AGG_MODES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearOptions:
+    """How the lm_head-fused ops (``linear_token_logprobs``, ``linear_sft_loss``,
+    ``fused_linear_policy_loss``) run their sweep over chunks of tokens."""
+
+    backend: str = "auto"
+    """Provider of the token_logprobs kernels run on each chunk of logits."""
+    chunk_size: int | None = None
+    """Token rows per chunk; None picks it from the shape (``linear_chunks.chunk_rows``)."""
+    accum_dtype: torch.dtype | None = torch.float32
+    """What the weight gradient is summed over chunks in: torch.float32, or None for the weight's
+    own dtype (half the [V, H] sum's memory for bf16/fp16 weights; Liger's default)."""
+
+    def __post_init__(self):
+        check.choice("backend", self.backend, BACKEND_CHOICES)
+        size = self.chunk_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {size!r}")
+        # accum_dtype is checked against the weight it sums (ops/linear_logprobs.weight_grad_sum_dtype).
+
+
+def field_names(cls) -> tuple[str, ...]:
+    # Read from a plain attribute: torch.compile traces the ops, and cannot call fields() on a class.
+    return cls.FIELD_NAMES
+
+
+def take(cls, options, flat: dict, arg: str = "options"):
+    """``options`` (a ``cls``, or None for the defaults) with the fields of ``cls`` that ``flat``
+    names applied; those keys are removed from ``flat``, so that what is left over is unknown."""
+    if options is None:
+        options = cls()
+    elif not isinstance(options, cls):
+        raise TypeError(f"{arg} must be a {cls.__name__} or None, got {type(options).__name__}")
+    given = {name: flat.pop(name) for name in field_names(cls) if name in flat}
+    if not given:
+        return options
+    return cls(**{name: given[name] if name in given else getattr(options, name) for name in field_names(cls)})
+
+
+def no_leftovers(op: str, flat: dict, *classes) -> None:
+    """Raise TypeError naming the keyword arguments of ``op`` that no options class has."""
+    if flat:
+        known = ", ".join(name for cls in classes for name in field_names(cls))
+        raise TypeError(f"{op}() got unexpected keyword argument(s) {', '.join(sorted(flat))}; "
+                        f"its option keywords are: {known}")
+
+
+for _options_class in (PolicyLossOptions, LinearOptions):
+    _options_class.FIELD_NAMES = tuple(f.name for f in fields(_options_class))
