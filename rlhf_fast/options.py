@@ -14,6 +14,7 @@ import torch
 
 from . import _validate as check
 from .choices import AGG_MODES, BACKEND_CHOICES, KL_ESTIMATORS
+from .objectives import OBJECTIVES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,9 @@ class PolicyLossOptions:
     """Options of the policy-gradient loss (``policy_loss``, ``fused_policy_loss``,
     ``fused_linear_policy_loss``, ``nn.PolicyLoss`` ...)."""
 
+    objective: str = "ppo"
+    """The registered objective (``rlhf_fast.objectives``): "ppo" (the clipped surrogate, with
+    clip_eps_high and dual_clip; REINFORCE with clip_eps=None), "gspo", "gspo_token"."""
     clip_eps: float | None = 0.2
     """PPO clip range: the ratio is clamped to [1 - clip_eps, 1 + clip_eps_high]; None: no clipping (REINFORCE)."""
     clip_eps_high: float | None = None
@@ -35,12 +39,15 @@ class PolicyLossOptions:
     """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm"."""
 
     def __post_init__(self):
+        check.choice("objective", self.objective, tuple(OBJECTIVES))
         if self.clip_eps is not None:
             check.positive_finite("clip_eps", self.clip_eps)
         if self.clip_eps_high is not None:
             check.positive_finite("clip_eps_high", self.clip_eps_high)
         if self.dual_clip is not None:
             check.number("dual_clip", self.dual_clip, low=1.0, low_open=True)
+            if self.objective != "ppo":
+                raise ValueError(f"dual_clip applies to objective='ppo' only; got objective={self.objective!r}")
         check.number("kl_coef", self.kl_coef, low=0.0)
         check.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check.choice("agg", self.agg, AGG_MODES)

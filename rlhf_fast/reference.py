@@ -362,6 +362,35 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def clipped_surrogate(ratio, adv, o):
+    """max(-A r, -A clamp(r, 1 - clip_eps, 1 + clip_eps_high)) per token (-A r with clip_eps None),
+    and where the clip won."""
+    pg = -adv * ratio
+    if o.clip_eps is None:
+        return pg, torch.zeros_like(ratio, dtype=torch.bool)
+    high = o.clip_eps if o.clip_eps_high is None else o.clip_eps_high
+    pg_clipped = -adv * torch.clamp(ratio, 1 - o.clip_eps, 1 + high)
+    return torch.maximum(pg, pg_clipped), pg_clipped > pg
+
+
+def gspo_terms(logp, old_logp, adv, mask, o):
+    """GSPO (Zheng et al. 2025, arXiv:2507.18071), on masked [B, T] inputs.
+
+    1. log s_i = (1 / |y_i|) sum_t (logp - old_logp): the length-normalised sequence ratio (eq. 7).
+    2. "gspo": A_i = mean of the advantages over the sequence's tokens; every token carries
+       max(-s_i A_i, -clip(s_i) A_i) (eq. 5), so seq-mean-token-mean averages over sequences.
+    3. "gspo_token": s_{i,t} = sg[s_i] pi(y_t) / sg[pi(y_t)] (eq. 13), equal to s_i in value with
+       gradient s_i d log pi(y_t); loss_t = max(-s_{i,t} A_t, -clip(s_{i,t}) A_t) (eq. 14).
+    """
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    log_s = ((logp - old_logp).sum(-1, keepdim=True) / count).expand_as(logp)
+    if o.objective == "gspo":
+        adv = (adv.sum(-1, keepdim=True) / count).expand_as(logp)
+    else:
+        log_s = log_s.detach() + logp - logp.detach()
+    return clipped_surrogate(torch.exp(log_s), adv, o)
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -372,8 +401,9 @@ def policy_loss(
     options: PolicyLossOptions | None = None,
     **option_kwargs,
 ):
-    """Clipped policy-gradient (PPO / GRPO) loss. logp, old_logp, mask [B, T]; advantages [B, T] or [B].
-    ``options``: a PolicyLossOptions, or its fields as keywords (clip_eps, clip_eps_high, ...).
+    """Clipped policy-gradient (PPO / GRPO / GSPO) loss. logp, old_logp, mask [B, T]; advantages [B, T] or [B].
+    ``options``: a PolicyLossOptions, or its fields as keywords (objective, clip_eps, ...).
+    Steps 1-3 are objective="ppo"; "gspo" and "gspo_token" replace them with ``gspo_terms``.
 
     1. ratio = exp(logp - old_logp); A broadcast over T when it is [B].
     2. pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
@@ -393,15 +423,12 @@ def policy_loss(
     old_logp = torch.where(mask, old_logp, 0.0)
     adv = torch.where(mask, advantages, 0.0)
     ratio = torch.exp(logp - old_logp)
-    pg = -adv * ratio
-    clipped = torch.zeros_like(mask)
-    if o.clip_eps is not None:
-        high = o.clip_eps if o.clip_eps_high is None else o.clip_eps_high
-        pg_clipped = -adv * torch.clamp(ratio, 1 - o.clip_eps, 1 + high)
-        clipped = pg_clipped > pg
-        pg = torch.maximum(pg, pg_clipped)
-    if o.dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * o.dual_clip), pg)
+    if o.objective == "ppo":
+        pg, clipped = clipped_surrogate(ratio, adv, o)
+        if o.dual_clip is not None:
+            pg = torch.where(adv < 0, torch.minimum(pg, -adv * o.dual_clip), pg)
+    else:
+        pg, clipped = gspo_terms(logp, old_logp, adv, mask, o)
     stats = {}
     if ref_logp is not None:
         kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=o.kl_estimator)

@@ -73,7 +73,7 @@ def test_linear_options_object_equals_flat_keywords():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: rlhf_fast.policy_loss(*policy_inputs()[2:6], clip_epz=0.2),
-     r"policy_loss\(\) got unexpected keyword argument\(s\) clip_epz; its option keywords are: clip_eps, "),
+     r"policy_loss\(\) got unexpected keyword argument\(s\) clip_epz; its option keywords are: objective, clip_eps, "),
     (lambda: rlhf_fast.linear_sft_loss(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), clip_eps=0.2),
      r"linear_sft_loss\(\) got unexpected keyword argument\(s\) clip_eps; its option keywords are: backend, chunk_size"),
     (lambda: rlhf_fast.nn.PolicyLoss(chunk_size=3), r"PolicyLoss\(\) got unexpected keyword argument\(s\) chunk_size"),

@@ -129,6 +129,25 @@ def test_each_algorithm_runs_end_to_end(tmp_path, algo):
     assert (tmp_path / "summary.json").is_file()
 
 
+@pytest.mark.parametrize("objective", ["gspo", "gspo_token"])
+def test_sequence_objectives_train_through_the_config_and_the_demo_cli(tmp_path, objective):
+    """algo.objective reaches the loss: the step's options carry it, a GRPO run with it trains, and
+    the demo command takes --algo.objective."""
+    from rlhf_fast.__main__ import build_parser
+    from rlhf_fast.train.rl_steps import policy_loss_options
+
+    trainer = RLTrainer(tiny(tmp_path, **ALGOS["grpo"], **{"algo.objective": objective, "algo.agg": "seq-mean-token-mean"}))
+    assert policy_loss_options(trainer).objective == objective
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    record = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert 0 <= record["clipfrac"] <= 1
+    assert build_parser().parse_args(["demo", "--algo", "grpo", "--algo.objective", objective]).objective == objective
+    with pytest.raises(ConfigError, match="algo.objective"):
+        tiny(tmp_path / "bad", **{"algo.objective": "nope"})
+
+
 def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):
     seen = {}
 

@@ -5,7 +5,9 @@ token chunks (``linear_chunks.linear_loss``) computes logp and entropy *and* the
 hidden, weight and bias, because the policy loss is a sum of per-token terms with weights fixed by
 the mask: d loss / d logp_t depends on logp_t alone once the ``agg`` normaliser is known, and that
 comes from the mask before any logit exists. No logits are recomputed (6 N H V FLOPs in all, N
-counting the tokens of the mask only: padding and prompt positions are never computed).
+counting the tokens of the mask only: padding and prompt positions are never computed). That
+holds for separable objectives (``rlhf_fast.objectives``); one coupled across a response runs as
+two sweeps (``two_sweeps``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .. import _validate as check
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
 from .linear_chunks import RowStats, TokenObjective, gather_rows, kept_rows, linear_loss, scatter_rows
-from .linear_logprobs import check_linear, make_spec
+from .linear_logprobs import LinearTokenLogprobs, check_linear, make_spec
+from ..objectives import OBJECTIVES
 from ..options import LinearOptions, PolicyLossOptions, no_leftovers, take
 from .policy_loss import masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
 
@@ -65,6 +68,23 @@ class PolicyObjective(TokenObjective):
         stats["entropy"] = masked_mean(entropy, mask, mask.sum().clamp(min=1))
         self.stats = stats
         return loss
+
+
+def two_sweeps(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, options, spec, entropy_coef, normalizer):
+    """An objective coupled across a sequence: its d loss / d logp_t needs the whole response's
+    log-probs, which one sweep has not computed yet when it reaches token t. So: sweep 1, the
+    log-probs and entropies ([N] each, no gradient kept but the lse); then the objective on [B, T]
+    by autograd; sweep 2, the backward, recomputes each chunk's logits (8 N H V FLOPs in all
+    instead of 6; still no [N, V] tensor)."""
+    index = kept_rows(labels != IGNORE_INDEX)
+    logp, entropy = LinearTokenLogprobs.apply(hidden, weight, bias, labels, index, spec, True)
+    logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
+    loss, stats = policy_loss_with_options(logp, old_logp.detach(), advantages.detach(), mask,
+                                           None if ref_logp is None else ref_logp.detach(), options, normalizer)  # fmt: skip
+    if entropy_coef:
+        loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
+    stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))
+    return loss, stats
 
 
 def fused_linear_policy_loss(
@@ -120,6 +140,9 @@ def fused_linear_policy_loss(
     # and gradient 0 there, and the vocabulary is never indexed with it).
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)
     check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
+    if not OBJECTIVES[options.objective].separable:
+        return two_sweeps(flat_hidden, weight, bias, flat_labels, old_logp, advantages, mask, ref_logp, options,
+                          spec, entropy_coef, normalizer)  # fmt: skip
     index = kept_rows(mask.reshape(-1))
     objective = PolicyObjective(
         old_logp.detach(), advantages.detach(), mask, ref_logp.detach() if ref_logp is not None else None,

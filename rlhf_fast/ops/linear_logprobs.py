@@ -85,7 +85,7 @@ def make_spec(temperature, ignore_index, linear: LinearOptions, hidden, weight) 
     return LinearSpec(temperature, int(ignore_index), linear.backend, linear.chunk_size, compute, sum_dtype)
 
 
-class _LinearTokenLogprobs(torch.autograd.Function):
+class LinearTokenLogprobs(torch.autograd.Function):
     """logp (and entropy) [N] of the rows ``index`` keeps (None: all), 0 at the others."""
 
     @staticmethod
@@ -166,7 +166,7 @@ def linear_token_logprobs(
     spec = make_spec(temperature, ignore_index, linear, hidden, weight)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
-    logp, entropy = _LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)
+    logp, entropy = LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)

@@ -1,10 +1,9 @@
-"""policy_loss: the clipped policy-gradient loss of PPO / GRPO / DAPO on [B, T] log-probs.
+"""policy_loss: the policy-gradient loss of PPO / GRPO / DAPO / GSPO ... on [B, T] log-probs.
 
 Plain torch on [B, T] (a few elementwise kernels, negligible next to the [N, V] log-softmax that
-produced logp). The formula is reference.policy_loss; this version is written so that its
-gradient is finite wherever the loss is: tokens whose loss does not depend on logp (clipped,
-dual-clipped, A = 0, masked) take a constant branch and exp() never sees their log-ratio, which
-may be huge (its gradient would then be 0 * inf = NaN). Stats stay on the device: no host sync.
+produced logp). The formula is reference.policy_loss; the per-token terms are the registered
+objective's (``rlhf_fast.objectives``), written so that the gradient is finite wherever the loss
+is; masked positions never reach it. Stats stay on the device: no host sync.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import torch
 
 from .. import _validate as check
 from ..kl_estimators import k3_of, kl_values
+from ..objectives import OBJECTIVES
 from ..options import PolicyLossOptions, no_leftovers, take
 from .aggregate import aggregate, check_normalizer
 
@@ -37,46 +37,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> tor
 
 
 def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions):
-    """Per-token loss [B, T] (0 at masked positions) and the detached stats, on validated inputs."""
+    """Per-token loss [B, T] (0 at masked positions) and the detached stats, on validated inputs:
+    the options' objective (``rlhf_fast.objectives``), plus kl_coef * KL to the reference."""
     mask = mask.bool()
     logp = torch.where(mask, logp.float(), 0.0)
     old_logp = torch.where(mask, old_logp.float(), 0.0)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand(mask.shape)
     adv = torch.where(mask, advantages.float(), 0.0)
-    log_ratio = logp - old_logp
-
-    # Which branch each token takes, decided on detached values (the max/min of reference.policy_loss).
-    with torch.no_grad():
-        raw_ratio = torch.exp(log_ratio)
-        clipped = torch.zeros_like(mask)
-        bound = torch.ones_like(raw_ratio)
-        if options.clip_eps is not None:
-            low = 1 - options.clip_eps
-            high = 1 + (options.clip_eps if options.clip_eps_high is None else options.clip_eps_high)
-            # A > 0: -A min(r, 1 + h) is clipped above 1 + h; A < 0: |A| max(r, 1 - l) below 1 - l.
-            clipped = ((adv > 0) & (raw_ratio > high)) | ((adv < 0) & (raw_ratio < low))
-            bound = torch.where(adv > 0, high, low)
-        dual = torch.zeros_like(mask)
-        if options.dual_clip is not None:
-            # For A < 0 the clipped loss is |A| max(r, 1 - l); min with |A| c (c > 1) bites when r > c.
-            dual = (adv < 0) & (raw_ratio > options.dual_clip)
-            bound = torch.where(dual, options.dual_clip, bound)
-        frozen = clipped | dual | (adv == 0)
-
-    ratio = torch.exp(torch.where(frozen, 0.0, log_ratio))
-    per_token = -adv * torch.where(frozen, bound, ratio)
+    per_token, stats = OBJECTIVES[options.objective].terms(logp, old_logp, adv, mask, options)
     count = mask.sum().clamp(min=1)
-    stats = {}
     if ref_logp is not None:
         kl = kl_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator)
         if options.kl_coef:
             per_token = per_token + options.kl_coef * kl
         stats["kl"] = masked_mean(kl.detach(), mask, count)
     with torch.no_grad():
-        stats["clipfrac"] = masked_mean(clipped.float(), mask, count)
-        if options.dual_clip is not None:
-            stats["dual_clipfrac"] = masked_mean(dual.float(), mask, count)
+        log_ratio = logp - old_logp
+        raw_ratio = torch.exp(log_ratio)
         stats["approx_kl"] = masked_mean(k3_of(log_ratio), mask, count)  # k3 of old vs new
         stats["ratio_mean"] = masked_mean(raw_ratio, mask, count)
         # Ratios are > 0, so masked zeros never win the max and an empty mask gives 0.
@@ -107,9 +85,10 @@ def policy_loss(
         normalizer: what ``agg`` divides by, overriding this batch's count: pass the global
             ``loss_normalizer(mask, agg)`` summed over micro-batches (and ranks) and the
             micro-batch losses add up to the full-batch loss (see ``rlhf_fast.ops.aggregate``).
-        options: a ``PolicyLossOptions`` (None: its defaults); its fields (clip_eps,
+        options: a ``PolicyLossOptions`` (None: its defaults); its fields (objective, clip_eps,
             clip_eps_high, dual_clip, kl_coef, kl_estimator, agg) may also be passed as keyword
-            arguments, which override it. With ratio = exp(logp - old_logp):
+            arguments, which override it. The objective's per-token terms are in
+            ``rlhf_fast.objectives``; for the default "ppo", with ratio = exp(logp - old_logp):
             pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
             dual clip: where A < 0, pg = min(pg, -A dual_clip); plus kl_coef * kl_penalty(logp,
             ref_logp, kl_estimator) per token when ref_logp is given.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..objectives import OBJECTIVES
 from .cli import add_config_options, run_trainer, training_session
 from .rl_config import ALGOS, RLConfig
 
@@ -30,6 +31,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         summary = run_demo(
             args.out, algo=args.algo, seed=args.seed, sft_steps=args.sft_steps, rm_steps=args.rm_steps,
             rl_steps=args.rl_steps, device=args.device, progress=not args.no_progress,
+            overrides={"rl": {"algo.objective": args.objective}},
         )  # fmt: skip
     return 0 if summary["gold_gain_se"] >= 3.0 or not args.check else 1
 
@@ -62,6 +64,8 @@ def add_rl_commands(commands) -> None:
     )
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
     demo.add_argument("--algo", choices=ALGOS, default="ppo", help="RL algorithm")
+    demo.add_argument("--algo.objective", dest="objective", choices=tuple(OBJECTIVES), default="ppo",
+                      help="policy objective of the RL stage (rlhf_fast.objectives)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, the models and sampling")
     demo.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps")
     demo.add_argument("--rm-steps", type=int, default=150, help="reward model optimizer steps")

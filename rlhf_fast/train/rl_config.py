@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..choices import AGG_MODES, GROUP_MODES, KL_ESTIMATORS
+from ..objectives import OBJECTIVES
 from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig
 
 ALGOS = ("ppo", "grpo", "reinforce")
@@ -106,6 +107,8 @@ class AlgoConfig(Section):
     """Sequences per optimizer step on each process; must divide rollout.batch_size."""
     micro_batch_size: int = 32
     """Sequences per forward/backward (gradient accumulation); must divide mini_batch_size."""
+    objective: str = "ppo"
+    """Policy objective (rlhf_fast.objectives): ppo (clipped ratio per token; reinforce runs it unclipped), gspo (sequence ratio), gspo_token."""
     clip_eps: float = 0.2
     """Clip range of the policy ratio (ppo, grpo)."""
     clip_eps_high: float | None = None
@@ -141,6 +144,7 @@ class AlgoConfig(Section):
 
     def validate(self) -> None:
         self.require_choice("name", ALGOS)
+        self.require_choice("objective", tuple(OBJECTIVES))
         self.require_choice("agg", AGG_MODES)
         self.require_choice("kl_place", KL_PLACES)
         self.require_choice("kl_estimator", KL_ESTIMATORS)

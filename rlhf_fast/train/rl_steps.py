@@ -202,6 +202,7 @@ def policy_loss_options(trainer) -> PolicyLossOptions:
     algo = trainer.config.algo
     kl_in_loss = algo.kl_place == "loss"
     return PolicyLossOptions(
+        objective=algo.objective,
         clip_eps=None if algo.name == "reinforce" else algo.clip_eps,
         clip_eps_high=None if algo.name == "reinforce" else algo.clip_eps_high,
         kl_coef=trainer.kl_ctl.value if kl_in_loss else 0.0,
