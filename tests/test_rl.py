@@ -11,7 +11,7 @@ from rlhf_fast.train.metrics import read_metrics
 from rlhf_fast.train.rl import RLTrainer, task_gold
 from rlhf_fast.train.rl_config import RLConfig
 from rlhf_fast.train.rl_rollout import generate, response_mask_of, sequence_logprobs
-from rlhf_fast.train.rl_steps import loss_step, make_experience, ppo_advantage, score_step
+from rlhf_fast.train.rl_steps import ADVANTAGE_ESTIMATORS, gae_advantage, loss_step, make_experience, score_step
 
 TINY = {
     "model.hidden_size": 32,
@@ -74,7 +74,7 @@ def test_ppo_advantages_step_is_the_reference_pipeline(trainer):
     rollout = generate(trainer.policy, trainer.tokenizer, trainer.train_prompts[:8], trainer.config.rollout)
     scores, _ = score_step(trainer, rollout)
     exp, stats = make_experience(trainer, rollout, scores)
-    adv, returns = ppo_advantage(trainer, exp)
+    adv, returns = gae_advantage(trainer, exp)
     mask = exp.mask
     rewards = reference.kl_penalized_rewards(exp.old_logp, exp.ref_logp, scores, mask, beta=trainer.kl_ctl.value)
     ref_adv, ref_ret = reference.gae(rewards, exp.values, mask, gamma=1.0, lam=trainer.config.algo.lam)
@@ -83,6 +83,43 @@ def test_ppo_advantages_step_is_the_reference_pipeline(trainer):
     torch.testing.assert_close(torch.where(mask, returns, 0.0), torch.where(mask, ref_ret, 0.0), atol=1e-5, rtol=1e-5)
     assert torch.allclose(scores, torch.tensor(task_gold(rollout.prompts, rollout.responses)))
     assert abs(float(stats["kl"])) < 1e-5  # the policy is still the reference
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("grpo", {"algo.name": "reinforce", "rollout.group_size": 2}),
+    ("drgrpo", {"algo.name": "grpo", "rollout.group_size": 2}),
+    ("rloo", {"algo.name": "grpo", "rollout.group_size": 2}),
+    ("reinforce", {"algo.name": "grpo", "rollout.group_size": 2, "algo.baseline": "mean"}),
+])  # fmt: skip
+def test_advantage_estimator_is_chosen_apart_from_the_algorithm(tmp_path, name, overrides):
+    """algo.advantage picks a table entry whatever the algorithm; each [B] entry is the reference's
+    group baseline (or mean baseline) of the scores, with the KL in the reward when it is there."""
+    trainer = RLTrainer(tiny(tmp_path, **overrides, **{"algo.advantage": name, "algo.kl_place": "reward"}))
+    assert trainer.advantage_fn is ADVANTAGE_ESTIMATORS[name]
+    rollout = generate(trainer.policy, trainer.tokenizer, trainer.train_prompts[:4], trainer.config.rollout)
+    scores, _ = score_step(trainer, rollout)
+    exp, _ = make_experience(trainer, rollout, scores + torch.randn_like(scores))
+    adv, returns = trainer.advantage_fn(trainer, exp)
+    beta = trainer.kl_ctl.value
+    kl = torch.where(exp.mask, reference.kl_penalty(exp.old_logp, exp.ref_logp, estimator="k1"), 0.0).sum(-1)
+    seq_returns = exp.scores.double() - beta * kl.double()
+    want = (seq_returns - seq_returns.mean() if name == "reinforce"
+            else reference.group_advantages(seq_returns, 2, mode=name))  # fmt: skip
+    assert returns is None and torch.allclose(adv.double(), want, atol=1e-5)
+
+
+def test_advantage_estimators_cover_the_vocabulary_and_refuse_what_cannot_run(tmp_path):
+    from rlhf_fast.choices import ADVANTAGE_ESTIMATORS as NAMES
+
+    assert set(ADVANTAGE_ESTIMATORS) == set(NAMES)
+    for overrides, message in [
+        ({"algo.name": "ppo", "algo.advantage": "grpo"}, "algo.name=ppo trains its critic on the returns of algo.advantage=gae"),
+        ({"algo.name": "grpo", "rollout.group_size": 2, "algo.advantage": "gae"}, "algo.advantage=gae needs the critic"),
+        ({"algo.name": "reinforce", "algo.advantage": "rloo"}, "algo.advantage=rloo needs rollout.group_size >= 2"),
+        ({"algo.advantage": "vtrace"}, "algo.advantage"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tiny(tmp_path, **overrides)
 
 
 def test_loss_step_gradient_is_minus_advantage_times_grad_logp_at_ratio_one(trainer):

@@ -38,7 +38,7 @@ from .models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_si
 from .reward_model import RewardModel, replace_dir
 from .rl_config import RLConfig
 from .rl_rollout import generate, sequence_logprobs
-from .rl_steps import ADVANTAGE_FNS, explained_variance, loss_step, make_experience, rollout_step, score_step, update_step
+from .rl_steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, score_step, update_step
 from .run import prepare_out_dir, save_config, save_summary, seed_everything
 from .task import SyntheticTask
 
@@ -227,7 +227,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
 
         # Steps.
         self.rollout_fn, self.score_fn, self.loss_fn, self.update_fn = rollout_fn, score_fn, loss_fn, update_fn
-        self.advantage_fn = advantage_fn or ADVANTAGE_FNS[config.algo.name]
+        self.advantage_fn = advantage_fn or ADVANTAGE_ESTIMATORS[config.algo.estimator]
         self.hooks = hooks or Hooks()
         self.kl_ctl = KLController(config.algo.kl_coef, config.algo.kl_target, config.algo.kl_horizon)
 

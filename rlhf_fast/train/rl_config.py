@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..choices import AGG_MODES, GROUP_MODES, KL_ESTIMATORS
+from ..choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS
 from ..objectives import OBJECTIVES
 from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig
 
@@ -107,6 +107,8 @@ class AlgoConfig(Section):
     """Sequences per optimizer step on each process; must divide rollout.batch_size."""
     micro_batch_size: int = 32
     """Sequences per forward/backward (gradient accumulation); must divide mini_batch_size."""
+    advantage: str | None = None
+    """Advantage estimator, independent of the algorithm: gae (needs ppo's critic), grpo, drgrpo, rloo (group baselines), reinforce (the return minus `baseline`); unset: the algorithm's own (ppo: gae, grpo: group_mode, reinforce: reinforce, or rloo with baseline=rloo)."""
     objective: str = "ppo"
     """Policy objective (rlhf_fast.objectives): ppo (clipped ratio per token; reinforce runs it unclipped), gspo (sequence ratio), gspo_token."""
     clip_eps: float = 0.2
@@ -142,9 +144,27 @@ class AlgoConfig(Section):
     baseline: str = "mean"
     """Baseline of reinforce: none, mean (batch mean) or rloo (leave one out within groups)."""
 
+    @property
+    def estimator(self) -> str:
+        """The advantage estimator that runs: ``advantage``, else the algorithm's own."""
+        if self.advantage is not None:
+            return self.advantage
+        if self.name == "ppo":
+            return "gae"
+        if self.name == "grpo":
+            return self.group_mode
+        return "rloo" if self.baseline == "rloo" else "reinforce"
+
     def validate(self) -> None:
         self.require_choice("name", ALGOS)
         self.require_choice("objective", tuple(OBJECTIVES))
+        if self.advantage is not None:
+            self.require_choice("advantage", ADVANTAGE_ESTIMATORS)
+        if self.name == "ppo" and self.estimator != "gae":
+            raise ConfigError(f"algo.name=ppo trains its critic on the returns of algo.advantage=gae; "
+                              f"{self.estimator} gives none (use algo.name=grpo or reinforce with it)")
+        if self.estimator == "gae" and self.name != "ppo":
+            raise ConfigError(f"algo.advantage=gae needs the critic of algo.name=ppo, got algo.name={self.name}")
         self.require_choice("agg", AGG_MODES)
         self.require_choice("kl_place", KL_PLACES)
         self.require_choice("kl_estimator", KL_ESTIMATORS)
@@ -263,7 +283,9 @@ class RLConfig(Section):
             )
         if algo.name == "grpo" and rollout.group_size < 2:
             raise ConfigError(f"algo.name=grpo needs rollout.group_size >= 2, got {rollout.group_size}")
-        if algo.name == "reinforce" and algo.baseline == "rloo" and rollout.group_size < 2:
-            raise ConfigError(f"algo.baseline=rloo needs rollout.group_size >= 2, got {rollout.group_size}")
-        if algo.name == "grpo" and algo.group_mode in ("grpo", "rloo") and rollout.group_size < 2:
-            raise ConfigError(f"algo.group_mode={algo.group_mode} needs rollout.group_size >= 2, got {rollout.group_size}")
+        if algo.estimator in ("grpo", "rloo") and rollout.group_size < 2:
+            if algo.advantage is not None:
+                chosen = f"algo.advantage={algo.advantage}"
+            else:
+                chosen = f"algo.group_mode={algo.group_mode}" if algo.name == "grpo" else f"algo.baseline={algo.baseline}"
+            raise ConfigError(f"{chosen} needs rollout.group_size >= 2, got {rollout.group_size}")

@@ -3,7 +3,7 @@
     rollout_step(trainer, prompts)            -> Rollout                 sample responses
     score_step(trainer, rollout)              -> (scores [B], stats)     reward model and/or reward_fn
     make_experience(trainer, rollout, scores) -> Experience              old/ref log-probs, values
-    advantage_fn(trainer, exp)                -> (advantages, returns)   ppo_advantage / grpo_advantage / reinforce_advantage
+    advantage_fn(trainer, exp)                -> (advantages, returns)   ADVANTAGE_ESTIMATORS[algo.advantage]
     loss_fn(trainer, micro, normalizer)       -> (loss, stats)           policy (+ value) loss of one micro-batch
     update_step(trainer, exp)                 -> stats                   epochs x minibatches x micro-batches
 
@@ -157,7 +157,19 @@ def _sequence_kl(exp: Experience, estimator: str) -> torch.Tensor:
     return torch.where(exp.mask, kl, 0.0).sum(-1)
 
 
-def ppo_advantage(trainer, exp: Experience):
+ADVANTAGE_ESTIMATORS: dict = {}  # name (choices.ADVANTAGE_ESTIMATORS) -> fn(trainer, exp) -> (advantages, returns)
+
+
+def register_advantage(name: str):
+    def register(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+@register_advantage("gae")
+def gae_advantage(trainer, exp: Experience):
     """InstructGPT: per-token rewards -beta * KL plus the score at the last token, GAE, whitening (fused)."""
     algo = trainer.config.algo
     out = rlhf_fast.ppo_advantages(
@@ -168,32 +180,37 @@ def ppo_advantage(trainer, exp: Experience):
     return out.advantages, out.returns
 
 
-def grpo_advantage(trainer, exp: Experience):
-    """Group advantages of the scores (minus beta * sequence KL when the KL is in the reward). [B]."""
-    algo = trainer.config.algo
-    scores = exp.scores
+def _sequence_returns(trainer, exp: Experience) -> torch.Tensor:
+    """Each sequence's score, minus beta * its KL when the KL is in the reward. [B]"""
     beta = _kl_in_reward(trainer)
     if beta:
-        scores = scores - beta * _sequence_kl(exp, algo.kl_estimator)
-    adv = rlhf_fast.group_advantages(scores, trainer.config.rollout.group_size, mode=algo.group_mode, backend=trainer.config.train.backend)
-    return adv, None
+        return exp.scores - beta * _sequence_kl(exp, trainer.config.algo.kl_estimator)
+    return exp.scores
 
 
+def _group_advantage(mode: str):
+    def group_advantage(trainer, exp: Experience):
+        returns = _sequence_returns(trainer, exp)
+        group_size, backend = trainer.config.rollout.group_size, trainer.config.train.backend
+        return rlhf_fast.group_advantages(returns, group_size, mode=mode, backend=backend), None
+
+    group_advantage.__doc__ = f"Group advantages of the returns, mode {mode!r} (rlhf_fast.group_advantages). [B]"
+    return group_advantage
+
+
+for _mode in ("grpo", "drgrpo", "rloo"):
+    register_advantage(_mode)(_group_advantage(_mode))
+
+
+@register_advantage("reinforce")
 def reinforce_advantage(trainer, exp: Experience):
-    """Monte Carlo return of each sequence minus a baseline (none, batch mean, or leave-one-out). [B]."""
-    algo = trainer.config.algo
-    returns = exp.scores
-    beta = _kl_in_reward(trainer)
-    if beta:
-        returns = returns - beta * _sequence_kl(exp, algo.kl_estimator)
-    if algo.baseline == "mean":
+    """Monte Carlo return of each sequence minus algo.baseline: none, or the batch mean. [B]"""
+    returns = _sequence_returns(trainer, exp)
+    if trainer.config.algo.baseline == "mean":
         return returns - returns.mean(), None
-    if algo.baseline == "rloo":
-        return rlhf_fast.group_advantages(returns, trainer.config.rollout.group_size, mode="rloo", backend=trainer.config.train.backend), None
     return returns, None
 
 
-ADVANTAGE_FNS = {"ppo": ppo_advantage, "grpo": grpo_advantage, "reinforce": reinforce_advantage}
 
 
 # --------------------------------------------------------------------------------------- loss
@@ -296,13 +313,13 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 __all__ = [
-    "ADVANTAGE_FNS",
+    "ADVANTAGE_ESTIMATORS",
     "Experience",
     "explained_variance",
-    "grpo_advantage",
+    "gae_advantage",
     "loss_step",
     "make_experience",
-    "ppo_advantage",
+    "register_advantage",
     "reinforce_advantage",
     "reward_model_scores",
     "rollout_step",
