@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from ..backends import registry
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
 from ..options import PolicyLossOptions, no_leftovers, take
 from .policy_loss import masked_mean, policy_loss_with_options, validate_inputs
-from .token_logprobs import token_logprobs
+from .token_logprobs import check_vocabulary, token_logprobs_validated
 
 
 def fused_policy_loss(
@@ -62,16 +63,16 @@ def fused_policy_loss(
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V]; got {check.describe(logits)}")
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:2], like=("logits", logits))
+    check_vocabulary(logits)
     mask = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels")
     entropy_coef = check.number("entropy_coef", entropy_coef)
+    temperature = check.positive_finite("temperature", temperature)
+    registry.check_backend_name(backend)
     normalizer = check_normalizer(normalizer)
     # Any label id at a masked position becomes ignore_index: its logp, entropy and gradient are 0
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)
-    logp, entropy = token_logprobs(
-        logits, labels, temperature=temperature, return_entropy=True,
-        inplace_backward=inplace_backward, backend=backend,
-    )  # fmt: skip
+    logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend)
     loss, stats = policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options, normalizer)
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)

@@ -161,6 +161,11 @@ def _flatten_rows(logits: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+def check_vocabulary(logits: torch.Tensor) -> None:
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension; got {check.describe(logits)}")
+
+
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -192,14 +197,17 @@ def token_logprobs(
     """
     check.tensor("logits", logits, dtypes=LOGIT_DTYPES, min_dim=1)
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:-1], like=("logits", logits))
-    if logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension; got {check.describe(logits)}")
+    check_vocabulary(logits)
     temperature = check.positive_finite("temperature", temperature)
     registry.check_backend_name(backend)
+    return token_logprobs_validated(logits, labels, temperature, int(ignore_index), return_entropy, inplace_backward, backend)
 
+
+def token_logprobs_validated(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, backend):
+    """``token_logprobs`` on arguments already checked (by it, or by a fused op that calls this)."""
     flat_labels = labels.reshape(-1).contiguous()
     logp, entropy, _ = _forward_op(
-        _flatten_rows(logits), flat_labels, temperature, int(ignore_index), return_entropy, inplace_backward, backend
+        _flatten_rows(logits), flat_labels, temperature, ignore_index, return_entropy, inplace_backward, backend
     )
     logp = logp.view(labels.shape)
     if return_entropy:
