@@ -94,3 +94,51 @@ def policy_term_scale(logp, old_logp, advantages, mask, agg, *, ref_logp=None, k
         kl = reference.kl_penalty(logp, torch.where(mask, ref_logp.double(), 0.0), estimator=kl_estimator)
         size = size + kl_coef * kl.abs()
     return reference.aggregate(size, mask, agg).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Option sets and configurations shared by several test modules
+# ---------------------------------------------------------------------------------------------
+
+CLIPS = [
+    {"clip_eps": 0.2},
+    {"clip_eps": 0.2, "clip_eps_high": 0.28},
+    {"clip_eps": None},
+    {"clip_eps": 0.2, "dual_clip": 3.0},
+    {"clip_eps": None, "dual_clip": 2.0},
+]
+KLS = [{}, {"kl_coef": 0.1, "kl_estimator": "k3"}, {"kl_coef": 0.05, "kl_estimator": "k1"},
+       {"kl_coef": 0.2, "kl_estimator": "k2"}, {"kl_coef": 0.3, "kl_estimator": "abs"}]  # fmt: skip
+
+# A tiny RL run on the built-in task (rlhf_fast.train needs the [train] extra: imported in tiny()).
+TINY_RL = {
+    "model.hidden_size": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.intermediate_size": 64,
+    "reward.gold": True,
+    "data.train_prompts": 64,
+    "rollout.batch_size": 8,
+    "rollout.max_new_tokens": 6,
+    "algo.mini_batch_size": 4,
+    "algo.micro_batch_size": 2,
+    "optim.lr": 1e-3,
+    "train.steps": 2,
+    "train.eval_prompts": 8,
+    "train.save_every": 0,
+    "train.progress": False,
+    "train.device": "cpu",
+}
+ALGOS = {
+    "ppo": {"algo.name": "ppo", "algo.epochs": 2},
+    "grpo": {"algo.name": "grpo", "rollout.group_size": 4, "algo.kl_place": "loss", "algo.kl_estimator": "k3"},
+    "reinforce": {"algo.name": "reinforce", "rollout.group_size": 2, "algo.baseline": "rloo", "algo.mini_batch_size": 8},
+}
+
+
+def tiny(out_dir, **overrides):
+    """The RLConfig of a tiny run into ``out_dir``, with ``overrides`` ({"section.key": value})."""
+    from rlhf_fast.train.config import load_config
+    from rlhf_fast.train.rl_config import RLConfig
+
+    return load_config(RLConfig, None, {"out_dir": str(out_dir), **TINY_RL, **overrides})

@@ -11,8 +11,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.ops.aggregate import aggregate
 
-from numerics import backend_params, poison, policy_term_scale, random_mask, rel_err, require
-from test_policy_loss import CLIPS, KLS
+from numerics import CLIPS, KLS, backend_params, poison, policy_term_scale, random_mask, rel_err, require
 
 AGGS = reference.AGG_MODES
 

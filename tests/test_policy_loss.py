@@ -10,19 +10,10 @@ import torch
 import rlhf_fast
 from rlhf_fast import reference
 
-from numerics import poison, policy_term_scale, random_mask, rel_err
+from numerics import CLIPS, KLS, poison, policy_term_scale, random_mask, rel_err
 
 TOL = 2e-5
 AGGS = reference.AGG_MODES
-CLIPS = [
-    {"clip_eps": 0.2},
-    {"clip_eps": 0.2, "clip_eps_high": 0.28},
-    {"clip_eps": None},
-    {"clip_eps": 0.2, "dual_clip": 3.0},
-    {"clip_eps": None, "dual_clip": 2.0},
-]
-KLS = [{}, {"kl_coef": 0.1, "kl_estimator": "k3"}, {"kl_coef": 0.05, "kl_estimator": "k1"},
-       {"kl_coef": 0.2, "kl_estimator": "k2"}, {"kl_coef": 0.3, "kl_estimator": "abs"}]  # fmt: skip
 
 
 def policy_case(rows=7, tokens=13, pattern="mixed", per_token_adv=True, device="cpu"):

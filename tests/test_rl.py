@@ -6,42 +6,13 @@ import pytest
 import torch
 
 from rlhf_fast import reference
-from rlhf_fast.train.config import ConfigError, load_config
+from rlhf_fast.train.config import ConfigError
 from rlhf_fast.train.metrics import read_metrics
 from rlhf_fast.train.rl import RLTrainer, task_gold
-from rlhf_fast.train.rl_config import RLConfig
 from rlhf_fast.train.rl_rollout import generate, response_mask_of, sequence_logprobs
 from rlhf_fast.train.rl_steps import ADVANTAGE_ESTIMATORS, gae_advantage, loss_step, make_experience, score_step
 
-TINY = {
-    "model.hidden_size": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "model.intermediate_size": 64,
-    "reward.gold": True,
-    "data.train_prompts": 64,
-    "rollout.batch_size": 8,
-    "rollout.max_new_tokens": 6,
-    "algo.mini_batch_size": 4,
-    "algo.micro_batch_size": 2,
-    "optim.lr": 1e-3,
-    "train.steps": 2,
-    "train.eval_prompts": 8,
-    "train.save_every": 0,
-    "train.progress": False,
-    "train.device": "cpu",
-}
-
-ALGOS = {
-    "ppo": {"algo.name": "ppo", "algo.epochs": 2},
-    "grpo": {"algo.name": "grpo", "rollout.group_size": 4, "algo.kl_place": "loss", "algo.kl_estimator": "k3"},
-    "reinforce": {"algo.name": "reinforce", "rollout.group_size": 2, "algo.baseline": "rloo", "algo.mini_batch_size": 8},
-}
-
-
-def tiny(out_dir, **overrides) -> RLConfig:
-    return load_config(RLConfig, None, {"out_dir": str(out_dir), **TINY, **overrides})
-
+from numerics import ALGOS, tiny
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):

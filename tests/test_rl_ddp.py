@@ -10,7 +10,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from test_rl import ALGOS, tiny
+from numerics import ALGOS, tiny
 
 
 def _free_port() -> int:
