@@ -101,13 +101,22 @@ def number(
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64) + FLOAT_DTYPES
 
 
-def mask(name: str, value, *, shape: Sequence[int], like: tuple[str, torch.Tensor]) -> torch.Tensor:
-    """A [B, T] token mask, bool or 0/1 of any integer/float dtype; returned as bool (nonzero = valid).
-
-    The values are not inspected (that would synchronise with the device): 0.5 counts as valid.
-    """
+def mask(name: str, value, *, shape: Sequence[int] | None = None, like: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """A [B, T] token mask: bool, or 0/1 in any integer or float dtype (verl's response_mask, TRL's
+    completion_mask); returned as bool. Any other value is an error, not a weight: the ops count
+    tokens, they do not weight them. Checking a non-bool mask's values costs one small
+    device-to-host sync on CUDA; a bool mask is taken as it is."""
     tensor(name, value, dtypes=MASK_DTYPES, shape=shape, like=like)
-    return value if value.dtype == torch.bool else value != 0
+    if value.dtype == torch.bool:
+        return value
+    bad = (value != 0) & (value != 1)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (or be bool); {int(bad.sum())} of {value.numel()} values are neither, "
+            f"the first {value[where].item()!r} at index {where} ({describe(value)})"
+        )
+    return value != 0
 
 
 def group_size(value, batch: int, *, mode: str) -> int:

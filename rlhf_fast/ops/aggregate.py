@@ -23,11 +23,10 @@ def loss_normalizer(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor
     seq-mean-token-sum: B; seq-mean-token-sum-norm: B * T. Sum it over micro-batches (and ranks)
     and pass the total as ``normalizer=`` to reproduce the full-batch loss.
     """
-    check.tensor("mask", mask, dtypes=check.MASK_DTYPES)
+    mask = check.mask("mask", mask)
     if mask.dim() != 2:
         raise ValueError(f"mask must have shape [B, T]; got {check.describe(mask)}")
     check.choice("agg", agg, AGG_MODES)
-    mask = mask != 0
     if agg == "token-mean":
         return mask.sum().float()
     if agg == "seq-mean-token-mean":
