@@ -302,30 +302,43 @@ class TokenObjective:
         raise NotImplementedError
 
 
+def _loss_sweep(hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective, need):
+    """One sweep: the rows' logp (and entropy) and, for the inputs in ``need``, the loss's gradients."""
+    rows = RowStats.empty(labels.shape[0], objective.with_entropy, spec.compute_dtype, hidden.device)
+    grads = LinearGrads.allocate(hidden, weight, bias, spec, *need, every_row=index is None) if any(need) else None
+    upstream = (lambda start, end: objective.token_grads(rows, start, end)) if grads is not None else None
+    sweep(hidden, weight, bias, labels, spec, rows, forward=True, upstream=upstream, grads=grads, index=index)
+    return rows, grads.results(bias) if grads is not None else (None, None, None)
+
+
 class _LinearLoss(torch.autograd.Function):
     """Loss value and, in the same sweep, its gradients w.r.t. hidden, weight and bias."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective, need_grads):
-        rows = RowStats.empty(labels.shape[0], objective.with_entropy, spec.compute_dtype, hidden.device)
         need = ctx.needs_input_grad[:3] if need_grads else (False, False, False)
-        grads = LinearGrads.allocate(hidden, weight, bias, spec, *need, every_row=index is None) if any(need) else None
-        upstream = (lambda start, end: objective.token_grads(rows, start, end)) if grads is not None else None
-        sweep(hidden, weight, bias, labels, spec, rows, forward=True, upstream=upstream, grads=grads, index=index)
-        ctx.save_for_backward(*(grads.results(bias) if grads is not None else (None, None, None)))
+        rows, ctx.grads = _loss_sweep(hidden, weight, bias, labels, index, spec, objective, need)
+        # The inputs are saved (no copy) so that autograd's version check catches an in-place
+        # change between forward and backward, as eager's F.linear would, and so that a second
+        # backward can recompute the gradients handed over by the first.
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.sweep_args = (labels, index, spec, objective, need)
         return objective.value(rows)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # Each saved gradient times the upstream scalar, out of place, so that a second backward
-        # (retain_graph) sees them intact. An upstream gradient of exactly 1 (``loss.backward()``)
-        # hands them over as they are: a [V, H] product would double the weight gradient's memory
-        # at the peak (the saved tensors are released before autograd accumulates them into .grad,
-        # which then takes them without a copy).
-        grads = ctx.saved_tensors
-        if not bool(grad_loss == 1):
-            grads = tuple(None if g is None else g * grad_loss for g in grads)
-        return tuple(grads) + (None,) * 5
+        hidden, weight, bias = ctx.saved_tensors  # raises if one was modified in place since the forward
+        grads = ctx.grads
+        if grads is None:  # a later backward (retain_graph=True): the first one handed them over
+            _, grads = _loss_sweep(hidden, weight, bias, *ctx.sweep_args)
+        if bool(grad_loss == 1):
+            # loss.backward(): hand the gradients over as they are and keep no reference, so that
+            # .grad takes them without a copy (a [V, H] product would double the weight gradient's
+            # memory at the peak) and nothing of ours aliases what the caller may change in place.
+            ctx.grads = None
+            return tuple(grads) + (None,) * 5
+        ctx.grads = grads
+        return tuple(None if g is None else g * grad_loss for g in grads) + (None,) * 5
 
 
 def linear_loss(hidden, weight, bias, labels, index, spec: LinearSpec, objective: TokenObjective) -> torch.Tensor:
