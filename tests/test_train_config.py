@@ -69,7 +69,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' in .*rm.yaml; valid keys of optim: lr, weight_decay, beta1, beta2, eps, warmup_steps, min_lr_ratio, grad_clip"):
         load_config(RewardConfig, path)
     path.write_text("trian:\n  steps: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*valid keys: out_dir, resume, model, tokenizer, data, task, optim, train, loss"):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*valid keys: out_dir, resume, overwrite, model, tokenizer, data, task, optim, train, loss"):
         load_config(RewardConfig, path)
     with pytest.raises(ConfigError, match=r"optim must be a mapping"):
         load_config(RewardConfig, None, {"optim": 3})

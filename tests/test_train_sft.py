@@ -169,7 +169,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def test_existing_run_needs_resume(tmp_path, capsys):
     SFTTrainer(tiny(tmp_path / "run", **{"train.steps": 1})).train()
-    with pytest.raises(FileExistsError, match="already has checkpoints .*pass --resume"):
+    with pytest.raises(FileExistsError, match="is not empty .*pass --resume"):
         SFTTrainer(tiny(tmp_path / "run", **{"train.steps": 1})).train()
     SFTTrainer(tiny(tmp_path / "fresh", **{"train.steps": 1}, resume=True)).train()
     assert "found no checkpoint" in capsys.readouterr().out

@@ -1,18 +1,32 @@
-"""Checkpoints: model, optimizer, scheduler, RNG states and data position in one file, written atomically.
+"""Checkpoints: model, optimizer, scheduler, RNG states and data position in one file, written atomically
+and checksummed; and ``write_atomically``, which every file of a run directory is written with.
 
-``save`` writes to a temporary file in the same directory, fsyncs it and renames it over the final
-name (``os.replace`` is atomic on POSIX), so a crash or a kill mid-write leaves at most a stray
-temporary file and never a truncated ``step_XXXXXXXX.pt``: the previous checkpoint stays loadable.
-Files load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+A checkpoint file is a 64-byte header (``MAGIC`` padded with zeros to 32 bytes, then the SHA-256 of
+everything after the header) followed by the ``torch.save`` archive. ``load`` checks the digest before
+unpickling anything, so a truncated or bit-flipped file is refused (``CheckpointError``) rather than
+resumed with silently changed weights (torch.load checks no CRC of the archive's records). The payload
+loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+
+``write_atomically`` writes to a temporary file created exclusively beside the target (``mkstemp``: an
+unpredictable name, never a symlink someone planted there), fsyncs it and renames it over the
+target (``os.replace`` is atomic on POSIX), so a crash or a kill mid-write leaves at most a stray
+``.<name>.tmp*`` file, removed by ``remove_temporaries`` when the next run starts, and never a
+truncated file: the previous checkpoint stays loadable.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import os
 import random
 import re
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,8 +34,14 @@ import torch
 from . import dist
 
 FORMAT = "rlhf_fast.train.checkpoint/1"
+MAGIC = b"rlhf_fast.ckpt.sha256\n"
+HEADER_SIZE = 64  # MAGIC, zero padding, then the 32-byte digest
 NAME_RE = re.compile(r"^step_(\d{8})\.pt$")
 TMP_MARK = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is damaged, or --resume found checkpoints and none of them loads; the message names the file."""
 
 
 def path_for(directory: Path, step: int) -> Path:
@@ -50,28 +70,106 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save(payload: dict, path: Path) -> Path:
-    """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename)."""
+@functools.cache
+def _new_file_mode() -> int:
+    """0o666 less the umask: what open() gives a new file. mkstemp makes it 0o600, which would hide
+    checkpoints from the group that can read every other output of the run."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Create ``path`` with ``write(f)`` (a binary file open for reading and writing), atomically:
+    temporary file created exclusively in the same directory, fsync, rename (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+        with os.fdopen(fd, "w+b") as f:
+            os.fchmod(f.fileno(), _new_file_mode())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
     return path
 
 
+def remove_temporaries(directory: Path) -> None:
+    """Delete the ``.<name>.tmp*`` files that writes killed midway left in ``directory``.
+    Call it before a run starts writing there: a live write's temporary file looks the same."""
+    directory = Path(directory)
+    for path in directory.glob(f".*{TMP_MARK}*") if directory.is_dir() else []:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _sha256(f: BinaryIO) -> bytes:
+    """Digest of ``f`` from its current position to the end, read in 1 MiB chunks (never all in memory)."""
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.digest()
+
+
+def _header(digest: bytes) -> bytes:
+    return MAGIC.ljust(HEADER_SIZE - len(digest), b"\0") + digest
+
+
+class _Body(io.RawIOBase):
+    """The archive after the header, as a file of its own: torch.load reads it at offsets from its start."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        f.seek(HEADER_SIZE)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.f.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        offset += HEADER_SIZE if whence == io.SEEK_SET else 0
+        return self.f.seek(offset, whence) - HEADER_SIZE
+
+    def tell(self) -> int:
+        return self.f.tell() - HEADER_SIZE
+
+
+def save(payload: dict, path: Path) -> Path:
+    """Write ``payload`` to ``path`` atomically, behind a header holding the SHA-256 of the archive."""
+
+    def write(f: BinaryIO) -> None:
+        f.write(bytes(HEADER_SIZE))
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        f.seek(HEADER_SIZE)
+        digest = _sha256(f)  # of the bytes in the file, not of what torch meant to write
+        f.seek(0)
+        f.write(_header(digest))
+
+    return write_atomically(path, write)
+
+
 def load(path: Path) -> dict:
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The payload of the checkpoint at ``path``; CheckpointError if its checksum does not match."""
+    with open(path, "rb") as f:
+        header = f.read(HEADER_SIZE)
+        if len(header) < HEADER_SIZE or not header.startswith(MAGIC):
+            raise CheckpointError(f"{path} does not start with the header of a checksummed rlhf_fast checkpoint")
+        if header != _header(_sha256(f)):
+            raise CheckpointError(f"{path} is damaged: the SHA-256 of its contents differs from the one written with it")
+        payload = torch.load(_Body(f), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     return payload
 
 
@@ -85,14 +183,15 @@ def load_latest(directory: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def prune(directory: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints, and stray temporary files of killed writes."""
-    directory = Path(directory)
-    for _, path in list_checkpoints(directory)[:-keep]:
+def prune(directory: Path, keep: int, step: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints up to ``step`` (the one just written).
+
+    Checkpoints past ``step`` are the unreadable ones a resume skipped: counting them would delete
+    the checkpoints this run has written since (a run split into jobs would never get past them).
+    They stay until the run saves their step again, or passes it and prunes them as old ones."""
+    done = [path for s, path in list_checkpoints(directory) if s <= step]
+    for path in done[:-keep]:
         path.unlink(missing_ok=True)
-    if directory.is_dir():
-        for path in directory.glob(f".step_*.pt{TMP_MARK}*"):
-            path.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -143,7 +242,7 @@ class CheckpointedRun:
         path = path_for(self.checkpoint_dir, self.step)
         if dist.is_main():
             save(self.state_dict(), path)
-            prune(self.checkpoint_dir, self.keep_checkpoints)
+            prune(self.checkpoint_dir, self.keep_checkpoints, self.step)
         dist.barrier()
         self._last_saved = self.step
         for hook in self.hooks.on_checkpoint:
@@ -151,10 +250,22 @@ class CheckpointedRun:
         return path
 
     def resume(self) -> Path | None:
-        """Restore the newest loadable checkpoint (every process loads it); None when there is none.
-        Metrics logged after its step (by the interrupted run) are dropped: they will be redone."""
+        """Restore the newest loadable checkpoint (every process loads it). Metrics logged after its
+        step (by the interrupted run) are dropped: they will be redone.
+
+        None when there is no checkpoint at all (the run starts at step 0, without the metrics of an
+        attempt killed before its first checkpoint). Checkpoints that all fail to load are an error:
+        starting again would silently throw away the run they hold."""
         found = load_latest(self.checkpoint_dir)
         if found is None:
+            unreadable = list_checkpoints(self.checkpoint_dir)
+            if unreadable:
+                names = ", ".join(p.name for _, p in reversed(unreadable))
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {self.checkpoint_dir} can be loaded ({names}; see the warnings above); "
+                    "put a good one back there, or pass --overwrite instead of --resume to start the run again from step 0"
+                )
+            self.metrics.drop_after(0)
             return None
         path, payload = found
         self.load_state_dict(payload)

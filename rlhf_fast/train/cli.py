@@ -119,7 +119,8 @@ def run_demo_data(args: argparse.Namespace) -> int:
 
 EPILOG = """Without data paths, the built-in synthetic task is used (no download): a word-level tokenizer,
 prompts "write N words about TOPIC :" and a hidden gold score (see rlhf_fast.train.task).
-Exit status 2 and a one-line message for configuration and data errors."""
+A fresh run needs an empty --out_dir (or --overwrite); --resume continues the run there.
+Exit status 2 and a one-line message for configuration, data and output-directory errors."""
 
 
 def add_commands(commands) -> None:
@@ -160,11 +161,12 @@ def add_commands(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a training command; configuration, data and file errors exit with status 2 and one line."""
+    """Run a training command; configuration, data, file and checkpoint errors exit with status 2 and one line."""
+    from .checkpoint import CheckpointError
     from .data import DataError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         print(f"rlhf-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

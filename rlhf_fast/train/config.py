@@ -353,7 +353,12 @@ class SFTConfig(Section):
     out_dir: str = "runs/sft"
     """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml and the final model/."""
     resume: bool = False
-    """Continue from the newest checkpoint in out_dir (starts fresh, with a note, when there is none)."""
+    """Continue the run in out_dir from its newest checkpoint that loads (starts at step 0, with a note,
+    when there is none; an error when there are checkpoints and none loads)."""
+    overwrite: bool = False
+    """Start a fresh run in an out_dir that holds one: delete its files (checkpoints/, metrics, the saved
+    model) first; an out_dir holding other files is still refused. Without this or resume, a non-empty
+    out_dir is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -363,6 +368,7 @@ class SFTConfig(Section):
 
     def validate(self) -> None:
         self.require(bool(self.out_dir), "out_dir", "must be a directory path")
+        require_resume_xor_overwrite(self)
         _check_positions(self.model, self.data)
 
 
@@ -373,7 +379,12 @@ class RewardConfig(Section):
     out_dir: str = "runs/rm"
     """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml and the final reward_model/."""
     resume: bool = False
-    """Continue from the newest checkpoint in out_dir (starts fresh, with a note, when there is none)."""
+    """Continue the run in out_dir from its newest checkpoint that loads (starts at step 0, with a note,
+    when there is none; an error when there are checkpoints and none loads)."""
+    overwrite: bool = False
+    """Start a fresh run in an out_dir that holds one: delete its files (checkpoints/, metrics, the saved
+    model) first; an out_dir holding other files is still refused. Without this or resume, a non-empty
+    out_dir is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -384,7 +395,13 @@ class RewardConfig(Section):
 
     def validate(self) -> None:
         self.require(bool(self.out_dir), "out_dir", "must be a directory path")
+        require_resume_xor_overwrite(self)
         _check_positions(self.model, self.data)
+
+
+def require_resume_xor_overwrite(section) -> None:
+    section.require(not (section.resume and section.overwrite), "overwrite",
+                    "must be false with resume=true (resume continues the run in out_dir, overwrite deletes it)")
 
 
 def _check_positions(model: ModelConfig, data: DataConfig) -> None:

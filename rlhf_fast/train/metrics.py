@@ -2,6 +2,9 @@
 
 Each record has "step" and "split" ("train": means over the last log_every steps; "eval": held-out
 metrics), plus numbers. Only rank 0 writes.
+
+A process killed while appending leaves a torn last line (no newline at its end): ``read_metrics``
+drops it with a warning, and a resumed run rewrites the file without it (``drop_after``).
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 from . import dist
+from .checkpoint import write_atomically
 
 
 class MetricsLog:
@@ -32,16 +37,27 @@ class MetricsLog:
         if not dist.is_main() or not self.path.is_file():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_atomically(self.path, lambda f: f.write(text.encode()))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (see the module docstring) is dropped with a warning."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    complete, _, torn = data.rpartition(b"\n")
+    if torn:
+        warnings.warn(f"{path}: dropping its last line, torn by a process killed while writing it: {torn[:80]!r}", stacklevel=2)
+    records = []
+    for number, line in enumerate(complete.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON record ({exc})") from None
+    return records
 
 
 class ProgressBar:
@@ -107,11 +123,8 @@ def plot_metrics(
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    path = write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

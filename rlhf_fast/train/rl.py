@@ -458,7 +458,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
     def train(self) -> dict[str, float]:
         """Run (or resume) RL; at the last step evaluate, save model/ (policy + tokenizer), the plot and summary.json."""
         cfg = self.config
-        prepare_out_dir(self.out_dir, cfg.resume)
+        prepare_out_dir(self.out_dir, cfg.resume, cfg.overwrite)
         if cfg.resume and self.resume() is None and dist.is_main():
             print(f"note: --resume found no checkpoint in {self.out_dir}; starting from step 0")
         save_config(cfg, self.out_dir)

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from ..choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS
 from ..objectives import OBJECTIVES
-from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig
+from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig, require_resume_xor_overwrite
 
 ALGOS = ("ppo", "grpo", "reinforce")
 BASELINES = ("none", "mean", "rloo")
@@ -262,7 +262,12 @@ class RLConfig(Section):
     out_dir: str = "runs/rl"
     """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml, summary.json and the final model/."""
     resume: bool = False
-    """Continue from the newest checkpoint in out_dir."""
+    """Continue the run in out_dir from its newest checkpoint that loads (starts at step 0, with a note,
+    when there is none; an error when there are checkpoints and none loads)."""
+    overwrite: bool = False
+    """Start a fresh run in an out_dir that holds one: delete its files (checkpoints/, metrics, the saved
+    model) first; an out_dir holding other files is still refused. Without this or resume, a non-empty
+    out_dir is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
@@ -275,6 +280,7 @@ class RLConfig(Section):
 
     def validate(self) -> None:
         self.require(bool(self.out_dir), "out_dir", "must be a directory path")
+        require_resume_xor_overwrite(self)
         rollout, algo = self.rollout, self.algo
         if rollout.batch_size % algo.mini_batch_size:
             raise ConfigError(

@@ -97,10 +97,8 @@ def run_demo(out: str | Path = "runs/demo", *, algo: str = "ppo", seed: int = 0,
     out = Path(out)
     sft_cfg, rm_cfg, rl_cfg = demo_configs(out, algo=algo, seed=seed, sft_steps=sft_steps, rm_steps=rm_steps,
                                            rl_steps=rl_steps, device=device, progress=progress, overrides=overrides)
-    from .checkpoint import list_checkpoints
-
-    for cfg in (sft_cfg, rm_cfg, rl_cfg):  # continue a stage that was interrupted
-        cfg.resume = bool(list_checkpoints(Path(cfg.out_dir) / "checkpoints"))
+    for cfg in (sft_cfg, rm_cfg, rl_cfg):  # continue a stage that was interrupted (before or after a checkpoint)
+        cfg.resume = Path(cfg.out_dir).exists()
     seconds = {}
     seconds["sft"] = _stage("SFT", out / "sft" / "model", lambda: SFTTrainer(sft_cfg).train())
     seconds["rm"] = _stage("reward model", out / "rm" / "reward_model", lambda: RewardTrainer(rm_cfg).train())

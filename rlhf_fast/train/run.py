@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
+import re
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from .config import to_dict
 from .data import BatchStream
 from .loop import Loop
 from .metrics import plot_metrics, read_metrics
+
+# What runs write in out_dir (SFT and RL: model/, RM: reward_model/); --overwrite deletes only these.
+RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "model", "reward_model")
+# What a write killed midway leaves beside one of them: ".<name>.tmp<random>" (checkpoint.write_atomically),
+# "<dir>.tmp", "<dir>.tmp<pid>" or "<dir>.old<pid>" (the renames of the model directories).
+LEFTOVER_RE = re.compile(r"^\.?(?P<target>.+?)\.(?:tmp\w*|old\d+)$")
 
 
 def seed_everything(seed: int) -> None:
@@ -61,26 +68,59 @@ def dataset_loop(config, model, train_examples, eval_examples, *, pad: int, coll
 
 
 def start_run(config, loop: Loop) -> None:
-    """Before training: an output directory that is new or resumed on purpose, the loop resumed from its
-    newest checkpoint when asked, and the resolved configuration saved."""
+    """Before training: an output directory that is new, resumed or overwritten on purpose, the loop
+    resumed from its newest checkpoint when asked, and the resolved configuration saved."""
     out_dir = Path(config.out_dir)
-    prepare_out_dir(out_dir, config.resume)
+    prepare_out_dir(out_dir, config.resume, config.overwrite)
     if config.resume and loop.resume() is None and dist.is_main():
         print(f"note: --resume found no checkpoint in {out_dir}; starting from step 0")
     save_config(config, out_dir)
 
 
-def prepare_out_dir(out_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run: existing checkpoints need ``resume`` (or another out_dir)."""
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> None:
+    """Keep two runs out of one out_dir, and clear what writes killed midway left in it.
+
+    A fresh run needs an empty or new out_dir; ``overwrite`` first deletes the run files there (and
+    refuses when out_dir holds anything else: it is not a run's); ``resume`` continues the run there."""
+    found = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if found and not resume:
+        _check_overwrite(out_dir, found, overwrite)
+    dist.barrier()  # every rank has looked before rank 0 deletes anything
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-    found = checkpoint.list_checkpoints(out_dir / "checkpoints")
-    if found and not resume:
-        raise FileExistsError(
-            f"out_dir={str(out_dir)!r} already has checkpoints (newest: step {found[-1][0]}); "
-            "pass --resume to continue that run, or choose another out_dir"
-        )
+        for name in found if overwrite and not resume else filter(_leftover, found):
+            _remove(out_dir / name)
+        checkpoint.remove_temporaries(out_dir / "checkpoints")
     dist.barrier()
+
+
+def _check_overwrite(out_dir: Path, found: list[str], overwrite: bool) -> None:
+    shown = [f"{name}/" if (out_dir / name).is_dir() else name for name in found[:6]]
+    listing = ", ".join(shown) + (", ..." if len(found) > 6 else "")
+    if not overwrite:
+        raise FileExistsError(
+            f"out_dir {out_dir} is not empty ({listing}): pass --resume to continue the run there, "
+            "--overwrite to delete its files and start again, or choose another out_dir"
+        )
+    foreign = [name for name in found if name not in RUN_FILES and not _leftover(name)]
+    if foreign:
+        raise FileExistsError(
+            f"out_dir {out_dir} holds files no run writes ({', '.join(foreign[:6])}), so --overwrite will not "
+            f"delete it: choose another out_dir, or move them away (a run writes only {', '.join(RUN_FILES)})"
+        )
+
+
+def _leftover(name: str) -> bool:
+    """``name`` is what a write of one of RUN_FILES, killed midway, left behind."""
+    match = LEFTOVER_RE.match(name)
+    return match is not None and match.group("target") in RUN_FILES
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_config(config, out_dir: Path) -> None:
@@ -89,15 +129,14 @@ def save_config(config, out_dir: Path) -> None:
         return
     import yaml
 
-    path = out_dir / "config.yaml"
-    tmp = path.with_name(f".config.yaml.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    os.replace(tmp, path)
+    text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    checkpoint.write_atomically(out_dir / "config.yaml", lambda f: f.write(text.encode()))
 
 
 def save_summary(out_dir: Path, summary: dict) -> None:
     if dist.is_main():
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        checkpoint.write_atomically(out_dir / "summary.json", lambda f: f.write(text.encode()))
 
 
 def plot_run(out_dir: Path, title: str, panels: tuple[str, ...], hlines=None) -> Path | None:
