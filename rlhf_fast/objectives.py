@@ -93,18 +93,21 @@ def sequence_log_ratio(logp, old_logp, mask) -> torch.Tensor:
     return (logp - old_logp).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def _clipped_by_sequence(log_s, advantages, options):
-    """For a ratio s and advantage A per token: the tokens whose min(s A, clip(s) A) is the
-    constant clip (and A = 0 tokens), the clip bound there, and the clip flags for clipfrac."""
+def _clipped_surrogate_of_log_ratio(log_s, advantages, mask, options):
+    """max(-A s, -A clip(s, 1 - l, 1 + h)) per token for s = exp(log_s) (-A s with clip_eps None),
+    with clipfrac. As in ``ppo``: tokens whose loss is the constant clip (and A = 0) never take
+    exp(log_s), so a huge ratio cannot make their gradient 0 * inf = NaN."""
     with torch.no_grad():
-        if options.clip_eps is None:  # no trust region: the plain sequence-ratio gradient
-            clipped, bound = torch.zeros_like(advantages, dtype=torch.bool), torch.ones_like(advantages)
+        if options.clip_eps is None:  # no trust region: the plain ratio gradient
+            clipped, bound = torch.zeros_like(mask), torch.ones_like(advantages)
         else:
             s = torch.exp(log_s)
             low, high = clip_range(options)
             clipped = ((advantages > 0) & (s > high)) | ((advantages < 0) & (s < low))
             bound = torch.where(advantages > 0, high, low)
-    return clipped | (advantages == 0), bound, clipped
+        frozen = clipped | (advantages == 0)
+    loss = -advantages * torch.where(frozen, bound, torch.exp(torch.where(frozen, 0.0, log_s)))
+    return loss, {"clipfrac": _masked_mean(clipped.float(), mask)}
 
 
 @register_objective("gspo", separable=False)
@@ -118,10 +121,7 @@ def gspo(logp, old_logp, advantages, mask, options):
     count = mask.sum(-1, keepdim=True).clamp(min=1)
     seq_adv = (advantages.sum(-1, keepdim=True) / count).expand_as(logp)
     log_s = sequence_log_ratio(logp, old_logp, mask).unsqueeze(-1).expand_as(logp)
-    frozen, bound, clipped = _clipped_by_sequence(log_s, seq_adv, options)
-    s = torch.exp(torch.where(frozen, 0.0, log_s))
-    loss = -seq_adv * torch.where(frozen, bound, s)
-    return loss, {"clipfrac": _masked_mean(clipped.float(), mask)}
+    return _clipped_surrogate_of_log_ratio(log_s, seq_adv, mask, options)
 
 
 @register_objective("gspo_token", separable=False)
@@ -131,7 +131,112 @@ def gspo_token(logp, old_logp, advantages, mask, options):
     one advantage per sequence its gradient is GSPO's. verl's "gspo" computes this form.
     """
     log_s = sequence_log_ratio(logp, old_logp, mask).detach().unsqueeze(-1) + (logp - logp.detach())
-    frozen, bound, clipped = _clipped_by_sequence(log_s, advantages, options)
-    s = torch.exp(torch.where(frozen, 0.0, log_s))
-    loss = -advantages * torch.where(frozen, bound, s)
-    return loss, {"clipfrac": _masked_mean(clipped.float(), mask)}
+    return _clipped_surrogate_of_log_ratio(log_s, advantages, mask, options)
+
+
+@register_objective("cispo", separable=True)
+def cispo(logp, old_logp, advantages, mask, options):
+    """CISPO (MiniMax-M1, arXiv:2506.13585, eq. 4-5): loss_t = -sg(clip(r, 1 - l, 1 + h)) A log pi,
+    the importance weight clipped and detached, so that no token loses its gradient. clip_eps=None
+    leaves the weight without a lower bound (the paper's choice), clip_eps_high (else clip_eps) is
+    the upper one; with both None the weight is unclipped."""
+    with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)
+        low = None if options.clip_eps is None else 1 - options.clip_eps
+        high = options.clip_eps_high if options.clip_eps_high is not None else options.clip_eps
+        weight = ratio if low is None and high is None else ratio.clamp(min=low, max=None if high is None else 1 + high)
+    loss = -weight * advantages * logp
+    return loss, {"clipfrac": _masked_mean((weight != ratio).float(), mask)}
+
+
+@register_objective("sapo", separable=True)
+def sapo(logp, old_logp, advantages, mask, options):
+    """SAPO (Gao et al. 2025, arXiv:2511.20347, eq. 5-6): a soft gate instead of the hard clip,
+    loss_t = -A f(r), f(r) = (4 / tau) sigmoid(tau (r - 1)), tau = sapo_tau_pos where A > 0 and
+    sapo_tau_neg elsewhere; f'(1) = 1, so near r = 1 the gradient is PPO's. The log-ratio is
+    clamped to [-20, 20] as in verl: beyond it the gate is flat (no NaN from exp overflow)."""
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    tau = torch.where(advantages > 0, options.sapo_tau_pos, options.sapo_tau_neg)
+    gate = torch.sigmoid(tau * (ratio - 1)) * (4 / tau)
+    return -advantages * gate, {}
+
+
+@register_objective("gmpo", separable=False)
+def gmpo(logp, old_logp, advantages, mask, options):
+    """GMPO (Zhao et al. 2025, arXiv:2507.20673): the geometric mean of the token ratios, each
+    clipped in log space on the side the advantage's sign cuts:
+    log s_i = mean_t sgn(A) min(sgn(A) x_t, sgn(A) clamp(x_t, -l, h)), x = log r;
+    every token of response i carries -A_i s_i (A_i the response's mean advantage), so
+    seq-mean-token-mean gives verl's geo_mean loss when every row has a token."""
+    log_ratio = logp - old_logp
+    sign = torch.sign(advantages)
+    if options.clip_eps is None:
+        kept, clipped = log_ratio, torch.zeros_like(mask)
+    else:
+        high = options.clip_eps if options.clip_eps_high is None else options.clip_eps_high
+        bounded = log_ratio.clamp(-options.clip_eps, high)
+        kept = sign * torch.minimum(sign * log_ratio, sign * bounded)
+        clipped = log_ratio.detach() != bounded.detach()
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    log_s = (torch.where(mask, kept, 0.0).sum(-1, keepdim=True) / count).expand_as(logp)
+    seq_adv = (advantages.sum(-1, keepdim=True) / count).expand_as(logp)
+    stats = {"clipfrac": _masked_mean((clipped & (advantages > 0)).float(), mask),
+             "clipfrac_lower": _masked_mean((clipped & (advantages < 0)).float(), mask)}  # fmt: skip
+    return -seq_adv * torch.exp(log_s), stats
+
+
+@register_objective("gpg", separable=True)
+def gpg(logp, old_logp, advantages, mask, options):
+    """GPG (Chu et al. 2025, arXiv:2504.02546): the plain policy gradient, loss_t = -A log pi, no
+    ratio and no clip."""
+    return -advantages * logp, {}
+
+
+def _covariance(logp, advantages, mask):
+    """(A - mean A)(log pi - mean log pi) per token, the means over the batch's valid tokens:
+    the entropy-mechanism paper's per-token contribution to the entropy change. Detached."""
+    logp, advantages = logp.detach(), advantages.detach()
+    return (advantages - _masked_mean(advantages, mask)) * (logp - _masked_mean(logp, mask))
+
+
+def _ppo_clipped(logp, old_logp, advantages, options):
+    ratio = torch.exp(logp - old_logp)
+    low, high = clip_range(options)
+    return ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
+
+
+@register_objective("clip_cov", separable=False)
+def clip_cov(logp, old_logp, advantages, mask, options):
+    """Clip-Cov (Cui et al. 2025, arXiv:2505.22617, sec. 4): PPO's clipped loss, with the
+    gradient cut for a random cov_ratio share (at least one) of the valid, not already clipped
+    tokens whose covariance lies in (clip_cov_lb, clip_cov_ub). The draw uses torch's generator
+    (torch.randperm), as verl does."""
+    loss, stats = ppo(logp, old_logp, advantages, mask, options)
+    with torch.no_grad():
+        clipped = torch.zeros_like(mask) if options.clip_eps is None else _ppo_clipped(logp, old_logp, advantages, options)
+        cov = _covariance(logp, advantages, mask)
+        candidates = (mask & ~clipped & (cov > options.clip_cov_lb) & (cov < options.clip_cov_ub)).reshape(-1).nonzero()[:, 0]
+        limit = max(int(options.cov_ratio * int(mask.sum())), 1)
+        picked = candidates[torch.randperm(candidates.numel(), device=candidates.device)[:limit]]
+        cut = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        cut[picked] = True
+        cut = cut.view(mask.shape)
+    stats["cov_selected_frac"] = _masked_mean(cut.float(), mask)
+    return torch.where(cut, loss.detach(), loss), stats
+
+
+@register_objective("kl_cov", separable=False)
+def kl_cov(logp, old_logp, advantages, mask, options):
+    """KL-Cov (arXiv:2505.22617, sec. 4): the unclipped surrogate -A r, plus kl_cov_coef |log r|
+    on the cov_ratio share (at least one) of valid tokens with the largest covariance."""
+    log_ratio = logp - old_logp
+    loss = -advantages * torch.exp(log_ratio)
+    with torch.no_grad():
+        valid = int(mask.sum())
+        cov = torch.where(mask, _covariance(logp, advantages, mask), -torch.inf).reshape(-1)
+        top = torch.topk(cov, min(max(int(options.cov_ratio * valid), 1), valid)).indices if valid else cov.new_zeros(0, dtype=torch.long)
+        picked = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        picked[top] = True
+        picked = picked.view(mask.shape)
+    loss = loss + torch.where(picked, options.kl_cov_coef * log_ratio.abs(), 0.0)
+    return loss, {"cov_selected_frac": _masked_mean(picked.float(), mask)}

@@ -24,7 +24,8 @@ class PolicyLossOptions:
 
     objective: str = "ppo"
     """The registered objective (``rlhf_fast.objectives``): "ppo" (the clipped surrogate, with
-    clip_eps_high and dual_clip; REINFORCE with clip_eps=None), "gspo", "gspo_token"."""
+    clip_eps_high and dual_clip; REINFORCE with clip_eps=None), "gspo", "gspo_token", "cispo",
+    "sapo", "gmpo", "gpg", "clip_cov", "kl_cov"."""
     clip_eps: float | None = 0.2
     """PPO clip range: the ratio is clamped to [1 - clip_eps, 1 + clip_eps_high]; None: no clipping (REINFORCE)."""
     clip_eps_high: float | None = None
@@ -37,9 +38,27 @@ class PolicyLossOptions:
     """"k1", "k2", "k3" or "abs" (see kl_penalty)."""
     agg: str = "token-mean"
     """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm"."""
+    sapo_tau_pos: float = 1.0
+    """SAPO's gate temperature where A > 0 (the paper's and verl's default)."""
+    sapo_tau_neg: float = 1.05
+    """SAPO's gate temperature where A <= 0."""
+    cov_ratio: float = 2e-4
+    """Clip-Cov / KL-Cov: the share of valid tokens selected by covariance (at least one)."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: only tokens whose covariance is above this are candidates."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: ... and below this."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: weight of |log r| on the selected tokens."""
 
     def __post_init__(self):
         check.choice("objective", self.objective, tuple(OBJECTIVES))
+        check.positive_finite("sapo_tau_pos", self.sapo_tau_pos)
+        check.positive_finite("sapo_tau_neg", self.sapo_tau_neg)
+        check.number("cov_ratio", self.cov_ratio, low=0.0, high=1.0, low_open=True)
+        check.number("kl_cov_coef", self.kl_cov_coef, low=0.0)
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb must be below clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
         if self.clip_eps is not None:
             check.positive_finite("clip_eps", self.clip_eps)
         if self.clip_eps_high is not None:

@@ -391,6 +391,82 @@ def gspo_terms(logp, old_logp, adv, mask, o):
     return clipped_surrogate(torch.exp(log_s), adv, o)
 
 
+def cispo_terms(logp, old_logp, adv, mask, o):
+    """CISPO (arXiv:2506.13585, eq. 4-5): -sg(clip(r, 1 - clip_eps, 1 + clip_eps_high)) A log pi;
+    clip_eps None: no lower bound; both None: no clip."""
+    ratio = torch.exp(logp - old_logp).detach()
+    high = o.clip_eps_high if o.clip_eps_high is not None else o.clip_eps
+    weight = ratio
+    if o.clip_eps is not None or high is not None:
+        weight = ratio.clamp(min=None if o.clip_eps is None else 1 - o.clip_eps, max=None if high is None else 1 + high)
+    return -weight * adv * logp, weight != ratio
+
+
+def sapo_terms(logp, old_logp, adv, mask, o):
+    """SAPO (arXiv:2511.20347, eq. 5-6): -A (4 / tau) sigmoid(tau (r - 1)), tau by the sign of A;
+    log r clamped to [-20, 20] (verl)."""
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    tau = torch.where(adv > 0, o.sapo_tau_pos, o.sapo_tau_neg)
+    return -adv * (4 / tau) * torch.sigmoid(tau * (ratio - 1)), torch.zeros_like(mask)
+
+
+def gmpo_terms(logp, old_logp, adv, mask, o):
+    """GMPO (arXiv:2507.20673): s_i = exp(mean_t sgn(A) min(sgn(A) x, sgn(A) clamp(x, -l, h))),
+    x = log r; every token of response i carries -A_i s_i, A_i its mean advantage."""
+    x = logp - old_logp
+    clipped = torch.zeros_like(mask)
+    if o.clip_eps is not None:
+        high = o.clip_eps if o.clip_eps_high is None else o.clip_eps_high
+        sign = torch.sign(adv)
+        x_clamped = x.clamp(-o.clip_eps, high)
+        clipped = (x != x_clamped) & (adv > 0)
+        x = sign * torch.minimum(sign * x, sign * x_clamped)
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    s = torch.exp((x * mask).sum(-1, keepdim=True) / count)
+    seq_adv = (adv * mask).sum(-1, keepdim=True) / count
+    return (-seq_adv * s).expand_as(logp), clipped
+
+
+def gpg_terms(logp, old_logp, adv, mask, o):
+    """GPG (arXiv:2504.02546): -A log pi."""
+    return -adv * logp, torch.zeros_like(mask)
+
+
+def covariance(logp, adv, mask):
+    """(A - mean A)(log pi - mean log pi) per token, means over the valid tokens (detached)."""
+    logp, adv = logp.detach(), adv.detach()
+    return (adv - masked_mean(adv, mask)) * (logp - masked_mean(logp, mask))
+
+
+def clip_cov_terms(logp, old_logp, adv, mask, o):
+    """Clip-Cov (arXiv:2505.22617): the clipped surrogate, detached at a random cov_ratio share (at
+    least 1) of the valid unclipped tokens with covariance in (clip_cov_lb, clip_cov_ub)."""
+    pg, clipped = clipped_surrogate(torch.exp(logp - old_logp), adv, o)
+    cov = covariance(logp, adv, mask)
+    candidates = (mask & ~clipped & (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)).reshape(-1).nonzero()[:, 0]
+    limit = max(int(o.cov_ratio * int(mask.sum())), 1)
+    cut = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    cut[candidates[torch.randperm(len(candidates))[:limit]]] = True
+    return torch.where(cut.view(mask.shape), pg.detach(), pg), clipped
+
+
+def kl_cov_terms(logp, old_logp, adv, mask, o):
+    """KL-Cov (arXiv:2505.22617): -A r, plus kl_cov_coef |log r| on the cov_ratio share (at least 1)
+    of valid tokens with the largest covariance."""
+    log_ratio = logp - old_logp
+    cov = torch.where(mask, covariance(logp, adv, mask), -torch.inf).reshape(-1)
+    n = int(mask.sum())
+    picked = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    if n:
+        picked[torch.topk(cov, min(max(int(o.cov_ratio * n), 1), n)).indices] = True
+    penalty = torch.where(picked.view(mask.shape), o.kl_cov_coef * log_ratio.abs(), 0.0)
+    return -adv * torch.exp(log_ratio) + penalty, torch.zeros_like(mask)
+
+
+OBJECTIVE_TERMS = {"cispo": cispo_terms, "sapo": sapo_terms, "gmpo": gmpo_terms, "gpg": gpg_terms,
+                   "clip_cov": clip_cov_terms, "kl_cov": kl_cov_terms}  # fmt: skip
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -403,7 +479,8 @@ def policy_loss(
 ):
     """Clipped policy-gradient (PPO / GRPO / GSPO) loss. logp, old_logp, mask [B, T]; advantages [B, T] or [B].
     ``options``: a PolicyLossOptions, or its fields as keywords (objective, clip_eps, ...).
-    Steps 1-3 are objective="ppo"; "gspo" and "gspo_token" replace them with ``gspo_terms``.
+    Steps 1-3 are objective="ppo"; the others replace them with their terms (``gspo_terms``,
+    ``OBJECTIVE_TERMS``). Each returns the per-token loss and where a clip bit (for clipfrac).
 
     1. ratio = exp(logp - old_logp); A broadcast over T when it is [B].
     2. pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
@@ -427,8 +504,10 @@ def policy_loss(
         pg, clipped = clipped_surrogate(ratio, adv, o)
         if o.dual_clip is not None:
             pg = torch.where(adv < 0, torch.minimum(pg, -adv * o.dual_clip), pg)
-    else:
+    elif o.objective in ("gspo", "gspo_token"):
         pg, clipped = gspo_terms(logp, old_logp, adv, mask, o)
+    else:
+        pg, clipped = OBJECTIVE_TERMS[o.objective](logp, old_logp, adv, mask, o)
     stats = {}
     if ref_logp is not None:
         kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=o.kl_estimator)

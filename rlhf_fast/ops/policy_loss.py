@@ -45,8 +45,9 @@ def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: Polic
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand(mask.shape)
     adv = torch.where(mask, advantages.float(), 0.0)
-    per_token, stats = OBJECTIVES[options.objective].terms(logp, old_logp, adv, mask, options)
+    per_token, own_stats = OBJECTIVES[options.objective].terms(logp, old_logp, adv, mask, options)
     count = mask.sum().clamp(min=1)
+    stats = {"clipfrac": count.new_zeros((), dtype=torch.float32)} | own_stats  # 0 for clip-free objectives
     if ref_logp is not None:
         kl = kl_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator)
         if options.kl_coef:

@@ -110,7 +110,7 @@ class AlgoConfig(Section):
     advantage: str | None = None
     """Advantage estimator, independent of the algorithm: gae (needs ppo's critic), grpo, drgrpo, rloo (group baselines), reinforce (the return minus `baseline`); unset: the algorithm's own (ppo: gae, grpo: group_mode, reinforce: reinforce, or rloo with baseline=rloo)."""
     objective: str = "ppo"
-    """Policy objective (rlhf_fast.objectives): ppo (clipped ratio per token; reinforce runs it unclipped), gspo (sequence ratio), gspo_token."""
+    """Policy objective (rlhf_fast.objectives): ppo (clipped ratio per token; reinforce runs it unclipped), gspo, gspo_token, cispo, sapo, gmpo, gpg, clip_cov, kl_cov."""
     clip_eps: float = 0.2
     """Clip range of the policy ratio (ppo, grpo)."""
     clip_eps_high: float | None = None
