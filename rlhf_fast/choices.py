@@ -6,5 +6,7 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 GROUP_MODES = ("grpo", "drgrpo", "rloo")
 # The RL trainer's advantage estimators (train/rl_steps.ADVANTAGE_ESTIMATORS), chosen apart from the algorithm.
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce")
+ROLLOUT_IS_LEVELS = ("token", "sequence", "geometric")
+ROLLOUT_IS_MODES = ("truncate", "mask")
 BACKENDS = ("triton", "cuda", "host", "torch")
 BACKEND_CHOICES = BACKENDS + ("auto",)

@@ -75,18 +75,19 @@ class TokenLogProbs(_OpModule):
 
 class PolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.policy_loss``: forward(logp, old_logp, advantages, mask, ref_logp=None,
-    normalizer=None) -> (loss, stats). Takes ``options=PolicyLossOptions(...)`` or its fields as keywords."""
+    normalizer=None, rollout_logp=None) -> (loss, stats). Takes ``options=PolicyLossOptions(...)`` or its fields as keywords."""
 
     def __init__(self, *, options: PolicyLossOptions | None = None, **option_kwargs):
         super().__init__(_groups("PolicyLoss", option_kwargs, options=options))
 
-    def forward(self, logp, old_logp, advantages, mask, ref_logp=None, normalizer=None):
-        return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **self.op_kwargs())
+    def forward(self, logp, old_logp, advantages, mask, ref_logp=None, normalizer=None, rollout_logp=None):
+        return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer,
+                           rollout_logp=rollout_logp, **self.op_kwargs())  # fmt: skip
 
 
 class FusedPolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.fused_policy_loss``: forward(logits, labels, old_logp, advantages, mask,
-    ref_logp=None, normalizer=None) -> (loss, stats). Takes ``options=`` or its fields as keywords."""
+    ref_logp=None, normalizer=None, rollout_logp=None) -> (loss, stats). Takes ``options=`` or its fields as keywords."""
 
     def __init__(
         self,
@@ -103,10 +104,11 @@ class FusedPolicyLoss(_OpModule):
             temperature=temperature, entropy_coef=entropy_coef, inplace_backward=inplace_backward, backend=backend,
         )  # fmt: skip
 
-    def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None, normalizer=None):
+    def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None, normalizer=None, rollout_logp=None):
         return fused_policy_loss(
-            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer, **self.op_kwargs()
-        )
+            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer,
+            rollout_logp=rollout_logp, **self.op_kwargs(),
+        )  # fmt: skip
 
 
 class ValueLoss(_OpModule):
@@ -167,7 +169,7 @@ class LinearSFTLoss(_OpModule):
 
 class FusedLinearPolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.fused_linear_policy_loss``: forward(hidden, weight, labels, old_logp,
-    advantages, mask, bias=None, ref_logp=None, normalizer=None) -> (loss, stats). Takes ``options=``,
+    advantages, mask, bias=None, ref_logp=None, normalizer=None, rollout_logp=None) -> (loss, stats). Takes ``options=``,
     ``linear=`` or their fields as keywords."""
 
     def __init__(
@@ -184,8 +186,9 @@ class FusedLinearPolicyLoss(_OpModule):
             temperature=temperature, entropy_coef=entropy_coef,
         )  # fmt: skip
 
-    def forward(self, hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, normalizer=None):
+    def forward(self, hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, normalizer=None,
+                rollout_logp=None):  # fmt: skip
         return fused_linear_policy_loss(
             hidden, weight, labels, old_logp, advantages, mask, bias=bias, ref_logp=ref_logp, normalizer=normalizer,
-            **self.op_kwargs(),
+            rollout_logp=rollout_logp, **self.op_kwargs(),
         )  # fmt: skip

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import _validate as check
-from .choices import AGG_MODES, BACKEND_CHOICES, KL_ESTIMATORS
+from .choices import AGG_MODES, BACKEND_CHOICES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from .objectives import OBJECTIVES
 
 
@@ -50,6 +50,15 @@ class PolicyLossOptions:
     """Clip-Cov: ... and below this."""
     kl_cov_coef: float = 1.0
     """KL-Cov: weight of |log r| on the selected tokens."""
+    rollout_is: str | None = None
+    """Rollout importance correction (needs rollout_logp): None, "token", "sequence" or "geometric"
+    (the level of w = pi_old / pi_rollout; ``rlhf_fast.rollout_correction``)."""
+    rollout_is_mode: str = "truncate"
+    """"truncate" (TIS: weight the loss by min(w, threshold)) or "mask" (MIS: drop tokens/responses outside the thresholds)."""
+    rollout_is_threshold: float = 2.0
+    """Upper threshold of w (> 1)."""
+    rollout_is_threshold_low: float | None = None
+    """Lower threshold of w in mask mode (< 1); None: 1 / rollout_is_threshold."""
 
     def __post_init__(self):
         check.choice("objective", self.objective, tuple(OBJECTIVES))
@@ -57,6 +66,12 @@ class PolicyLossOptions:
         check.positive_finite("sapo_tau_neg", self.sapo_tau_neg)
         check.number("cov_ratio", self.cov_ratio, low=0.0, high=1.0, low_open=True)
         check.number("kl_cov_coef", self.kl_cov_coef, low=0.0)
+        if self.rollout_is is not None:
+            check.choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS)
+        check.choice("rollout_is_mode", self.rollout_is_mode, ROLLOUT_IS_MODES)
+        check.number("rollout_is_threshold", self.rollout_is_threshold, low=1.0, low_open=True)
+        if self.rollout_is_threshold_low is not None:
+            check.number("rollout_is_threshold_low", self.rollout_is_threshold_low, low=0.0, high=1.0, low_open=True)
         if not self.clip_cov_lb < self.clip_cov_ub:
             raise ValueError(f"clip_cov_lb must be below clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
         if self.clip_eps is not None:

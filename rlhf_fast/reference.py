@@ -463,6 +463,42 @@ def kl_cov_terms(logp, old_logp, adv, mask, o):
     return -adv * torch.exp(log_ratio) + penalty, torch.zeros_like(mask)
 
 
+def rollout_correction(old_logp, rollout_logp, mask, o):
+    """Rollout importance correction (TIS / MIS; rlhf_fast.rollout_correction), on [B, T]:
+    1. log w_t = old_logp - rollout_logp; "sequence": sum over the response, "geometric": its mean.
+    2. "truncate": weights min(w, threshold), mask unchanged; "mask": keep the tokens with
+       threshold_low <= w <= threshold (threshold_low None: 1 / threshold), weights 1.
+    Returns (mask, weights, stats): the mismatch's |log w_t| mean and max, KL(rollout || old) by
+    k1 and k3, chi-square E[w_t^2] - 1, and the weights' mean, max and truncated/masked fraction."""
+    log_w_token = torch.where(mask, old_logp - rollout_logp, 0.0)
+    log_w = log_w_token
+    if o.rollout_is in ("sequence", "geometric"):
+        log_w = log_w_token.sum(-1, keepdim=True)
+        if o.rollout_is == "geometric":
+            log_w = log_w / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_w = log_w.expand_as(log_w_token)
+    w, w_token = torch.exp(log_w), torch.exp(log_w_token)
+    stats = {
+        "rollout_log_ratio_abs_mean": masked_mean(log_w_token.abs(), mask),
+        "rollout_log_ratio_abs_max": torch.where(mask, log_w_token.abs(), 0.0).amax(),
+        "rollout_kl_k1": masked_mean(-log_w_token, mask),
+        "rollout_kl_k3": masked_mean(w_token - 1 - log_w_token, mask),
+        "rollout_chi2": masked_mean(w_token**2 - 1, mask),
+    }
+    if o.rollout_is_mode == "truncate":
+        weights = w.clamp(max=o.rollout_is_threshold)
+        stats["rollout_is_truncated_frac"] = masked_mean((w > o.rollout_is_threshold).to(w.dtype), mask)
+        stats["rollout_is_weight_mean"] = masked_mean(weights, mask)
+        stats["rollout_is_weight_max"] = torch.where(mask, weights, 0.0).amax()
+        return mask, weights, stats
+    low = 1 / o.rollout_is_threshold if o.rollout_is_threshold_low is None else o.rollout_is_threshold_low
+    kept = mask & (w >= low) & (w <= o.rollout_is_threshold)
+    stats["rollout_is_masked_frac"] = masked_mean((~kept).to(w.dtype), mask)
+    stats["rollout_is_weight_mean"] = masked_mean(w, kept)
+    stats["rollout_is_weight_max"] = torch.where(kept, w, 0.0).amax()
+    return kept, torch.ones_like(w), stats
+
+
 OBJECTIVE_TERMS = {"cispo": cispo_terms, "sapo": sapo_terms, "gmpo": gmpo_terms, "gpg": gpg_terms,
                    "clip_cov": clip_cov_terms, "kl_cov": kl_cov_terms}  # fmt: skip
 
@@ -474,6 +510,7 @@ def policy_loss(
     mask: torch.Tensor,
     *,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
     **option_kwargs,
 ):
@@ -488,12 +525,17 @@ def policy_loss(
     3. dual clip c: where A < 0, pg = min(pg, -A c).
     4. with ref_logp: pg += kl_coef * kl_penalty(logp, ref_logp, kl_estimator).
     5. loss = aggregate(pg, mask, agg).
+    With options.rollout_is, ``rollout_correction`` first: its mask replaces ``mask``, and pg (before
+    the KL term) is multiplied by its weights.
     Returns (loss, stats): clipfrac, approx_kl (k3 of old vs new), ratio_mean, ratio_max, and kl
     when ref_logp is given, as detached means over the valid tokens.
     """
     o = take(PolicyLossOptions, options, option_kwargs)
     no_leftovers("policy_loss", option_kwargs, PolicyLossOptions)
     mask = mask.bool()
+    stats, weights = {}, 1.0
+    if o.rollout_is is not None:
+        mask, weights, stats = rollout_correction(old_logp.detach(), rollout_logp, mask, o)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(logp)
     logp = torch.where(mask, logp, 0.0)
@@ -508,7 +550,7 @@ def policy_loss(
         pg, clipped = gspo_terms(logp, old_logp, adv, mask, o)
     else:
         pg, clipped = OBJECTIVE_TERMS[o.objective](logp, old_logp, adv, mask, o)
-    stats = {}
+    pg = pg * weights
     if ref_logp is not None:
         kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=o.kl_estimator)
         pg = pg + o.kl_coef * kl
@@ -532,6 +574,7 @@ def fused_policy_loss(
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
     **option_kwargs,
 ):
@@ -540,13 +583,15 @@ def fused_policy_loss(
     1. logp, entropy = token_logprobs(logits, labels, temperature) (labels at masked positions ignored).
     2. loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, options=options).
     3. loss -= entropy_coef * aggregate(entropy, mask, options.agg); stats["entropy"] = mean entropy.
+    With options.rollout_is in mask mode, ``mask`` is the correction's in every step.
     """
     options = take(PolicyLossOptions, options, option_kwargs)
     no_leftovers("fused_policy_loss", option_kwargs, PolicyLossOptions)
-    mask = mask.bool()
+    given = mask.bool()
+    mask = given if options.rollout_is is None else rollout_correction(old_logp, rollout_logp, given, options)[0]
     labels = torch.where(mask, labels, IGNORE_INDEX)
     logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
-    loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, options=options)
+    loss, stats = policy_loss(logp, old_logp, advantages, given, ref_logp=ref_logp, rollout_logp=rollout_logp, options=options)
     loss = loss - entropy_coef * aggregate(entropy, mask, options.agg)
     stats["entropy"] = masked_mean(entropy, mask).detach()
     return loss, stats

@@ -38,31 +38,35 @@ class PolicyObjective(TokenObjective):
 
     with_entropy = True
 
-    def __init__(self, old_logp, advantages, mask, ref_logp, options, entropy_coef, normalizer, index):
-        self.inputs = (old_logp, advantages, mask, ref_logp)
+    def __init__(self, old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer, index):
+        self.inputs = (old_logp, advantages, correction, ref_logp)
         self.options, self.entropy_coef, self.normalizer, self.index = options, entropy_coef, normalizer, index
         self.stats: dict[str, torch.Tensor] = {}
+        mask = correction.mask
         per_token_adv = advantages.unsqueeze(-1).expand(mask.shape) if advantages.dim() == 1 else advantages
         with torch.enable_grad():
             probe = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
-            (weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer), probe)
-        per_token = (old_logp, per_token_adv, mask, ref_logp, weights)
-        *self.flat, self.weights = (None if t is None else gather_rows(t.reshape(-1), index) for t in per_token)
+            (agg_weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer), probe)
+        per_token = (old_logp, per_token_adv, mask, ref_logp, correction.weights, agg_weights)
+        *self.flat, self.agg_weights = (None if t is None else gather_rows(t.reshape(-1), index) for t in per_token)
 
     def token_grads(self, rows: RowStats, start: int, end: int):
-        old_logp, adv, mask, ref_logp = (t[start:end].view(1, -1) if t is not None else None for t in self.flat)
-        weights = self.weights[start:end]
+        old_logp, adv, mask, ref_logp, rollout_weights = (
+            t[start:end].view(1, -1) if t is not None else None for t in self.flat
+        )
+        agg_weights = self.agg_weights[start:end]
         with torch.enable_grad():
             logp = rows.logp[start:end].view(1, -1).detach().requires_grad_()
-            per_token, _ = policy_loss_terms(logp, old_logp, adv, mask, ref_logp, self.options)
-            (grad_logp,) = torch.autograd.grad((per_token.view(-1) * weights).sum(), logp)
-        grad_entropy = (-self.entropy_coef * weights).to(rows.lse.dtype) if self.entropy_coef else None
+            per_token, _ = policy_loss_terms(logp, old_logp, adv, mask, ref_logp, self.options, rollout_weights)
+            (grad_logp,) = torch.autograd.grad((per_token.view(-1) * agg_weights).sum(), logp)
+        grad_entropy = (-self.entropy_coef * agg_weights).to(rows.lse.dtype) if self.entropy_coef else None
         return grad_logp.view(-1).to(rows.lse.dtype), grad_entropy
 
     def value(self, rows: RowStats) -> torch.Tensor:
-        old_logp, advantages, mask, ref_logp = self.inputs
+        old_logp, advantages, correction, ref_logp = self.inputs
+        mask = correction.mask
         logp, entropy = (scatter_rows(t, self.index, mask.numel()).view(mask.shape) for t in (rows.logp, rows.entropy))
-        loss, stats = policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, self.options, self.normalizer)
+        loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, self.options, self.normalizer)
         if self.entropy_coef:
             loss = loss - self.entropy_coef * aggregate(entropy, mask, self.options.agg, self.normalizer)
         stats["entropy"] = masked_mean(entropy, mask, mask.sum().clamp(min=1))
@@ -70,16 +74,17 @@ class PolicyObjective(TokenObjective):
         return loss
 
 
-def two_sweeps(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, options, spec, entropy_coef, normalizer):
+def two_sweeps(hidden, weight, bias, labels, old_logp, advantages, correction, ref_logp, options, spec, entropy_coef, normalizer):
     """An objective coupled across a sequence: its d loss / d logp_t needs the whole response's
     log-probs, which one sweep has not computed yet when it reaches token t. So: sweep 1, the
     log-probs and entropies ([N] each, no gradient kept but the lse); then the objective on [B, T]
     by autograd; sweep 2, the backward, recomputes each chunk's logits (8 N H V FLOPs in all
     instead of 6; still no [N, V] tensor)."""
+    mask = correction.mask
     index = kept_rows(labels != IGNORE_INDEX)
     logp, entropy = LinearTokenLogprobs.apply(hidden, weight, bias, labels, index, spec, True)
     logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
-    loss, stats = policy_loss_with_options(logp, old_logp.detach(), advantages.detach(), mask,
+    loss, stats = policy_loss_with_options(logp, old_logp.detach(), advantages.detach(), correction,
                                            None if ref_logp is None else ref_logp.detach(), options, normalizer)  # fmt: skip
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
@@ -97,6 +102,7 @@ def fused_linear_policy_loss(
     *,
     bias: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
@@ -111,8 +117,8 @@ def fused_linear_policy_loss(
             last hidden states before the head (``rlhf_fast.hf.hidden_and_head``).
         weight: [V, H], hidden's dtype and device; bias: [V] or None.
         labels: [B, T] sampled tokens; labels at masked positions are ignored (any value).
-        old_logp, advantages, mask, ref_logp, normalizer, temperature, entropy_coef, options:
-            as in ``fused_policy_loss``. old_logp, advantages and ref_logp are treated as
+        old_logp, advantages, mask, ref_logp, rollout_logp, normalizer, temperature, entropy_coef,
+            options: as in ``fused_policy_loss``. old_logp, advantages and ref_logp are treated as
             constants (no gradient flows to them).
         linear: as in ``linear_token_logprobs``. The fields of ``options`` and of ``linear``
             (backend, chunk_size, accum_dtype) may also be passed as keyword arguments.
@@ -130,7 +136,9 @@ def fused_linear_policy_loss(
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H]; got {check.describe(hidden)}")
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
-    mask = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels")
+    correction = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels",
+                                 rollout_logp=rollout_logp, options=options)  # fmt: skip
+    mask = correction.mask
     entropy_coef = check.number("entropy_coef", entropy_coef)
     normalizer = check_normalizer(normalizer)
     if options.kl_coef and ref_logp is None:
@@ -141,11 +149,11 @@ def fused_linear_policy_loss(
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)
     check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
     if not OBJECTIVES[options.objective].separable:
-        return two_sweeps(flat_hidden, weight, bias, flat_labels, old_logp, advantages, mask, ref_logp, options,
+        return two_sweeps(flat_hidden, weight, bias, flat_labels, old_logp, advantages, correction, ref_logp, options,
                           spec, entropy_coef, normalizer)  # fmt: skip
     index = kept_rows(mask.reshape(-1))
     objective = PolicyObjective(
-        old_logp.detach(), advantages.detach(), mask, ref_logp.detach() if ref_logp is not None else None,
+        old_logp.detach(), advantages.detach(), correction, ref_logp.detach() if ref_logp is not None else None,
         options, entropy_coef, normalizer, index,
     )  # fmt: skip
     loss = linear_loss(flat_hidden, weight, bias, flat_labels, index, spec, objective)

@@ -27,6 +27,7 @@ def fused_policy_loss(
     mask: torch.Tensor,
     *,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
@@ -47,8 +48,8 @@ def fused_policy_loss(
         logits: [B, T, V] float32/bfloat16/float16 (differentiable).
         labels: [B, T] int64/int32 sampled tokens. Labels at masked positions are ignored, so they
             may be padding ids or -100; valid labels must be in [0, V).
-        old_logp, advantages, mask, ref_logp, normalizer, options (and its fields as keywords):
-            as in ``policy_loss``.
+        old_logp, advantages, mask, ref_logp, rollout_logp, normalizer, options (and its fields
+            as keywords): as in ``policy_loss``.
         temperature: divides the logits before the softmax (> 0), as at sampling time.
         entropy_coef: weight of the entropy bonus (finite; the loss *subtracts* it).
         inplace_backward: write the logits' gradient into the logits' storage (see token_logprobs).
@@ -64,7 +65,9 @@ def fused_policy_loss(
         raise ValueError(f"logits must have shape [B, T, V]; got {check.describe(logits)}")
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:2], like=("logits", logits))
     check_vocabulary(logits)
-    mask = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels")
+    correction = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels",
+                                 rollout_logp=rollout_logp, options=options)  # fmt: skip
+    mask = correction.mask
     entropy_coef = check.number("entropy_coef", entropy_coef)
     temperature = check.positive_finite("temperature", temperature)
     registry.check_backend_name(backend)
@@ -73,7 +76,7 @@ def fused_policy_loss(
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)
     logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend)
-    loss, stats = policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options, normalizer)
+    loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
     stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))

@@ -14,13 +14,17 @@ from .. import _validate as check
 from ..kl_estimators import k3_of, kl_values
 from ..objectives import OBJECTIVES
 from ..options import PolicyLossOptions, no_leftovers, take
+from ..rollout_correction import Correction, correct
 from .aggregate import aggregate, check_normalizer
 
 
-def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="logp"):
-    """Check the [B, T] inputs against ``logp`` (or its shape); return the bool mask."""
+def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="logp", rollout_logp=None, options=None):
+    """Check the [B, T] inputs against ``logp`` (or its shape); return the bool mask and the rollout
+    correction (``rlhf_fast.rollout_correction``) the options ask for."""
     shape = logp.shape
-    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+    if options is not None and options.rollout_is is not None and rollout_logp is None:
+        raise ValueError(f"rollout_is={options.rollout_is!r} needs rollout_logp (the rollout engine's log-probs); got None")
+    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
         if value is not None:
             check.tensor(name, value, dtypes=check.FLOAT_DTYPES, shape=shape, like=(logp_name, logp))
     check.tensor("advantages", advantages, dtypes=check.FLOAT_DTYPES, like=(logp_name, logp))
@@ -29,16 +33,20 @@ def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="lo
             f"advantages must have shape {tuple(shape)} (per token) or {tuple(shape[:1])} (per sequence); "
             f"got {check.describe(advantages)}"
         )
-    return check.mask("mask", mask, shape=shape, like=(logp_name, logp))
+    mask = check.mask("mask", mask, shape=shape, like=(logp_name, logp))
+    if options is None or options.rollout_is is None:
+        return Correction(mask, None, {})
+    return correct(old_logp, rollout_logp, mask, options)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum() / count
 
 
-def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions):
+def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, rollout_weights=None):
     """Per-token loss [B, T] (0 at masked positions) and the detached stats, on validated inputs:
-    the options' objective (``rlhf_fast.objectives``), plus kl_coef * KL to the reference."""
+    the options' objective (``rlhf_fast.objectives``) times the rollout correction's weights, plus
+    kl_coef * KL to the reference."""
     mask = mask.bool()
     logp = torch.where(mask, logp.float(), 0.0)
     old_logp = torch.where(mask, old_logp.float(), 0.0)
@@ -48,6 +56,8 @@ def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: Polic
     per_token, own_stats = OBJECTIVES[options.objective].terms(logp, old_logp, adv, mask, options)
     count = mask.sum().clamp(min=1)
     stats = {"clipfrac": count.new_zeros((), dtype=torch.float32)} | own_stats  # 0 for clip-free objectives
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights
     if ref_logp is not None:
         kl = kl_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator)
         if options.kl_coef:
@@ -70,6 +80,7 @@ def policy_loss(
     mask: torch.Tensor,
     *,
     ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
     **option_kwargs,
@@ -83,6 +94,8 @@ def policy_loss(
         mask: [B, T] bool or 0/1, True on the tokens that count. NaN or inf at masked positions of
             any input never reaches the loss, the stats or the gradient.
         ref_logp: [B, T] reference-model log-probs, for the KL loss and the "kl" stat.
+        rollout_logp: [B, T] the rollout engine's log-probs, for the options' rollout_is
+            correction (``rlhf_fast.rollout_correction``; weights detached, stats "rollout_*").
         normalizer: what ``agg`` divides by, overriding this batch's count: pass the global
             ``loss_normalizer(mask, agg)`` summed over micro-batches (and ranks) and the
             micro-batch losses add up to the full-batch loss (see ``rlhf_fast.ops.aggregate``).
@@ -104,14 +117,16 @@ def policy_loss(
     check.tensor("logp", logp, dtypes=check.FLOAT_DTYPES)
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape [B, T]; got {check.describe(logp)}")
-    mask = validate_inputs(logp, old_logp, advantages, mask, ref_logp)
+    correction = validate_inputs(logp, old_logp, advantages, mask, ref_logp, rollout_logp=rollout_logp, options=options)
     normalizer = check_normalizer(normalizer)
-    return policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options, normalizer)
+    return policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
 
 
-def policy_loss_with_options(logp, old_logp, advantages, mask, ref_logp, options: PolicyLossOptions, normalizer=None):
+def policy_loss_with_options(logp, old_logp, advantages, correction: Correction, ref_logp, options: PolicyLossOptions,
+                             normalizer=None):  # fmt: skip
     """``policy_loss`` on validated inputs (the fused ops' loss on their log-probs)."""
     if options.kl_coef and ref_logp is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
-    per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options)
-    return aggregate(per_token, mask, options.agg, normalizer), stats
+    mask = correction.mask
+    per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options, correction.weights)
+    return aggregate(per_token, mask, options.agg, normalizer), stats | correction.stats

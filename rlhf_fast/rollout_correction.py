@@ -1,0 +1,68 @@
+"""Rollout importance correction: the rollout engine (vLLM, SGLang) samples with log-probs that
+differ from the trainer's recomputed old log-probs (other kernels, other precision). The policy
+loss is an expectation under the trainer's old policy, so each token is reweighted by
+w = pi_old / pi_rollout = exp(old_logp - rollout_logp), detached (TIS / MIS, as in verl and TRL).
+
+Levels: "token" (w_t), "sequence" (the product over the response, exp(sum_t)) and "geometric"
+(its geometric mean, exp(mean_t)). Modes: "truncate" multiplies the per-token policy-gradient loss
+by min(w, threshold); "mask" drops the tokens (or whole responses) with w outside
+[threshold_low, threshold] from the loss, its normaliser included. Both are known before any
+logit exists (they depend on the inputs only), so every fused op applies them in its per-token pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Correction:
+    mask: torch.Tensor  # [B, T] bool: the tokens the loss keeps
+    weights: torch.Tensor | None  # [B, T] float32 multipliers of the policy-gradient term (truncate)
+    stats: dict[str, torch.Tensor]
+
+
+def _masked_mean(x, mask):
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_max(x, mask):
+    return torch.where(mask, x, -torch.inf).amax() if mask.any() else x.new_zeros(())
+
+
+def correct(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, options) -> Correction:
+    """The mask and weights of ``options.rollout_is`` for [B, T] validated inputs, and the mismatch stats."""
+    with torch.no_grad():
+        log_w_token = torch.where(mask, old_logp.float() - rollout_logp.float(), 0.0)
+        if options.rollout_is == "token":
+            log_w = log_w_token
+        else:
+            total = log_w_token.sum(-1, keepdim=True)
+            if options.rollout_is == "geometric":
+                total = total / mask.sum(-1, keepdim=True).clamp(min=1)
+            log_w = total.expand_as(log_w_token)
+        high = math.log(options.rollout_is_threshold)
+        low = -high if options.rollout_is_threshold_low is None else math.log(options.rollout_is_threshold_low)
+        stats = {
+            "rollout_log_ratio_abs_mean": _masked_mean(log_w_token.abs(), mask),
+            "rollout_log_ratio_abs_max": _masked_max(log_w_token.abs(), mask),
+            # KL(rollout || old) by k1 and k3 on the rollout's own samples, and the chi-square
+            # divergence E_rollout[w^2] - 1 of the token weights.
+            "rollout_kl_k1": _masked_mean(-log_w_token, mask),
+            "rollout_kl_k3": _masked_mean(torch.expm1(log_w_token) - log_w_token, mask),
+            "rollout_chi2": _masked_mean(torch.expm1(2 * log_w_token), mask),
+        }
+        if options.rollout_is_mode == "truncate":
+            weights = torch.exp(log_w.clamp(max=high))
+            stats["rollout_is_truncated_frac"] = _masked_mean((log_w > high).float(), mask)
+            stats["rollout_is_weight_mean"] = _masked_mean(weights, mask)
+            stats["rollout_is_weight_max"] = _masked_max(weights, mask)
+            return Correction(mask, torch.where(mask, weights, 0.0), stats)
+        kept = mask & (log_w <= high) & (log_w >= low)
+        stats["rollout_is_masked_frac"] = _masked_mean((~kept).float(), mask)
+        stats["rollout_is_weight_mean"] = _masked_mean(torch.exp(log_w), kept)
+        stats["rollout_is_weight_max"] = _masked_max(torch.exp(log_w), kept)
+        return Correction(kept, None, stats)
