@@ -137,23 +137,30 @@ def test_each_algorithm_runs_end_to_end(tmp_path, algo):
     assert (tmp_path / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("objective", ["gspo", "gspo_token"])
-def test_sequence_objectives_train_through_the_config_and_the_demo_cli(tmp_path, objective):
-    """algo.objective reaches the loss: the step's options carry it, a GRPO run with it trains, and
-    the demo command takes --algo.objective."""
+@pytest.mark.parametrize("objective, correction", [("gspo", "sequence_mask"), ("gspo_token", None), ("cispo", "token_truncate")])
+def test_objectives_and_rollout_correction_train_through_the_config_and_the_demo_cli(tmp_path, objective, correction):
+    """algo.objective and rollout_correction.mode reach the loss: the step's options carry them, a
+    GRPO run with them trains (the sampler's log-probs as rollout_logp), and the demo command takes
+    --algo.objective."""
     from rlhf_fast.__main__ import build_parser
     from rlhf_fast.train.rl_steps import policy_loss_options
 
-    trainer = RLTrainer(tiny(tmp_path, **ALGOS["grpo"], **{"algo.objective": objective, "algo.agg": "seq-mean-token-mean"}))
-    assert policy_loss_options(trainer).objective == objective
+    overrides = {"algo.objective": objective, "algo.agg": "seq-mean-token-mean", "rollout_correction.mode": correction}
+    trainer = RLTrainer(tiny(tmp_path, **ALGOS["grpo"], **overrides))
+    options = policy_loss_options(trainer)
+    assert options.objective == objective and options.rollout_is == (correction and correction.split("_")[0])
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
     record = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"][-1]
     assert 0 <= record["clipfrac"] <= 1
+    if correction is not None:  # generate and the recomputation agree to float noise: w ~ 1
+        assert abs(record["rollout_is_weight_mean"] - 1) < 1e-3 and record["rollout_log_ratio_abs_max"] < 1e-3
     assert build_parser().parse_args(["demo", "--algo", "grpo", "--algo.objective", objective]).objective == objective
     with pytest.raises(ConfigError, match="algo.objective"):
         tiny(tmp_path / "bad", **{"algo.objective": "nope"})
+    with pytest.raises(ConfigError, match="rollout_correction.mode"):
+        tiny(tmp_path / "bad", **{"rollout_correction.mode": "token"})
 
 
 def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):

@@ -14,12 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS
+from ..choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from ..objectives import OBJECTIVES
 from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig, require_resume_xor_overwrite
 
 ALGOS = ("ppo", "grpo", "reinforce")
 BASELINES = ("none", "mean", "rloo")
+ROLLOUT_CORRECTION_MODES = tuple(f"{level}_{mode}" for level in ROLLOUT_IS_LEVELS for mode in ROLLOUT_IS_MODES)
 KL_PLACES = ("reward", "loss", "none")
 
 
@@ -192,6 +193,36 @@ class AlgoConfig(Section):
 
 
 @dataclass
+class RolloutCorrectionConfig(Section):
+    """Importance correction between the sampler's log-probs and the trainer's recomputed old ones
+    (rlhf_fast.rollout_correction: TIS / MIS, verl's rollout correction)."""
+
+    SECTION: ClassVar[str] = "rollout_correction"
+
+    mode: str | None = None
+    """Unset (none), or LEVEL_MODE with LEVEL token, sequence or geometric and MODE truncate (TIS) or mask (MIS): e.g. token_truncate."""
+    threshold: float = 2.0
+    """Upper threshold of the weight pi_old / pi_rollout (> 1)."""
+    threshold_low: float | None = None
+    """Lower threshold in mask mode (in (0, 1)); unset: 1 / threshold."""
+
+    def validate(self) -> None:
+        if self.mode is not None:
+            self.require_choice("mode", ROLLOUT_CORRECTION_MODES)
+        self.require(self.threshold > 1, "threshold", "must be > 1")
+        if self.threshold_low is not None:
+            self.require(0 < self.threshold_low < 1, "threshold_low", "must be in (0, 1)")
+
+    def options(self) -> dict:
+        """The PolicyLossOptions fields of this correction."""
+        if self.mode is None:
+            return {}
+        level, mode = self.mode.split("_")
+        return {"rollout_is": level, "rollout_is_mode": mode, "rollout_is_threshold": self.threshold,
+                "rollout_is_threshold_low": self.threshold_low}  # fmt: skip
+
+
+@dataclass
 class RLLoopConfig(Section):
     """The RL loop: steps, evaluation, logging, checkpoints, precision."""
 
@@ -275,6 +306,7 @@ class RLConfig(Section):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0))
     train: RLLoopConfig = field(default_factory=RLLoopConfig)
 

@@ -225,6 +225,7 @@ def policy_loss_options(trainer) -> PolicyLossOptions:
         kl_coef=trainer.kl_ctl.value if kl_in_loss else 0.0,
         kl_estimator=algo.kl_estimator,
         agg=algo.agg,
+        **trainer.config.rollout_correction.options(),
     )
 
 
@@ -235,7 +236,7 @@ def loss_step(trainer, micro: Experience, normalizer: torch.Tensor) -> tuple[tor
     rollout = micro.rollout
     common = dict(
         old_logp=micro.old_logp, advantages=micro.advantages, mask=micro.mask,
-        ref_logp=micro.ref_logp, temperature=cfg.rollout.temperature, backend=cfg.train.backend,
+        ref_logp=micro.ref_logp, rollout_logp=rollout.sample_logp, temperature=cfg.rollout.temperature, backend=cfg.train.backend,
         normalizer=normalizer, options=policy_loss_options(trainer), entropy_coef=cfg.algo.entropy_coef,
     )  # fmt: skip
     if has_linear_head(trainer.policy):
