@@ -373,7 +373,7 @@ if __name__ == "__main__":
     # package. A package_dir mapping cannot do this: setuptools' editable finder does not import a
     # namespace subpackage that it maps, while the symlink serves editable and wheel installs alike.
     setup(
-        packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.ops", "rlhf_fast.train", "rlhf_fast.kernels", "rlhf_fast.bench"],
+        packages=["rlhf_fast", "rlhf_fast.backends", "rlhf_fast.ops", "rlhf_fast.train", "rlhf_fast.train.rl", "rlhf_fast.kernels", "rlhf_fast.bench"],
         ext_modules=[
             Extension(
                 "rlhf_fast._C",

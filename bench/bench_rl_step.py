@@ -5,7 +5,7 @@
 
 The policy is a Llama built from a config (vocab V, hidden H, L layers); the step is GRPO-style
 (group advantages, k3 KL to a frozen reference as a loss term, clip 0.2, token-mean), run by the
-trainer's own steps (``rlhf_fast.train.rl_steps``) with ``RLTrainer``. Timed separately:
+trainer's own steps (``rlhf_fast.train.rl.steps``) with ``RLTrainer``. Timed separately:
 
   rollout   generate (HF, KV cache; identical in both) + the recomputation of the policy's and the
             reference's log-probs: fused = ``linear_token_logprobs`` on the hidden states (no [N, V]
@@ -62,7 +62,7 @@ class IdTokenizer:
 
 
 def eager_logprobs(model, rollout, temperature: float) -> torch.Tensor:
-    from rlhf_fast.train.rl_rollout import response_logits
+    from rlhf_fast.train.rl.rollout import response_logits
 
     logits = response_logits(model, rollout)
     return torch.where(rollout.response_mask, reference.token_logprobs(logits.float(), rollout.labels, temperature=temperature), 0.0)
@@ -70,8 +70,8 @@ def eager_logprobs(model, rollout, temperature: float) -> torch.Tensor:
 
 def eager_loss_step(trainer, micro, normalizer):
     """The loss of ``rl_steps.loss_step`` on materialised logits with plain PyTorch (rlhf_fast.reference)."""
-    from rlhf_fast.train.rl_rollout import response_logits
-    from rlhf_fast.train.rl_steps import policy_loss_options
+    from rlhf_fast.train.rl.rollout import response_logits
+    from rlhf_fast.train.rl.steps import policy_loss_options
 
     logits = response_logits(trainer.policy, micro.rollout)
     loss, stats = reference.fused_policy_loss(
@@ -87,8 +87,8 @@ def build(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf_fast.train.config import load_config
-    from rlhf_fast.train.rl import RLTrainer
-    from rlhf_fast.train.rl_config import RLConfig
+    from rlhf_fast.train.rl.trainer import RLTrainer
+    from rlhf_fast.train.rl.config import RLConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -126,8 +126,8 @@ def peak(device, fn):
 
 
 def run(args) -> list[dict]:
-    from rlhf_fast.train.rl_rollout import sequence_logprobs
-    from rlhf_fast.train.rl_steps import Experience, loss_step, update_step
+    from rlhf_fast.train.rl.rollout import sequence_logprobs
+    from rlhf_fast.train.rl.steps import Experience, loss_step, update_step
 
     device = torch.device(args.device)
     trainer = build(args, device)

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
             commands.add_parser(name, help="needs the [train] extra: python -m pip install 'rlhf_fast[train]'")
         return parser
     from .train.cli import add_commands
-    from .train.rl_cli import add_rl_commands
+    from .train.rl.cli import add_rl_commands
 
     add_commands(commands)
     add_rl_commands(commands)

@@ -4,7 +4,7 @@ training configs all take their accepted values from here. Plain tuples of strin
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 GROUP_MODES = ("grpo", "drgrpo", "rloo")
-# The RL trainer's advantage estimators (train/rl_steps.ADVANTAGE_ESTIMATORS), chosen apart from the algorithm.
+# The RL trainer's advantage estimators (train/rl/steps.ADVANTAGE_ESTIMATORS), chosen apart from the algorithm.
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce")
 ROLLOUT_IS_LEVELS = ("token", "sequence", "geometric")
 ROLLOUT_IS_MODES = ("truncate", "mask")

@@ -139,6 +139,6 @@ ALGOS = {
 def tiny(out_dir, **overrides):
     """The RLConfig of a tiny run into ``out_dir``, with ``overrides`` ({"section.key": value})."""
     from rlhf_fast.train.config import load_config
-    from rlhf_fast.train.rl_config import RLConfig
+    from rlhf_fast.train.rl.config import RLConfig
 
     return load_config(RLConfig, None, {"out_dir": str(out_dir), **TINY_RL, **overrides})

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from rlhf_fast.train.cli import run as run_command
-from rlhf_fast.train.rl_cli import add_rl_commands
-from rlhf_fast.train.rl_demo import format_table, run_demo
+from rlhf_fast.train.rl.cli import add_rl_commands
+from rlhf_fast.train.rl.demo import format_table, run_demo
 
 
 TINY = {

@@ -8,9 +8,9 @@ import torch
 from rlhf_fast import reference
 from rlhf_fast.train.config import ConfigError
 from rlhf_fast.train.metrics import read_metrics
-from rlhf_fast.train.rl import RLTrainer, task_gold
-from rlhf_fast.train.rl_rollout import generate, response_mask_of, sequence_logprobs
-from rlhf_fast.train.rl_steps import ADVANTAGE_ESTIMATORS, gae_advantage, loss_step, make_experience, score_step
+from rlhf_fast.train.rl.trainer import RLTrainer, task_gold
+from rlhf_fast.train.rl.rollout import generate, response_mask_of, sequence_logprobs
+from rlhf_fast.train.rl.steps import ADVANTAGE_ESTIMATORS, gae_advantage, loss_step, make_experience, score_step
 
 from numerics import ALGOS, tiny
 
@@ -143,7 +143,7 @@ def test_objectives_and_rollout_correction_train_through_the_config_and_the_demo
     GRPO run with them trains (the sampler's log-probs as rollout_logp), and the demo command takes
     --algo.objective."""
     from rlhf_fast.__main__ import build_parser
-    from rlhf_fast.train.rl_steps import policy_loss_options
+    from rlhf_fast.train.rl.steps import policy_loss_options
 
     overrides = {"algo.objective": objective, "algo.agg": "seq-mean-token-mean", "rollout_correction.mode": correction}
     trainer = RLTrainer(tiny(tmp_path, **ALGOS["grpo"], **overrides))

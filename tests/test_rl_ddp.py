@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, results: str) -> Non
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from rlhf_fast.train.rl import RLTrainer
+        from rlhf_fast.train.rl.trainer import RLTrainer
 
         trainer = RLTrainer(tiny(out_dir, **{**ALGOS["ppo"], "train.steps": 2, "model.path": None}))
         prompts = trainer.prompt_stream.next()

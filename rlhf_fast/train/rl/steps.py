@@ -7,7 +7,7 @@
     loss_fn(trainer, micro, normalizer)       -> (loss, stats)           policy (+ value) loss of one micro-batch
     update_step(trainer, exp)                 -> stats                   epochs x minibatches x micro-batches
 
-``trainer`` is the ``RLTrainer`` (config, models, tokenizer, kl controller); shapes as in ``rl_rollout``
+``trainer`` is the ``RLTrainer`` (config, models, tokenizer, kl controller); shapes as in ``rollout``
 (B sequences, R response columns).
 """
 
@@ -21,8 +21,8 @@ import rlhf_fast
 from rlhf_fast.ops.aggregate import loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
-from . import dist
-from .rl_rollout import Rollout, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
+from .. import dist
+from .rollout import Rollout, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
 
 
 @dataclass

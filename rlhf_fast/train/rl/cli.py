@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..objectives import OBJECTIVES
-from .cli import add_config_options, run_trainer, training_session
-from .rl_config import ALGOS, RLConfig
+from ...objectives import OBJECTIVES
+from ..cli import add_config_options, run_trainer, training_session
+from .config import ALGOS, RLConfig
 
 
 def run_rl(args: argparse.Namespace) -> int:
-    from .rl import RLTrainer
+    from .trainer import RLTrainer
 
     def report(trainer, metrics):
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -25,7 +25,7 @@ def run_rl(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from .rl_demo import run_demo
+    from .demo import run_demo
 
     with training_session():
         summary = run_demo(

@@ -21,7 +21,7 @@ import torch
 import rlhf_fast
 from rlhf_fast.reference import IGNORE_INDEX
 
-from .rl_config import RolloutConfig
+from .config import RolloutConfig
 
 
 @dataclass

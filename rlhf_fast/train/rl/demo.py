@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from . import dist
+from .. import dist
 
 # Keys of summary.json; each figure of the table, for the SFT and the RL policy where it applies.
 SUMMARY_KEYS = {
@@ -52,8 +52,8 @@ def demo_configs(out: Path, *, algo: str = "ppo", seed: int = 0, sft_steps: int 
                  rl_steps: int = 30, device: str = "auto", progress: bool = True, overrides: dict | None = None):
     """(SFTConfig, RewardConfig, RLConfig) of the demo under ``out``; ``overrides`` = {"sft" | "rm" | "rl": {key: value}}."""
     overrides = overrides or {}
-    from .config import RewardConfig, SFTConfig, load_config
-    from .rl_config import RLConfig
+    from ..config import RewardConfig, SFTConfig, load_config
+    from .config import RLConfig
 
     common = {"train.seed": seed, "task.seed": seed, "train.device": device, "train.progress": progress}
     sft = load_config(SFTConfig, None, {
@@ -90,9 +90,9 @@ def _stage(name: str, done: Path, run) -> float:
 def run_demo(out: str | Path = "runs/demo", *, algo: str = "ppo", seed: int = 0, sft_steps: int = 300, rm_steps: int = 150,
              rl_steps: int = 30, device: str = "auto", progress: bool = True, overrides: dict | None = None) -> dict:
     """Run SFT -> RM -> RL -> evaluation; print the table and return the summary (also out/summary.json)."""
-    from .reward import RewardTrainer
-    from .rl import RLTrainer
-    from .sft import SFTTrainer
+    from ..reward import RewardTrainer
+    from .trainer import RLTrainer
+    from ..sft import SFTTrainer
 
     out = Path(out)
     sft_cfg, rm_cfg, rl_cfg = demo_configs(out, algo=algo, seed=seed, sft_steps=sft_steps, rm_steps=rm_steps,
@@ -114,8 +114,8 @@ def run_demo(out: str | Path = "runs/demo", *, algo: str = "ppo", seed: int = 0,
     if "trainer" in rl_holder:
         trainer = rl_holder["trainer"]
     else:  # RL was done before: evaluate its saved policy
-        from .models import load_policy
-        from .config import ModelConfig
+        from ..models import load_policy
+        from ..config import ModelConfig
 
         trainer = RLTrainer(rl_cfg)
         trainer.policy.load_state_dict(load_policy(ModelConfig(path=str(out / "rl" / "model")), trainer.tokenizer).state_dict())
@@ -171,7 +171,7 @@ def plot_demo(metrics_path: Path, path: Path, algo: str) -> Path | None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .metrics import read_metrics
+    from ..metrics import read_metrics
 
     records = [r for r in read_metrics(metrics_path) if r.get("split") == "train"]
     if not records:

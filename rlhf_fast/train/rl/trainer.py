@@ -4,7 +4,7 @@
                                  reward=RewardSourceConfig(model_path="runs/rm/reward_model")))
     metrics = trainer.train()   # the policy is saved in runs/rl/model/
 
-One RL step (``train_step``) is the named steps of ``rl_steps``, each replaceable by passing another
+One RL step (``train_step``) is the named steps of ``steps``, each replaceable by passing another
 function: ``rollout_fn``, ``score_fn``, ``reward_fn`` (verifiable rewards, alone or added to the
 reward model's score), ``advantage_fn``, ``loss_fn``, ``update_fn``; ``hooks`` observe steps,
 evaluations and checkpoints. The reference policy is a frozen copy of the policy at the start.
@@ -29,18 +29,18 @@ import torch
 
 from rlhf_fast.backends import registry
 
-from . import checkpoint, dist
-from .config import ConfigError, to_dict
-from .data import BatchStream, DataError, read_jsonl
-from .loop import Hooks, autocast_for, build_scheduler
-from .metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics
-from .models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_size
-from .reward_model import RewardModel, replace_dir
-from .rl_config import RLConfig
-from .rl_rollout import generate, sequence_logprobs
-from .rl_steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, score_step, update_step
-from .run import prepare_out_dir, save_config, save_summary, seed_everything
-from .task import SyntheticTask
+from .. import checkpoint, dist
+from ..config import ConfigError, to_dict
+from ..data import BatchStream, DataError, read_jsonl
+from ..loop import Hooks, autocast_for, build_scheduler
+from ..metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics
+from ..models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_size
+from ..reward_model import RewardModel, replace_dir
+from .config import RLConfig
+from .rollout import generate, sequence_logprobs
+from .steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, score_step, update_step
+from ..run import prepare_out_dir, save_config, save_summary, seed_everything
+from ..task import SyntheticTask
 
 RewardFn = Callable[[list[str], list[str]], "torch.Tensor | list[float]"]
 
@@ -156,7 +156,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         critic: the value model of PPO, a ``RewardModel`` read per token (default: a copy of the
             reward model, else the policy's body with a new head).
         prompts, eval_prompts: lists of prompt strings (default: config.data or the built-in task).
-        rollout_fn, score_fn, advantage_fn, loss_fn, update_fn: replacements of the steps in ``rl_steps``.
+        rollout_fn, score_fn, advantage_fn, loss_fn, update_fn: replacements of the steps in ``steps``.
         hooks: ``loop.Hooks``; on_step(trainer, metrics), on_eval, on_checkpoint(trainer, path), on_end.
     """
 
@@ -248,7 +248,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
     def _load_reward_model(self, path: str):
         from transformers import AutoTokenizer
 
-        from .models import _require_dir
+        from ..models import _require_dir
 
         directory = _require_dir(path, "reward.model_path")
         rm = RewardModel.from_pretrained(directory, device=self.device)
@@ -411,7 +411,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
             gold_fn = lambda prompts, responses: task_gold(prompts, responses, self.task)  # noqa: E731
         except ValueError:
             pass
-        from .rl_steps import reward_model_scores
+        from .steps import reward_model_scores
 
         score_fn = (lambda rollout: reward_model_scores(self, rollout)) if self.reward_model is not None else None
         return evaluate_policy(

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
-from ..objectives import OBJECTIVES
-from .config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig, require_resume_xor_overwrite
+from ...choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
+from ...objectives import OBJECTIVES
+from ..config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig, require_resume_xor_overwrite
 
 ALGOS = ("ppo", "grpo", "reinforce")
 BASELINES = ("none", "mean", "rloo")
