@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-impls", help="comma-separated name patterns to leave out (e.g. compile)")
     p.add_argument("--modes", default=",".join(MODES), help="fwd, fwd+bwd or both")
     p.add_argument("--dtype", help="dtype of the logits / lm_head ops (default float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--out", action="append", help="results directory, repeatable (default bench/results)")
+    p.add_argument("--out", action="append", help="results directory, repeatable (default: the checkout's tracked bench/results, "
+                   "./bench-results when installed from a wheel)")
     p.add_argument("--budget-s", type=float, help="timing budget per measurement (default 1, quick 0.3)")
     p.add_argument("--min-reps", type=int, help="timed runs even when one run exceeds the budget (default 5, quick 3)")
     p.add_argument("--max-reps", type=int, default=100)
