@@ -16,13 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
+# |lse| from which the backward recomputes a row's max and sum rather than trust the float32 lse
+# saved by the forward (see the backward kernel). The host and CUDA kernels use the same bound
+# (kSavedLseBound in csrc/include/rlhf_fast/token_logprobs.h).
+SAVED_LSE_BOUND = tl.constexpr(64.0)
+
 # Forward moves N*V*e bytes (e = element size of logits) + 16*N (labels, label logit, 3 outputs):
 # one read of the logits, so its roofline is the device's read bandwidth.
-# Online log-sum-exp per chunk, with the running max m as reference point:
-#   s = sum e^{z-m},   t = sum e^{z-m} (z-m)   (t relative to m, so |z| ~ 1e4 loses no digits)
-# When the max moves from m to m' (alpha = e^{m-m'}):
-#   s' = alpha s,      t' = alpha (t + (m - m') s)
-# At the end: lse = m + log s, entropy = -sum p log p = log s - t / s.
+# Online log-sum-exp per chunk, relative to the running max m of the raw logits x, with
+# d = (x - m) / T: the difference is taken before the scaling, so that logits sharing a large
+# offset (1e6) lose nothing to it, where x / T - m / T would carry the rounding of x / T.
+#   s = sum e^d,   t = sum e^d d   (t relative to m, so |z| ~ 1e4 loses no digits)
+# When the max moves from m to m' (alpha = e^delta, delta = (m - m') / T):
+#   s' = alpha s,      t' = alpha (t + delta s)
+# At the end: lse = m / T + log s, logp = d_label - log s, entropy = -sum p log p = log s - t / s.
 
 
 @triton.jit
@@ -48,36 +55,38 @@ def _token_logprobs_fwd_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     keep = labels != ignore_index
 
-    m = tl.full([ROWS], float("-inf"), tl.float32)  # running max of z
-    s = tl.zeros([ROWS], tl.float32)  # sum e^{z - m}
-    t = tl.zeros([ROWS], tl.float32)  # sum e^{z - m} (z - m)
+    m = tl.full([ROWS], float("-inf"), tl.float32)  # running max of the raw logits x
+    s = tl.zeros([ROWS], tl.float32)  # sum e^d, d = (x - m) / T
+    t = tl.zeros([ROWS], tl.float32)  # sum e^d d
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = row_mask[:, None] & (cols < V)[None, :]
         # Masked lanes read -inf: the identity of max, and e^{-inf} = 0 for the sums.
-        x = tl.load(row_start[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-        z = x.to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        x = tl.load(row_start[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
         # A row with no finite value yet keeps m = -inf; use 0 as its reference point so that
-        # e^{z - ref} is e^{-inf} = 0 and never e^{-inf - (-inf)} = NaN.
+        # e^d is e^{-inf} = 0 and never e^{-inf - (-inf)} = NaN.
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - ref)  # 0 while m = -inf
-        e = tl.exp(z - ref[:, None])
+        delta = (m - ref) * inv_temperature
+        alpha = tl.exp(delta)  # 0 while m = -inf
+        d = (x - ref[:, None]) * inv_temperature
+        e = tl.exp(d)
         if WITH_ENTROPY:
-            # s = 0 exactly when m = -inf; (m - ref) * s would then be -inf * 0 = NaN.
-            shift = tl.where(s > 0.0, (m - ref) * s, 0.0)
-            # z = -inf gives e = 0 and z - ref = -inf: count that term as 0, not NaN.
-            ez = tl.where(e > 0.0, e * (z - ref[:, None]), 0.0)
-            t = alpha * (t + shift) + tl.sum(ez, axis=1)
+            # s = 0 exactly when m = -inf; delta * s would then be -inf * 0 = NaN.
+            shift = tl.where(s > 0.0, delta * s, 0.0)
+            # x = -inf gives e = 0 and d = -inf: count that term as 0, not NaN.
+            ed = tl.where(e > 0.0, e * d, 0.0)
+            t = alpha * (t + shift) + tl.sum(ed, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
     log_s = tl.log(s)
-    lse = m + log_s
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    lse = ref * inv_temperature + log_s
     safe_labels = tl.where(keep, labels, 0)
     x_label = tl.load(row_start + safe_labels, mask=row_mask & keep, other=0.0)
-    logp = x_label.to(tl.float32) * inv_temperature - lse
+    logp = (x_label.to(tl.float32) - ref) * inv_temperature - log_s
     tl.store(logp_ptr + rows, tl.where(keep, logp, 0.0), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if WITH_ENTROPY:
@@ -91,6 +100,16 @@ def _token_logprobs_fwd_kernel(
 #   d logp / d z_k = 1[k == label] - p_k
 #   d H / d z_k    = -p_k (log p_k + H)       (from dH/dz_k = -sum_j (1 + log p_j) dp_j/dz_k)
 # so dz_k = g_logp (1[k == label] - p_k) - g_H p_k (log p_k + H) and dx_k = dz_k / T.
+#
+# The saved lse is a float32 within half an ulp of the true one, an error every p_k of the row
+# shares: 2^-24 |lse| relative, 0.03 at lse ~ 1e6. Below SAVED_LSE_BOUND that is no more than the
+# rounding of z = x / T itself (2^-24 |z|, which PyTorch's float32 log_softmax(x / T) carries too),
+# and log p_k = z_k - lse: one read of the row. A kept row whose |lse| reaches the bound first
+# recomputes its max m and s = sum e^{(x - m) / T}, as the forward, and takes
+# log p_k = (x_k - m) / T - log s, as accurate as the forward: one more read of those rows only.
+# Saving m with lse in the forward would cost 8 bytes a row instead of a read, but a second saved
+# tensor is not in the op's contract (lse alone is); typical LM logits (|lse| ~ 10-50) never pay.
+# Both cases are log p_k = (x_k - shift) / T - base, with (shift, base) = (0, lse) or (m, log s).
 
 
 @triton.jit
@@ -130,13 +149,32 @@ def _token_logprobs_bwd_kernel(
         g_h = tl.load(grad_entropy_ptr + rows64 * stride_grad_entropy, mask=row_mask & keep, other=0.0)
 
     cols0 = tl.arange(0, BLOCK_V)
+    # log p = (x - shift) / T - base: (0, lse), or (m, log s) recomputed where lse is too coarse.
+    recompute = row_mask & keep & ~(tl.abs(lse) < SAVED_LSE_BOUND)  # NaN lse: recompute too
+    shift = tl.zeros([ROWS], tl.float32)
+    base = lse
+    if tl.max(recompute.to(tl.int32), axis=0) > 0:
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = recompute[:, None] & (cols < V)[None, :]
+            x = tl.load(x_start[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the forward
+            e = tl.exp((x - ref[:, None]) * inv_temperature)
+            s = tl.exp((m - ref) * inv_temperature) * s + tl.sum(e, axis=1)
+            m = m_new
+        shift = tl.where(recompute & (m != float("-inf")), m, 0.0)
+        base = tl.where(recompute, tl.log(s), lse)
+
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = row_mask[:, None] & (cols < V)[None, :]
         offsets = cols[None, :]
         # Each element is read before it is written, so grad_logits may be the logits themselves.
         x = tl.load(x_start[:, None] + offsets, mask=mask, other=float("-inf"))
-        log_p = x.to(tl.float32) * inv_temperature - lse[:, None]
+        log_p = (x.to(tl.float32) - shift[:, None]) * inv_temperature - base[:, None]
         p = tl.exp(log_p)
         coef = g_logp[:, None]
         if WITH_ENTROPY:

@@ -57,6 +57,29 @@ def positive_finite(name: str, value: float) -> float:
     return value
 
 
+# Smallest softmax temperature the ops accept. The kernels scale the logits by 1 / temperature in
+# float32, so a logit x stays finite only while |x| / temperature < 3.4e38 (float32's max); past
+# that the row's max becomes inf and every result of the row NaN (temperature=1e-38 does it to a
+# logit of 4). Checking the logits' actual max would cost a pass over [N, V] and a device sync, so
+# the bound is static: at 1e-4, logits up to 3.4e34 stay finite, thirty orders of magnitude past
+# what a language model emits (|x| ~ 10-100); masking values (-inf, or finfo.min, which overflows
+# to -inf) get p = 0 either way. A smaller temperature would change nothing worth having: at 1e-4,
+# logits 1.7e-3 apart already differ by a factor 2^-24 in probability (the softmax is the argmax
+# to float32 precision).
+MIN_TEMPERATURE = 1e-4
+
+
+def temperature(value) -> float:
+    """The softmax temperature: a finite number >= MIN_TEMPERATURE (see there for the bound)."""
+    value = positive_finite("temperature", value)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:g} (logits / temperature must stay finite in float32, "
+            f"and below it the softmax is already the argmax), got {value:g}"
+        )
+    return value
+
+
 def labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """Every label is in [0, vocab) or equal to ignore_index (one reduction; syncs on CUDA)."""
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)

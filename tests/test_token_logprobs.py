@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import rlhf_fast
+from rlhf_fast import _validate as check
 from rlhf_fast import reference
 from rlhf_fast.backends.registry import provider
 from rlhf_fast.ops.token_logprobs import _forward_op
 
-from numerics import backend_params, rel_err, require, tolerance
+from numerics import backend_params, poison, random_mask, rel_err, require, tolerance
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -127,10 +130,77 @@ def test_extreme_logits(backend, device):
     far[:4, :] = True  # whole rows of -inf but the label
     far[torch.arange(4), labels[:4].clamp(min=0)] = False
     check_against_reference(logits.masked_fill(far, -math.inf), labels, 0.7, backend)
-    # lse ~ 1e4 is stored in float32 (ulp ~ 1e-3): log p = z - lse, and so the gradient, cannot be
-    # better than a few ulp of |z|. PyTorch's float32 log_softmax has the same limit.
-    huge = logits * 1e4
-    check_against_reference(huge, labels, 1.0, backend, min_grad_tol=4 * 2**-24 * huge.abs().max().item())
+    # lse ~ 1e4 is stored in float32 (ulp ~ 1e-3), too coarse for p = e^(z - lse): the backward
+    # recomputes such rows' max and sum, and holds the float32 tolerance.
+    check_against_reference(logits * 1e4, labels, 1.0, backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("vocab", [17, 5000])
+@pytest.mark.parametrize("offset", [40.0, 1e4, 1e6])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_large_common_offset(backend, device, vocab, offset, temperature):
+    """Every other row shares a large offset (so that a tile of rows mixes both kinds): logp,
+    entropy and gradient to float32 accuracy, as without the offset. The float32 lse of such a
+    row is off by up to half an ulp (0.03 at 1e6), which the backward must not pass on to p."""
+    require(backend, device, torch.float32)
+    logits, labels = random_case((32,), vocab, torch.float32, device, ignore_frac=0.1)
+    shift = offset * (torch.arange(32, device=device) % 2).unsqueeze(-1)
+    check_against_reference(logits + shift, labels, temperature, backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("vocab", [17, 200, 5000])
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_ignored_rows_may_hold_anything(backend, device, vocab, return_entropy):
+    """NaN, inf and -inf in ignored rows reach no output and no gradient: kept rows come out bitwise
+    as with clean ignored rows, ignored rows get logp = entropy = 0 and a gradient of exactly 0."""
+    require(backend, device, torch.float32)
+    rows = 24
+    logits, labels = random_case((rows,), vocab, torch.float32, device, ignore_frac=0.0)
+    labels[::3] = -100
+    ignored = labels == -100
+    junk = poison(logits, torch.rand(logits.shape, device=device) < 0.5)  # NaN, inf, -inf scattered
+    junk[0], junk[3], junk[6] = math.nan, math.inf, -math.inf  # and whole rows of each
+    poisoned = torch.where(ignored.unsqueeze(-1), junk, logits)
+    g_logp = torch.randn(rows, device=device)
+    g_ent = torch.randn(rows, device=device)
+
+    def run(x):
+        x = x.clone().requires_grad_(True)
+        out = rlhf_fast.token_logprobs(x, labels, return_entropy=return_entropy, backend=backend)
+        logp, ent = out if return_entropy else (out, torch.zeros_like(out))
+        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        return logp.detach(), ent.detach(), x.grad
+
+    clean, dirty = run(logits), run(poisoned)
+    for name, want, got in zip(("logp", "entropy", "grad"), clean, dirty):
+        assert torch.equal(got[~ignored], want[~ignored]), f"{name} of kept rows changed"
+        assert (got[ignored] == 0).all() and not got[ignored].isnan().any(), f"{name} of ignored rows"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_masked_positions_of_fused_policy_loss(backend, device):
+    """fused_policy_loss turns masked positions into ignored rows: whatever logits they hold, their
+    gradient is 0 and the other positions' gradient is that of clean logits."""
+    require(backend, device, torch.float32)
+    rows, tokens, vocab = 4, 9, 40
+    mask = random_mask(rows, tokens, "mixed", device)
+    logits = torch.randn(rows, tokens, vocab, device=device) * 2
+    labels = torch.randint(0, vocab, (rows, tokens), device=device)
+    old_logp = reference.token_logprobs(logits, labels) + 0.1 * torch.randn(rows, tokens, device=device)
+    advantages = torch.randn(rows, tokens, device=device)
+    poisoned = torch.where(mask.unsqueeze(-1), logits, poison(logits, torch.zeros_like(logits, dtype=torch.bool)))
+
+    def grad(x):
+        x = x.clone().requires_grad_(True)
+        loss, _ = rlhf_fast.fused_policy_loss(x, labels, old_logp, advantages, mask, entropy_coef=0.01, backend=backend)
+        loss.backward()
+        return x.grad
+
+    clean, dirty = grad(logits), grad(poisoned)
+    assert (dirty[~mask] == 0).all() and not dirty.isnan().any()
+    assert torch.equal(dirty[mask], clean[mask])
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -220,6 +290,41 @@ def test_compile_fullgraph():
     assert torch.allclose(loss, loss_fn(logits, labels)) and torch.allclose(grad, logits.grad)
 
 
+_PEAK_CHILD = """
+import sys
+from rlhf_fast.bench import harness
+from rlhf_fast.bench.bench_logprobs import memory_step
+impl, family, mode, n, vocab = sys.argv[1:]
+print(harness.rss_peak_mb(memory_step(impl, family, mode, int(n), int(vocab), "float32")))
+"""
+
+
+def _peak_mb(impl: str, family: str, mode: str, n: int, vocab: int) -> float:
+    """Peak RSS growth (MiB) of one bench_logprobs step beyond its inputs, in a fresh process."""
+    args = [sys.executable, "-c", _PEAK_CHILD, impl, family, mode, str(n), str(vocab)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout.strip()
+    try:
+        return float(out)
+    except ValueError:
+        pytest.skip(f"cannot measure peak RSS here: {out}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n,vocab", [(128, 32000), (1024, 32000)])
+def test_torch_backend_peak_memory_within_eager(n, vocab):
+    """The torch backend (the fallback where the extension is not built) needs no more memory than
+    eager log_softmax + gather (rlhf_fast.reference), forward or forward + backward, with or
+    without entropy. [128 x 32000] fits in one of its row slices, [1024 x 32000] takes eight.
+    Measured at float32 [4096 x 32000] (500 MiB of logits), MiB beyond the inputs: fwd+bwd logp
+    eager 1500, torch 516 (3000 before it worked in row slices); with entropy 2625 and 544 (4000)."""
+    for mode in ("fwd", "fwd+bwd"):
+        for family in ("logp", "logp+entropy"):
+            eager = _peak_mb("eager", family, mode, n, vocab)
+            ours = _peak_mb("backend=torch", family, mode, n, vocab)
+            print(f"{mode} {family}: eager {eager:.1f} MiB, torch backend {ours:.1f} MiB")
+            assert ours <= eager, f"{mode} {family}: torch backend peaks at {ours:.1f} MiB, eager at {eager:.1f}"
+
+
 def test_sft_loss_matches_reference():
     logits, labels = random_case((3, 10), 50, torch.float32, "cpu")
     x = logits.clone().requires_grad_(True)
@@ -281,6 +386,32 @@ def test_bad_inputs(make, error, pattern):
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature must be"):
         rlhf_fast.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-20, 0.99e-4])
+def test_temperature_below_the_bound(temperature):
+    """A temperature that would overflow logits / temperature is refused, naming value and bound
+    (1e-38 used to pass and give NaN at logits of 4)."""
+    labels, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+    ops = [
+        lambda: rlhf_fast.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature),
+        lambda: rlhf_fast.fused_policy_loss(torch.randn(2, 3, 5), labels, torch.randn(2, 3), torch.randn(2), mask,
+                                            temperature=temperature),
+        lambda: rlhf_fast.linear_token_logprobs(hidden, weight, labels, temperature=temperature),
+        lambda: rlhf_fast.fused_linear_policy_loss(hidden, weight, labels, torch.randn(2, 3), torch.randn(2), mask,
+                                                   temperature=temperature),
+    ]  # fmt: skip
+    for op in ops:
+        with pytest.raises(ValueError, match=rf"temperature must be >= 0\.0001 .*got {temperature:g}$"):
+            op()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_smallest_temperature(backend, device):
+    require(backend, device, torch.float32)
+    logits, labels = random_case((16,), 300, torch.float32, device)
+    check_against_reference(logits, labels, check.MIN_TEMPERATURE, backend)
 
 
 def test_unknown_backend():

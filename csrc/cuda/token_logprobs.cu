@@ -140,15 +140,77 @@ __device__ __forceinline__ OnlineLse group_reduce(OnlineLse st, float scale) {
   return st;
 }
 
+// A 16-byte vector of the row: streamed (evict first: the forward reads each element once), or
+// kept in cache for the backward's gradient pass, which reads the row again right after.
+template <bool kStream>
+__device__ __forceinline__ uint4 load_vector(const uint4* v) {
+  if constexpr (kStream) {
+    return __ldcs(v);
+  } else {
+    return *v;
+  }
+}
+
+// The online state of row x[0, vocab), read by its kThreadsPerRow threads (thread `lane` reads
+// vectors lane, lane + kThreadsPerRow...) and merged: every lane of a warp row holds the row's
+// state; in a block row (kThreadsPerRow = kBlockThreads) only warp 0 does, through warp_states
+// (kBlockThreads / 32 entries of shared memory, which warp 0 may write again once this returns:
+// its lanes read them before their last shuffle; the other warps read none after the last sync).
+template <typename T, bool kEntropy, int kThreadsPerRow, bool kStream>
+__device__ __forceinline__ OnlineLse row_state(const T* x, int64_t vocab, int lane, float scale,
+                                               OnlineLse* warp_states) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kWarps = kBlockThreads / 32;
+  const RowSplit split = split_row<T>(x, vocab);
+
+  OnlineLse st{-kInf, 0.0f, 0.0f};
+  for (int64_t k = lane; k < split.head; k += kThreadsPerRow) {
+    const float v = load(x[k]);
+    absorb<kEntropy, 1>(st, &v, scale);
+  }
+  const uint4* xv = reinterpret_cast<const uint4*>(x + split.head);
+  int64_t i = lane;
+  for (; i + kThreadsPerRow < split.n_vec; i += 2 * kThreadsPerRow) {
+    const uint4 a = load_vector<kStream>(xv + i);
+    const uint4 b = load_vector<kStream>(xv + i + kThreadsPerRow);
+    float v[2 * kVec];
+    unpack<T>(a, v);
+    unpack<T>(b, v + kVec);
+    absorb<kEntropy, 2 * kVec>(st, v, scale);
+  }
+  if (i < split.n_vec) {
+    float v[kVec];
+    unpack<T>(load_vector<kStream>(xv + i), v);
+    absorb<kEntropy, kVec>(st, v, scale);
+  }
+  for (int64_t k = split.head + split.n_vec * kVec + lane; k < vocab; k += kThreadsPerRow) {
+    const float v = load(x[k]);
+    absorb<kEntropy, 1>(st, &v, scale);
+  }
+
+  if constexpr (kThreadsPerRow <= 32) {
+    st = group_reduce<kEntropy, kThreadsPerRow>(st, scale);
+  } else {
+    st = group_reduce<kEntropy, 32>(st, scale);
+    const int warp = threadIdx.x / 32;
+    __syncthreads();  // the previous row's readers are done with warp_states
+    if (threadIdx.x % 32 == 0) warp_states[warp] = st;
+    __syncthreads();
+    if (warp == 0) {
+      st = threadIdx.x < kWarps ? warp_states[threadIdx.x] : OnlineLse{-kInf, 0.0f, 0.0f};
+      st = group_reduce<kEntropy, 32>(st, scale);
+    }
+  }
+  return st;
+}
+
 // Forward. kThreadsPerRow = 32 (a warp per row, kBlockThreads / 32 rows per block) or
-// kBlockThreads (a block per row). Thread `lane` of a row reads vectors lane, lane + kThreadsPerRow...
+// kBlockThreads (a block per row).
 template <typename T, bool kEntropy, int kThreadsPerRow>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     token_logprobs_forward_kernel(const TokenLogprobsForwardParams p) {
-  constexpr int kVec = 16 / sizeof(T);
   constexpr int kRowsPerBlock = kBlockThreads / kThreadsPerRow;
-  constexpr int kWarps = kBlockThreads / 32;
-  __shared__ OnlineLse warp_states[kWarps];
+  __shared__ OnlineLse warp_states[kBlockThreads / 32];
 
   const int lane = threadIdx.x % kThreadsPerRow;
   const float scale = static_cast<float>(kLog2e / p.temperature);
@@ -167,46 +229,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
       continue;
     }
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-    const RowSplit split = split_row<T>(x, vocab);
-
-    OnlineLse st{-kInf, 0.0f, 0.0f};
-    for (int64_t k = lane; k < split.head; k += kThreadsPerRow) {
-      const float v = load(x[k]);
-      absorb<kEntropy, 1>(st, &v, scale);
-    }
-    const uint4* xv = reinterpret_cast<const uint4*>(x + split.head);
-    int64_t i = lane;
-    for (; i + kThreadsPerRow < split.n_vec; i += 2 * kThreadsPerRow) {
-      const uint4 a = __ldcs(xv + i);
-      const uint4 b = __ldcs(xv + i + kThreadsPerRow);
-      float v[2 * kVec];
-      unpack<T>(a, v);
-      unpack<T>(b, v + kVec);
-      absorb<kEntropy, 2 * kVec>(st, v, scale);
-    }
-    if (i < split.n_vec) {
-      float v[kVec];
-      unpack<T>(__ldcs(xv + i), v);
-      absorb<kEntropy, kVec>(st, v, scale);
-    }
-    for (int64_t k = split.head + split.n_vec * kVec + lane; k < vocab; k += kThreadsPerRow) {
-      const float v = load(x[k]);
-      absorb<kEntropy, 1>(st, &v, scale);
-    }
-
-    if constexpr (kThreadsPerRow <= 32) {
-      st = group_reduce<kEntropy, kThreadsPerRow>(st, scale);
-    } else {
-      st = group_reduce<kEntropy, 32>(st, scale);
-      const int warp = threadIdx.x / 32;
-      __syncthreads();  // the previous row's readers are done with warp_states
-      if (threadIdx.x % 32 == 0) warp_states[warp] = st;
-      __syncthreads();
-      if (warp == 0) {
-        st = threadIdx.x < kWarps ? warp_states[threadIdx.x] : OnlineLse{-kInf, 0.0f, 0.0f};
-        st = group_reduce<kEntropy, 32>(st, scale);
-      }
-    }
+    const OnlineLse st = row_state<T, kEntropy, kThreadsPerRow, true>(x, vocab, lane, scale, warp_states);
     if (lane == 0) {
       const float d_label = exponent2(load(x[label]), shift_of(st.m), scale);
       const RowOutputs<float> out = finish_row(st.s, st.t, d_label, tempered(st.m, temperature, inv_temperature));
@@ -224,15 +247,19 @@ __device__ __forceinline__ float grad_element(float x, const RowGradCoefficients
   return kEntropy ? grad_from_p(prob, log_p, k) : -prob * k.base;  // slope is 0 without entropy
 }
 
-// Backward: one read and one write per element, thread mapping as in the forward. grad_logits may
-// be logits: every element is loaded before the same thread stores it, and a thread's two vectors
+// Backward: one read and one write per element, thread mapping as in the forward, and one more read
+// of a row whose saved lse is too coarse (recomputes_lse: the row's max and sum first, with the
+// forward's row_state; the whole row group takes that branch together). grad_logits may be
+// logits: every element is loaded before the same thread stores it, and a thread's two vectors
 // in flight are loaded before either is stored.
 template <typename T, bool kEntropy, int kThreadsPerRow>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     token_logprobs_backward_kernel(const TokenLogprobsBackwardParams p) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kRowsPerBlock = kBlockThreads / kThreadsPerRow;
+  __shared__ OnlineLse warp_states[kBlockThreads / 32];
   const int lane = threadIdx.x % kThreadsPerRow;
+  const float scale = static_cast<float>(kLog2e / p.temperature);
   const int64_t vocab = p.vocab;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
        row < p.n_rows; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
@@ -251,9 +278,18 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     }
     const float g_entropy = kEntropy ? static_cast<const float*>(p.grad_entropy)[row] : 0.0f;
     const float entropy = kEntropy ? static_cast<const float*>(p.entropy)[row] : 0.0f;
-    const RowGradCoefficients<float> coef = row_grad_coefficients<float>(
-        p.temperature, static_cast<const float*>(p.lse)[row], static_cast<const float*>(p.grad_logp)[row],
-        g_entropy, entropy);
+    const float lse = static_cast<const float*>(p.lse)[row];
+    RowGradCoefficients<float> coef = row_grad_coefficients<float>(
+        p.temperature, lse, static_cast<const float*>(p.grad_logp)[row], g_entropy, entropy);
+    if (recomputes_lse(lse)) {
+      OnlineLse st = row_state<T, false, kThreadsPerRow, false>(x, vocab, lane, scale, warp_states);
+      if constexpr (kThreadsPerRow > 32) {  // warp 0 holds the row's state: hand it to every thread
+        if (threadIdx.x == 0) warp_states[0] = st;
+        __syncthreads();
+        st = warp_states[0];  // the next row_state syncs before anyone writes warp_states again
+      }
+      use_recomputed_sums(coef, st.m, st.s);
+    }
 
     // Vectors need x and g at the same offset from a 16-byte boundary; otherwise the row is scalar.
     const bool vectors = (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(g) & 15);

@@ -98,15 +98,52 @@ RLHF_FAST_HD void sum_exp2(const T* x, int64_t k0, int64_t k1, acc_t<T> m, acc_t
   t += t_block;
 }
 
-// Rows [begin, end) of the forward: the online log-sum-exp of the CUDA kernel, by blocks. Per
-// block, a max pass reads the block (prefetched) into L1 and an exp pass adds it to (s, t)
-// relative to the running max m; when the block raises the max, (s, t) move to the new shift
-// first. Each element is read from memory once, and the reads overlap the arithmetic.
+// One row's online log-sum-exp, base 2 (see token_logprobs.h): m = max of the logits, -inf while
+// every logit seen is -inf, when the shift is 0 instead (so that -inf logits give 2^-inf = 0, not
+// NaN); s = sum 2^d, t = sum 2^d d (kEntropy only), d = (x - shift) scale.
+template <typename Acc>
+struct RowSums {
+  Acc m, s, t;
+};
+
+// The row x[0, vocab) by blocks. Per block, a max pass reads the block (prefetched; past the row's
+// end, from next_row when it is not null) into L1 and an exp pass adds it to (s, t) relative to
+// the running max m; when the block raises the max, (s, t) move to the new shift first. Each
+// element is read from memory once, and the reads overlap the arithmetic.
+template <typename T, bool kEntropy>
+RLHF_FAST_HD RowSums<acc_t<T>> row_sums(const T* x, const T* next_row, int64_t vocab, acc_t<T> scale) {
+  using Acc = acc_t<T>;
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  constexpr int64_t kBlock = kBlockBytes / sizeof(T);
+  Acc m = kNegInf, s = 0, t = 0;
+  for (int64_t k0 = 0; k0 < vocab; k0 += kBlock) {
+    const int64_t k1 = std::min(vocab, k0 + kBlock);
+    Acc block_max = kNegInf;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t k = k0; k < k1; ++k) {
+      const Acc v = load(x[k]);
+      block_max = v > block_max ? v : block_max;
+    }
+    if (block_max > m) {
+      if (m != kNegInf) {
+        const Acc delta = shift_delta(m, block_max, scale);
+        const Acc f = exp2_acc(delta);
+        if (kEntropy) t = f * (t + delta * s);
+        s *= f;
+      }
+      m = block_max;
+    }
+    prefetch_stream(x, next_row, k1 + kPrefetchBlocks * kBlock, vocab, kBlock);
+    sum_exp2<T, kEntropy>(x, k0, k1, m == kNegInf ? Acc(0) : m, scale, s, t);
+  }
+  return {m, s, t};
+}
+
+// Rows [begin, end) of the forward: the online log-sum-exp of the CUDA kernel, by blocks.
 template <typename T, bool kEntropy>
 RLHF_FAST_HOST_CLONES void forward_rows(const TokenLogprobsForwardParams& p, int64_t begin, int64_t end) {
   using Acc = acc_t<T>;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
-  constexpr int64_t kBlock = kBlockBytes / sizeof(T);
   const Acc scale = static_cast<Acc>(kLog2e / p.temperature);
   const int64_t vocab = p.vocab;
   for (int64_t row = begin; row < end; ++row) {
@@ -122,32 +159,11 @@ RLHF_FAST_HOST_CLONES void forward_rows(const TokenLogprobsForwardParams& p, int
     }
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     const T* next = row + 1 < end ? x + p.logits_row_stride : nullptr;
-    // m: max so far, -inf while every logit seen is -inf, when the shift is 0 instead (so that
-    // -inf logits give 2^-inf = 0, not NaN); s = sum 2^d, t = sum 2^d d.
-    Acc m = kNegInf, s = 0, t = 0;
-    for (int64_t k0 = 0; k0 < vocab; k0 += kBlock) {
-      const int64_t k1 = std::min(vocab, k0 + kBlock);
-      Acc block_max = kNegInf;
-#pragma omp simd reduction(max : block_max)
-      for (int64_t k = k0; k < k1; ++k) {
-        const Acc v = load(x[k]);
-        block_max = v > block_max ? v : block_max;
-      }
-      if (block_max > m) {
-        if (m != kNegInf) {
-          const Acc delta = shift_delta(m, block_max, scale);
-          const Acc f = exp2_acc(delta);
-          if (kEntropy) t = f * (t + delta * s);
-          s *= f;
-        }
-        m = block_max;
-      }
-      prefetch_stream(x, next, k1 + kPrefetchBlocks * kBlock, vocab, kBlock);
-      sum_exp2<T, kEntropy>(x, k0, k1, m == kNegInf ? Acc(0) : m, scale, s, t);
-    }
+    const RowSums<Acc> sums = row_sums<T, kEntropy>(x, next, vocab, scale);
+    const Acc m = sums.m;
     const Acc shift = m == kNegInf ? Acc(0) : m;
     const Acc temperature = static_cast<Acc>(p.temperature);
-    const RowOutputs<Acc> out = finish_row(s, t, exponent2(load(x[label]), shift, scale),
+    const RowOutputs<Acc> out = finish_row(sums.s, sums.t, exponent2(load(x[label]), shift, scale),
                                            tempered(m, temperature, inverse(temperature)));
     *logp = out.logp;
     *lse = out.lse;
@@ -155,13 +171,16 @@ RLHF_FAST_HOST_CLONES void forward_rows(const TokenLogprobsForwardParams& p, int
   }
 }
 
-// Rows [begin, end) of the backward: one read and one write per element. grad may be logits
-// itself: the loop reads element k before writing element k, and the label's logit is read before
-// the loop because the loop overwrites it.
+// Rows [begin, end) of the backward: one read and one write per element, and one more read of a
+// row whose saved lse is too coarse (recomputes_lse: its max and sum first, as the forward; a row
+// of float32 [32000] is 128 KB, typically still in this core's L2 when the gradient pass reads it
+// again). grad may be logits itself: the loops read element k before writing element k, and the
+// label's logit is read before the gradient loop because that loop overwrites it.
 template <typename T, bool kEntropy>
 RLHF_FAST_HOST_CLONES void backward_rows(const TokenLogprobsBackwardParams& p, int64_t begin, int64_t end) {
   using Acc = acc_t<T>;
   constexpr int64_t kBlock = kBlockBytes / sizeof(T);
+  const Acc scale = static_cast<Acc>(kLog2e / p.temperature);
   const int64_t vocab = p.vocab;
   for (int64_t row = begin; row < end; ++row) {
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
@@ -173,9 +192,13 @@ RLHF_FAST_HOST_CLONES void backward_rows(const TokenLogprobsBackwardParams& p, i
     }
     const double g_entropy = kEntropy ? static_cast<const Acc*>(p.grad_entropy)[row] : 0.0;
     const double entropy = kEntropy ? static_cast<const Acc*>(p.entropy)[row] : 0.0;
-    const RowGradCoefficients<Acc> k = row_grad_coefficients<Acc>(
-        p.temperature, static_cast<const Acc*>(p.lse)[row], static_cast<const Acc*>(p.grad_logp)[row], g_entropy,
-        entropy);
+    const Acc lse = static_cast<const Acc*>(p.lse)[row];
+    RowGradCoefficients<Acc> k = row_grad_coefficients<Acc>(
+        p.temperature, lse, static_cast<const Acc*>(p.grad_logp)[row], g_entropy, entropy);
+    if (recomputes_lse(lse)) {
+      const RowSums<Acc> sums = row_sums<T, false>(x, nullptr, vocab, scale);
+      use_recomputed_sums(k, sums.m, sums.s);
+    }
     const Acc x_label = load(x[label]);
     const T* next = row + 1 < end ? x + p.logits_row_stride : nullptr;
     for (int64_t j0 = 0; j0 < vocab; j0 += kBlock) {

@@ -1,7 +1,8 @@
 """The "torch" backend: the PyTorch reference run through the provider interface.
 
-It materialises [N, V] intermediates (that is what the fused backends avoid) and serves every
-device and floating dtype, so it is the fallback of last resort and the baseline of the benchmarks.
+It materialises float32 intermediates, a slice of rows at a time (the fused backends stream them
+instead), and serves every device and floating dtype: the fallback of last resort and the
+baseline of the benchmarks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,35 @@ import torch
 from .. import reference
 from ..kl_estimators import kl_values  # float32-accurate k3 (the reference's is float64-grade)
 from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
+
+# token_logprobs works on [rows, V] slices of at most this many elements (16 MiB in float32) and
+# keeps at most two float32 temporaries of a slice alive (one without entropy). Forward + backward
+# then peaks at the [N, V] gradient the op allocates plus two slices, where eager log_softmax +
+# gather holds its [N, V] output for the backward and allocates two more [N, V] tensors in it.
+CHUNK_ELEMENTS = 2**22
+# A floor for log p and d = z - max: e^-1000 is 0 in float32 and float64 alike, so flooring changes
+# no probability, and a -inf logit contributes 0 * -1000 = 0 instead of 0 * -inf = NaN.
+LOG_FLOOR = -1000.0
+
+
+def _row_chunks(logits: torch.Tensor):
+    """Row slices of [N, V] logits, each of at most CHUNK_ELEMENTS elements (at least one row)."""
+    n_rows, vocab = logits.shape
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def _shifted(x: torch.Tensor, dtype: torch.dtype, temperature: float):
+    """d = (x - m) / T as a new [rows, V] tensor of ``dtype``, and m = the row max [rows, 1].
+
+    The difference is taken before the division, as the kernels do: x - m is exact for logits that
+    share a large offset, where x / T - m / T would carry the rounding of x / T (2^-24 |x / T|).
+    A row with no finite max (all -inf, or NaN) gets m = 0, so that -inf stays -inf and not NaN.
+    """
+    row_max = x.amax(dim=-1, keepdim=True).to(dtype)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    return torch.sub(x, row_max).div_(temperature), row_max  # bf16 - float32 promotes: one temporary
 
 
 class TorchProvider(Provider):
@@ -24,44 +54,57 @@ class TorchProvider(Provider):
         return YES
 
     def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
-        compute_dtype = logp.dtype
-        # log p = (z - max) - log sum exp(z - max), as the kernels: z - max is exact, where z - lse
-        # would carry lse's rounding (an ulp of |z|: 2e-3 at logits of 3e4, all of log p near 0).
-        shifted = logits.to(compute_dtype) / temperature
-        row_max = shifted.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all -inf rows
-        shifted -= row_max
-        log_sum = shifted.exp().sum(-1, keepdim=True).log()
         keep = labels != ignore_index
-        safe_labels = torch.where(keep, labels, torch.zeros_like(labels)).long()
-        label_shifted = shifted.gather(-1, safe_labels.unsqueeze(-1))
-        logp.copy_(torch.where(keep, (label_shifted - log_sum).squeeze(-1), torch.zeros_like(logp)))
-        lse.copy_((row_max + log_sum).squeeze(-1))
-        if entropy is not None:
-            # -sum p log p rather than lse - E[z]: the latter cancels catastrophically when
-            # the distribution is nearly one-hot and the logits are large.
-            log_p = shifted.sub_(log_sum)
-            p = log_p.exp()
-            row_entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
-            entropy.copy_(torch.where(keep, row_entropy, torch.zeros_like(row_entropy)))
+        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
+        for rows in _row_chunks(logits):
+            d, row_max = _shifted(logits[rows], logp.dtype, temperature)  # d = (x - max) / T <= 0
+            log_p_label = d.gather(-1, safe_labels[rows]).squeeze(-1)
+            if entropy is None:
+                log_sum = d.exp_().sum(-1).log()
+            else:
+                # s = sum e^d, t = sum e^d d, entropy = log s - t / s, as the kernels: both terms are
+                # >= 0 (d is relative to the max), so nothing cancels even in a one-hot row.
+                e = d.clamp_(min=LOG_FLOOR).exp()
+                s = e.sum(-1)
+                t = e.mul_(d).sum(-1)
+                log_sum = s.log()
+                entropy[rows] = torch.where(keep[rows], log_sum - t / s, 0.0)
+            logp[rows] = torch.where(keep[rows], log_p_label - log_sum, 0.0)
+            lse[rows] = torch.where(keep[rows], row_max.squeeze(-1) / temperature + log_sum, 0.0)
 
     def token_logprobs_backward(
         self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
     ):
+        # The saved lse is not read: at logits near 1e6 a float32 lse is off by up to half an ulp
+        # (0.03), an error every p = e^(z - lse) would share. The row's max and sum are recomputed
+        # as in the forward instead, which costs this provider one max reduction per row.
+        #   d/dz_k = g (1[k = label] - p_k) - g_H p_k (log p_k + H) = 1[k = label] g - p_k coef_k,
+        #   coef_k = g + g_H (log p_k + H);  d/dx_k = d/dz_k / T.
         compute_dtype = lse.dtype
-        z = logits.to(compute_dtype) / temperature
-        log_p = z - lse.unsqueeze(-1)
-        p = log_p.exp()
         keep = labels != ignore_index
-        safe_labels = torch.where(keep, labels, torch.zeros_like(labels)).long()
-        g_logp = torch.where(keep, grad_logp, torch.zeros_like(grad_logp)).unsqueeze(-1)
-        grad_z = -g_logp * p
-        grad_z.scatter_add_(-1, safe_labels.unsqueeze(-1), g_logp)
+        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
+        g = torch.where(keep, grad_logp, 0.0).unsqueeze(-1)
         if entropy is not None:
-            g_h = torch.where(keep, grad_entropy, torch.zeros_like(grad_entropy)).unsqueeze(-1)
-            safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
-            grad_z -= g_h * p * (safe_log_p + entropy.unsqueeze(-1))
-        grad_logits.copy_(grad_z / temperature)
+            g_h = torch.where(keep, grad_entropy, 0.0).unsqueeze(-1)
+            h = torch.where(keep, entropy, 0.0).unsqueeze(-1)
+        for rows in _row_chunks(logits):
+            d, _ = _shifted(logits[rows], compute_dtype, temperature)
+            if entropy is None:
+                p = d.exp_()
+                p.div_(p.sum(-1, keepdim=True))
+                grad = p.mul_(-g[rows])
+            else:
+                p = d.exp()
+                s = p.sum(-1, keepdim=True)
+                p.div_(s)
+                # log p = d - log s, floored so that a -inf logit (p = 0) gives 0 * finite = 0.
+                coef = d.sub_(s.log()).clamp_(min=LOG_FLOOR).add_(h[rows]).mul_(g_h[rows]).add_(g[rows])
+                grad = p.mul_(coef).neg_()
+            grad.scatter_add_(-1, safe_labels[rows], g[rows])
+            grad.div_(temperature)
+            # Ignored rows are 0 whatever their logits hold: NaN * 0 would be NaN.
+            grad.masked_fill_(~keep[rows].unsqueeze(-1), 0.0)
+            grad_logits[rows].copy_(grad)
 
     # [B, T] ops: the reference formulas in float32, GAE as the vectorised affine scan
     # (reference.gae_scan) rather than the loop over T.

@@ -69,7 +69,7 @@ def fused_policy_loss(
                                  rollout_logp=rollout_logp, options=options)  # fmt: skip
     mask = correction.mask
     entropy_coef = check.number("entropy_coef", entropy_coef)
-    temperature = check.positive_finite("temperature", temperature)
+    temperature = check.temperature(temperature)
     registry.check_backend_name(backend)
     normalizer = check_normalizer(normalizer)
     # Any label id at a masked position becomes ignore_index: its logp, entropy and gradient are 0

@@ -79,7 +79,7 @@ def weight_grad_sum_dtype(accum_dtype: torch.dtype | None, weight: torch.Tensor)
 
 
 def make_spec(temperature, ignore_index, linear: LinearOptions, hidden, weight) -> LinearSpec:
-    temperature = check.positive_finite("temperature", temperature)
+    temperature = check.temperature(temperature)
     compute = autocast_dtype(hidden, weight) or hidden.dtype
     sum_dtype = weight_grad_sum_dtype(linear.accum_dtype, weight)
     return LinearSpec(temperature, int(ignore_index), linear.backend, linear.chunk_size, compute, sum_dtype)

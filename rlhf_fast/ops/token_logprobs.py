@@ -198,7 +198,7 @@ def token_logprobs(
     check.tensor("logits", logits, dtypes=LOGIT_DTYPES, min_dim=1)
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:-1], like=("logits", logits))
     check_vocabulary(logits)
-    temperature = check.positive_finite("temperature", temperature)
+    temperature = check.temperature(temperature)
     registry.check_backend_name(backend)
     return token_logprobs_validated(logits, labels, temperature, int(ignore_index), return_entropy, inplace_backward, backend)
 

@@ -8,9 +8,19 @@
 //     d_k = (x_k - m) scale             (exactly 0 at the max, so its term is exactly 1)
 //     s = sum_k 2^d_k,  t = sum_k 2^d_k d_k
 //     lse = tempered(m) + ln2 log2 s,  logp = (d_label - log2 s) ln2,  entropy = (log2 s - t / s) ln2.
-// Backward, per element, as PyTorch evaluates log_softmax's gradient: log p_k = z_k - lse with z_k
-// the float z = tempered(x) of the forward's fl(m / T). A row whose max dominates then gets
-// log p = 0 and p = 1 exactly there, as in PyTorch (V = 1 gives a gradient of exactly 0).
+// Backward, per element: log p_k = tempered(x_k - shift) - log_norm, where (shift, log_norm) is
+//   (0, lse)       when |lse| < kSavedLseBound: as PyTorch evaluates log_softmax's gradient, z_k - lse
+//                  with z_k the float z = tempered(x) of the forward's fl(m / T). A row whose max
+//                  dominates then gets log p = 0 and p = 1 exactly there, as in PyTorch (V = 1
+//                  gives a gradient of exactly 0).
+//   (m, ln s)      otherwise, m and s recomputed from the row as the forward computes them.
+// The saved lse is a float within half an ulp of the true one, an error every p_k of the row shares:
+// 2^-24 |lse| relative (0.03 at logits sharing an offset of 1e6). Below the bound that is no more
+// than the rounding of z = x / T itself (2^-24 |z|, which PyTorch's float32 log_softmax(x / T)
+// carries too); at and above it, the row's max and sum are recomputed, which costs those rows one
+// more read and gives the forward's accuracy (x - m is exact for logits sharing an offset). Saving
+// m in the forward would cost 8 bytes a row instead, but a second saved per-row tensor is not in
+// the op's contract (lse alone is); typical LM logits (|lse| ~ 10-50) never pay the read.
 #pragma once
 
 #include <cmath>
@@ -133,32 +143,48 @@ RLHF_FAST_HD RowOutputs<Acc> finish_row(Acc s, Acc t, Acc d_label, Acc z_max) {
   return out;
 }
 
-// Backward, per row. With log p_k = fl(x_k / T) - lse:
+// Backward, per row. With log p_k = tempered(x_k - shift) - log_norm (see the top of this file):
 //   d/dz_k = g (1[k = label] - p_k) - gH p_k (log p_k + H),  d/dx_k = d/dz_k / T
 //          = 1[k = label] label_term - p_k (base + slope log p_k)
 // with label_term = g / T, base = (g + gH H) / T, slope = gH / T.
 template <typename Acc>
 struct RowGradCoefficients {
-  Acc temperature, inv_temperature, lse, label_term, base, slope;
+  Acc temperature, inv_temperature, shift, log_norm, label_term, base, slope;
 };
 
+// |lse| from which the backward recomputes the row's max and sum instead of using the saved lse
+// (the Triton kernels use the same bound). A NaN lse recomputes too (and stays NaN).
+constexpr double kSavedLseBound = 64.0;
+
+RLHF_FAST_HD bool recomputes_lse(double lse) { return !(lse > -kSavedLseBound && lse < kSavedLseBound); }
+
+// Coefficients that use the saved lse: shift 0 (x - 0 is x exactly, NaN and -0 included).
 template <typename Acc>
 RLHF_FAST_HD RowGradCoefficients<Acc> row_grad_coefficients(double temperature, Acc lse, double g,
                                                             double g_entropy, double entropy) {
   RowGradCoefficients<Acc> k;
   k.temperature = static_cast<Acc>(temperature);
   k.inv_temperature = inverse(k.temperature);
-  k.lse = lse;
+  k.shift = 0;
+  k.log_norm = lse;
   k.label_term = static_cast<Acc>(g / temperature);
   k.base = static_cast<Acc>((g + g_entropy * entropy) / temperature);
   k.slope = static_cast<Acc>(g_entropy / temperature);
   return k;
 }
 
+// Switches k to the row's recomputed max m (-inf: no finite logit, shift 0 as in the forward) and
+// s = sum_k 2^((x_k - m) log2(e) / T) = sum_k e^((x_k - m) / T).
+template <typename Acc>
+RLHF_FAST_HD void use_recomputed_sums(RowGradCoefficients<Acc>& k, Acc m, Acc s) {
+  k.shift = m == -static_cast<Acc>(INFINITY) ? Acc(0) : m;
+  k.log_norm = static_cast<Acc>(log2(static_cast<double>(s)) * kLn2);
+}
+
 // Backward, one element: log p (natural units).
 template <typename Acc>
 RLHF_FAST_HD Acc log_prob(Acc x, const RowGradCoefficients<Acc>& k) {
-  return tempered(x, k.temperature, k.inv_temperature) - k.lse;
+  return tempered(x - k.shift, k.temperature, k.inv_temperature) - k.log_norm;
 }
 
 // Backward, one element given p = exp(log_p) (the exponential is each side's own).

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
+from ..._validate import MIN_TEMPERATURE
 from ...objectives import OBJECTIVES
 from ..config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig, require_resume_xor_overwrite
 
@@ -53,7 +54,7 @@ class RolloutConfig(Section):
                 f"{self.batch_size % self.group_size})"
             )
         self.require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.require(self.temperature > 0, "temperature", "must be > 0")
+        self.require(self.temperature >= MIN_TEMPERATURE, "temperature", f"must be >= {MIN_TEMPERATURE:g} (the ops' bound)")
         self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self.require(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
 
