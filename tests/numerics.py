@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from rlhf_fast import reference
+from rlhf_fast.backends.cuda import CudaProvider
+from rlhf_fast.backends.host import HostProvider
 from rlhf_fast.backends.registry import BACKENDS, can_serve
 
 
@@ -142,3 +148,31 @@ def tiny(out_dir, **overrides):
     from rlhf_fast.train.rl.config import RLConfig
 
     return load_config(RLConfig, None, {"out_dir": str(out_dir), **TINY_RL, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled extension's providers and build script
+# ---------------------------------------------------------------------------------------------
+
+PROVIDERS = {"host": (HostProvider(), "cpu"), "cuda": (CudaProvider(), "cuda")}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def provider_on(name: str, dtype: torch.dtype):
+    """(provider, device) for a test, or skip with the provider's own reason."""
+    prov, device = PROVIDERS[name]
+    support = prov.available()
+    if support:
+        support = prov.supports(torch.device(device), dtype)
+    if not support:
+        pytest.skip(f"{name}: {support.reason}")
+    return prov, device
+
+
+def load_build_script():
+    """setup.py's helpers (its setup() call runs only as __main__), so the test compiles the way the build does."""
+    spec = importlib.util.spec_from_file_location("rlhf_fast_build_script", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -18,8 +18,7 @@ import torch
 from rlhf_fast import reference
 from rlhf_fast.backends.registry import provider
 
-from numerics import poison, random_mask, rel_err
-from test_extension import load_build_script, provider_on
+from numerics import load_build_script, poison, provider_on, random_mask, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # float32 kernels vs the float32 torch provider: a few roundings apart

@@ -87,3 +87,15 @@ def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
     modules = {"p": pkg / "__init__.py", "p.a": pkg / "a.py", "p.b": pkg / "b.py"}
     graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
     assert find_cycle(graph) == ["p.a", "p.b", "p.a"]
+
+
+def test_no_test_module_imports_another():
+    """Shared builders live in tests/numerics.py; a test module importing another runs its tests'
+    module-level code twice and ties two files together."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            offenders += [f"{path.name} imports {name}" for name in names if name.split(".")[-1].startswith("test_")]
+    assert not offenders, offenders
