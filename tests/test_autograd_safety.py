@@ -10,7 +10,10 @@ import torch
 import rlhf_fast
 from rlhf_fast import reference
 
+from numerics import rel_err
+
 N, H, V = 6, 8, 13
+TOL = 2e-5
 
 
 def cases():
@@ -80,5 +83,6 @@ def test_repeated_backwards_accumulate_like_eager(name, upstream):
         else:
             want = (three, one)
     for (g3, g1), (w3, w1) in zip(zip(*got), zip(*want)):
-        assert torch.allclose(g3, w3, rtol=1e-5, atol=1e-9) and torch.allclose(g1, w1, rtol=1e-5, atol=1e-9)
-        assert torch.allclose(g3, 3 * g1, rtol=1e-9)
+        # The policy losses run their [B, T] math in float32: TOL is test_policy_loss's float32 budget.
+        assert rel_err(g3, w3) < TOL and rel_err(g1, w1) < TOL
+        assert rel_err(g3, 3 * g1) < 1e-12  # every backward gives the same gradients
