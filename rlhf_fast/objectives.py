@@ -63,6 +63,15 @@ def ppo(logp, old_logp, advantages, mask, options):
     on logp (clipped, dual-clipped, A = 0) take a constant branch and exp() never sees their
     log-ratio, which may be huge (its gradient would be 0 * inf = NaN otherwise).
     """
+    loss, clipped, dual = _ppo_surrogate(logp, old_logp, advantages, mask, options)
+    stats = {"clipfrac": _masked_mean(clipped.float(), mask)}
+    if options.dual_clip is not None:
+        stats["dual_clipfrac"] = _masked_mean(dual.float(), mask)
+    return loss, stats
+
+
+def _ppo_surrogate(logp, old_logp, advantages, mask, options):
+    """PPO's per-token loss, and where the clip and the dual clip bit."""
     log_ratio = logp - old_logp
     # Which branch each token takes, decided on detached values (the max/min of the formula).
     with torch.no_grad():
@@ -81,11 +90,7 @@ def ppo(logp, old_logp, advantages, mask, options):
             bound = torch.where(dual, options.dual_clip, bound)
         frozen = clipped | dual | (advantages == 0)
     ratio = torch.exp(torch.where(frozen, 0.0, log_ratio))
-    loss = -advantages * torch.where(frozen, bound, ratio)
-    stats = {"clipfrac": _masked_mean(clipped.float(), mask)}
-    if options.dual_clip is not None:
-        stats["dual_clipfrac"] = _masked_mean(dual.float(), mask)
-    return loss, stats
+    return -advantages * torch.where(frozen, bound, ratio), clipped, dual
 
 
 def sequence_log_ratio(logp, old_logp, mask) -> torch.Tensor:
@@ -199,21 +204,15 @@ def _covariance(logp, advantages, mask):
     return (advantages - _masked_mean(advantages, mask)) * (logp - _masked_mean(logp, mask))
 
 
-def _ppo_clipped(logp, old_logp, advantages, options):
-    ratio = torch.exp(logp - old_logp)
-    low, high = clip_range(options)
-    return ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
-
-
 @register_objective("clip_cov", separable=False)
 def clip_cov(logp, old_logp, advantages, mask, options):
     """Clip-Cov (Cui et al. 2025, arXiv:2505.22617, sec. 4): PPO's clipped loss, with the
     gradient cut for a random cov_ratio share (at least one) of the valid, not already clipped
     tokens whose covariance lies in (clip_cov_lb, clip_cov_ub). The draw uses torch's generator
     (torch.randperm), as verl does."""
-    loss, stats = ppo(logp, old_logp, advantages, mask, options)
+    loss, clipped, _ = _ppo_surrogate(logp, old_logp, advantages, mask, options)
+    stats = {"clipfrac": _masked_mean(clipped.float(), mask)}
     with torch.no_grad():
-        clipped = torch.zeros_like(mask) if options.clip_eps is None else _ppo_clipped(logp, old_logp, advantages, options)
         cov = _covariance(logp, advantages, mask)
         candidates = (mask & ~clipped & (cov > options.clip_cov_lb) & (cov < options.clip_cov_ub)).reshape(-1).nonzero()[:, 0]
         limit = max(int(options.cov_ratio * int(mask.sum())), 1)

@@ -18,10 +18,10 @@ from .. import _validate as check
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
 from .linear_chunks import RowStats, TokenObjective, gather_rows, kept_rows, linear_loss, scatter_rows
-from .linear_logprobs import LinearTokenLogprobs, check_linear, make_spec
 from ..objectives import OBJECTIVES
 from ..options import LinearOptions, PolicyLossOptions, no_leftovers, take
-from .policy_loss import masked_mean, policy_loss_terms, policy_loss_with_options, validate_inputs
+from .linear_logprobs import LinearTokenLogprobs, check_linear, make_spec
+from .policy_loss import loss_with_entropy_bonus, policy_loss_terms, validate_inputs
 
 
 class PolicyObjective(TokenObjective):
@@ -64,13 +64,10 @@ class PolicyObjective(TokenObjective):
 
     def value(self, rows: RowStats) -> torch.Tensor:
         old_logp, advantages, correction, ref_logp = self.inputs
-        mask = correction.mask
-        logp, entropy = (scatter_rows(t, self.index, mask.numel()).view(mask.shape) for t in (rows.logp, rows.entropy))
-        loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, self.options, self.normalizer)
-        if self.entropy_coef:
-            loss = loss - self.entropy_coef * aggregate(entropy, mask, self.options.agg, self.normalizer)
-        stats["entropy"] = masked_mean(entropy, mask, mask.sum().clamp(min=1))
-        self.stats = stats
+        shape = correction.mask.shape
+        logp, entropy = (scatter_rows(t, self.index, correction.mask.numel()).view(shape) for t in (rows.logp, rows.entropy))
+        loss, self.stats = loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref_logp, self.options,
+                                                   self.entropy_coef, self.normalizer)  # fmt: skip
         return loss
 
 
@@ -84,12 +81,8 @@ def two_sweeps(hidden, weight, bias, labels, old_logp, advantages, correction, r
     index = kept_rows(labels != IGNORE_INDEX)
     logp, entropy = LinearTokenLogprobs.apply(hidden, weight, bias, labels, index, spec, True)
     logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
-    loss, stats = policy_loss_with_options(logp, old_logp.detach(), advantages.detach(), correction,
-                                           None if ref_logp is None else ref_logp.detach(), options, normalizer)  # fmt: skip
-    if entropy_coef:
-        loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
-    stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))
-    return loss, stats
+    return loss_with_entropy_bonus(logp, entropy, old_logp.detach(), advantages.detach(), correction,
+                                   None if ref_logp is None else ref_logp.detach(), options, entropy_coef, normalizer)  # fmt: skip
 
 
 def fused_linear_policy_loss(

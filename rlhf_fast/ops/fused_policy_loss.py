@@ -13,9 +13,9 @@ import torch
 from .. import _validate as check
 from ..backends import registry
 from ..reference import IGNORE_INDEX
-from .aggregate import aggregate, check_normalizer
+from .aggregate import check_normalizer
 from ..options import PolicyLossOptions, no_leftovers, take
-from .policy_loss import masked_mean, policy_loss_with_options, validate_inputs
+from .policy_loss import loss_with_entropy_bonus, validate_inputs
 from .token_logprobs import check_vocabulary, token_logprobs_validated
 
 
@@ -76,8 +76,5 @@ def fused_policy_loss(
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)
     logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend)
-    loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
-    if entropy_coef:
-        loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
-    stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))
-    return loss, stats
+    return loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref_logp, options, entropy_coef,
+                                   normalizer)  # fmt: skip

@@ -130,3 +130,14 @@ def policy_loss_with_options(logp, old_logp, advantages, correction: Correction,
     mask = correction.mask
     per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options, correction.weights)
     return aggregate(per_token, mask, options.agg, normalizer), stats | correction.stats
+
+
+def loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer):
+    """The fused ops' loss on their [B, T] log-probs and entropies: ``policy_loss_with_options``
+    minus entropy_coef * aggregate(entropy), with stats["entropy"], the mean over valid tokens."""
+    mask = correction.mask
+    loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
+    if entropy_coef:
+        loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
+    stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))
+    return loss, stats
