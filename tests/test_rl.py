@@ -118,6 +118,30 @@ def test_loss_step_gradient_is_minus_advantage_times_grad_logp_at_ratio_one(trai
         trainer.policy.zero_grad()
 
 
+def test_optimizer_groups_and_clipping_are_the_shared_loops(trainer):
+    """loop.build_optimizer's two groups (decay on matrices, none on vectors) over policy and critic;
+    loop.clip_gradients applied to each model apart, so each ends at the clip norm."""
+    groups = trainer.optimizer.param_groups
+    params = trainer.trainable_parameters()
+    assert [g["weight_decay"] for g in groups] == [trainer.config.optim.weight_decay, 0.0]
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in params if p.dim() >= 2]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in params if p.dim() < 2]
+    max_norm = trainer.config.optim.grad_clip
+    try:
+        for model, size in ((trainer.policy, 3.0), (trainer.critic, 50.0)):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, size)
+        norm = trainer.clip_gradients()
+        expected = torch.linalg.vector_norm(torch.stack([torch.full_like(p, 3.0).norm() for p in trainer.policy.parameters()]))
+        assert norm == pytest.approx(float(expected))
+        for model in (trainer.policy, trainer.critic):
+            clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+            assert float(clipped) == pytest.approx(max_norm, rel=1e-5)
+    finally:
+        trainer.policy.zero_grad(set_to_none=True)
+        trainer.critic.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("algo", sorted(ALGOS))
 def test_each_algorithm_runs_end_to_end(tmp_path, algo):
     trainer = RLTrainer(tiny(tmp_path, **ALGOS[algo]))

@@ -56,9 +56,10 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices and embeddings only (not on biases and norm scales)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable ones of ``params``; weight decay on matrices and embeddings only (not on
+    biases and norm scales). One decay group and one no-decay group, whatever modules they come from."""
+    params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -68,6 +69,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     schedule = partial(warmup_cosine, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Clip the gradient norm of ``params`` (those with a gradient) to ``max_norm`` when it is > 0;
+    returns the norm before clipping (0.0 when no parameter has a gradient)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler) -> float:
+    """Step the optimizer and the LR schedule, then drop the gradients; returns the LR the step used."""
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -118,7 +139,7 @@ class Loop(checkpoint.CheckpointedRun):
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.keep_checkpoints = cfg.keep_checkpoints
         self.grad_clip = optim.grad_clip
-        self.optimizer = build_optimizer(model, optim)
+        self.optimizer = build_optimizer(model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, cfg.steps)
         self.autocast = autocast_for(cfg.precision, self.device)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -158,18 +179,10 @@ class Loop(checkpoint.CheckpointedRun):
 
     def clip(self) -> float:
         """Clip the global gradient norm to optim.grad_clip (when > 0); returns the norm before clipping."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = self.grad_clip
-        if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))) if params else 0.0
+        return clip_gradients(self.module.parameters(), self.grad_clip)
 
     def optimizer_step(self) -> float:
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr
+        return optimizer_step(self.optimizer, self.scheduler)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics (loss and stats, grad_norm, lr, weight)."""

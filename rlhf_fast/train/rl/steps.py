@@ -22,6 +22,7 @@ from rlhf_fast.ops.aggregate import loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
+from ..loop import optimizer_step
 from .rollout import Rollout, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
 
 
@@ -300,9 +301,7 @@ def update_step(trainer, exp: Experience) -> dict[str, torch.Tensor]:
                 count += 1
             sync_gradients(trainer.trainable_parameters())
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + trainer.clip_gradients() * len(parts)
-            trainer.optimizer.step()
-            trainer.scheduler.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(trainer.optimizer, trainer.scheduler)
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 

@@ -29,10 +29,10 @@ import torch
 
 from rlhf_fast.backends import registry
 
-from .. import checkpoint, dist
+from .. import checkpoint, dist, loop
 from ..config import ConfigError, to_dict
 from ..data import BatchStream, DataError, read_jsonl
-from ..loop import Hooks, autocast_for, build_scheduler
+from ..loop import Hooks, autocast_for, build_optimizer, build_scheduler
 from ..metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics
 from ..models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_size
 from ..reward_model import RewardModel, replace_dir
@@ -233,7 +233,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
 
         # Optimisation: one AdamW over policy (and critic); the schedule spans every optimizer step.
         self._broadcast_parameters()
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.trainable_parameters(), config.optim)
         self.epochs = 1 if config.algo.name == "reinforce" else config.algo.epochs
         self.updates_per_step = self.epochs * (config.rollout.batch_size // config.algo.mini_batch_size)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.train.steps * self.updates_per_step)
@@ -313,31 +313,12 @@ class RLTrainer(checkpoint.CheckpointedRun):
             params += [p for p in self.critic.parameters() if p.requires_grad]
         return params
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.config.optim
-        groups = []
-        for module in (self.policy, self.critic):
-            if module is None:
-                continue
-            params = [p for p in module.parameters() if p.requires_grad]
-            groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay})
-            groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0})
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
     def clip_gradients(self) -> float:
-        """Clip the policy's and the critic's gradient norms separately to optim.grad_clip; the policy's norm."""
+        """Clip the policy's and the critic's gradient norms separately to optim.grad_clip; returns the
+        policy's norm. Apart, as PPO trainers with an actor and a critic optimizer do: one joint norm
+        would let the value loss's gradient (often the larger, early on) shrink the policy's step."""
         max_norm = self.config.optim.grad_clip
-        norms = []
-        for module in (self.policy, self.critic):
-            if module is None:
-                continue
-            params = [p for p in module.parameters() if p.grad is not None]
-            if not params:
-                norms.append(0.0)
-            elif max_norm > 0:
-                norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-            else:
-                norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+        norms = [loop.clip_gradients(m.parameters(), max_norm) for m in (self.policy, self.critic) if m is not None]
         return norms[0]
 
     # ------------------------------------------------------------------ one RL step
