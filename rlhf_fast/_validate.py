@@ -124,6 +124,17 @@ def number(
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64) + FLOAT_DTYPES
 
 
+def max_response_length(length, agg: str):
+    """None, or an int >= 1 with agg="seq-mean-token-sum-norm" (the only mode it applies to)."""
+    if length is None:
+        return None
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"max_response_length must be None or an int >= 1 (tokens), got {length!r}")
+    if agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"max_response_length applies to agg='seq-mean-token-sum-norm' only; got agg={agg!r}")
+    return length
+
+
 def mask(name: str, value, *, shape: Sequence[int] | None = None, like: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
     """A [B, T] token mask: bool, or 0/1 in any integer or float dtype (verl's response_mask, TRL's
     completion_mask); returned as bool. Any other value is an error, not a weight: the ops count
@@ -146,7 +157,7 @@ def group_size(value, batch: int, *, mode: str) -> int:
     """Rows per group: an int >= 1 (>= 2 for modes that divide by G - 1 or a std) dividing the batch."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"group_size must be an int, got {type(value).__name__}")
-    minimum = 1 if mode == "drgrpo" else 2
+    minimum = 1 if mode in ("drgrpo", "opo") else 2
     if value < minimum:
         why = "" if minimum == 1 else f" with mode={mode!r} (its std / leave-one-out mean needs two members)"
         raise ValueError(f"group_size must be >= {minimum}{why}, got {value}")

@@ -2,8 +2,10 @@
 training configs all take their accepted values from here. Plain tuples of strings, no torch."""
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 GROUP_MODES = ("grpo", "drgrpo", "rloo")
+# group_advantages over an arbitrary index (any group sizes, NaN scores left out) has two more.
+INDEXED_GROUP_MODES = GROUP_MODES + ("passk", "opo")
 # The RL trainer's advantage estimators (train/rl/steps.ADVANTAGE_ESTIMATORS), chosen apart from the algorithm.
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce")
 ROLLOUT_IS_LEVELS = ("token", "sequence", "geometric")

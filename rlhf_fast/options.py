@@ -37,7 +37,11 @@ class PolicyLossOptions:
     kl_estimator: str = "k3"
     """"k1", "k2", "k3" or "abs" (see kl_penalty)."""
     agg: str = "token-mean"
-    """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or "seq-mean-token-sum-norm"."""
+    """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm" or
+    "token-sum" (``rlhf_fast.ops.aggregate``)."""
+    max_response_length: int | None = None
+    """seq-mean-token-sum-norm divides by B * max_response_length: Dr. GRPO's constant (TRL's
+    max_completion_length, verl's loss_scale_factor); None: the padded length T."""
     sapo_tau_pos: float = 1.0
     """SAPO's gate temperature where A > 0 (the paper's and verl's default)."""
     sapo_tau_neg: float = 1.05
@@ -85,6 +89,7 @@ class PolicyLossOptions:
         check.number("kl_coef", self.kl_coef, low=0.0)
         check.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check.choice("agg", self.agg, AGG_MODES)
+        check.max_response_length(self.max_response_length, self.agg)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -133,7 +133,7 @@ def test_gradient_accumulation(agg):
     full, _ = rlhf_fast.fused_policy_loss(x, fused_labels, old_logp, advantages, mask, ref_logp=ref_logp, **options)
     full.backward()
     splits = [slice(0, 2), slice(2, 3), slice(3, 7)]
-    total = sum(rlhf_fast.loss_normalizer(mask[s], agg) for s in splits)
+    total = rlhf_fast.global_loss_normalizer([mask[s] for s in splits], agg)
     y = logits.clone().requires_grad_(True)
     summed = 0.0
     for s in splits:

@@ -131,7 +131,7 @@ def test_gradient_accumulation(agg, per_token_adv):
     full.backward()
 
     splits = [slice(0, 1), slice(1, 5), slice(5, 9)]
-    total = sum(rlhf_fast.loss_normalizer(mask[s], agg) for s in splits)
+    total = rlhf_fast.global_loss_normalizer([mask[s] for s in splits], agg)
     y = logp.clone().requires_grad_(True)
     summed = 0.0
     for s in splits:

@@ -1,14 +1,14 @@
 """Public functional ops: validate once, dispatch to a backend, autograd."""
 
+from ..options import LinearOptions, PolicyLossOptions
 from .advantages import PPOAdvantages, gae, group_advantages, ppo_advantages, whiten
-from .aggregate import loss_normalizer
+from .aggregate import global_loss_normalizer, loss_normalizer
 from .fused_linear_policy_loss import fused_linear_policy_loss
 from .fused_policy_loss import fused_policy_loss
 from .kl import kl_penalized_rewards, kl_penalty
 from .linear_logprobs import linear_token_logprobs
 from .linear_sft_loss import linear_sft_loss
 from .pairwise_reward_loss import pairwise_reward_loss
-from ..options import LinearOptions, PolicyLossOptions
 from .policy_loss import policy_loss
 from .sft_loss import sft_loss
 from .token_logprobs import token_logprobs
@@ -21,6 +21,7 @@ __all__ = [
     "fused_linear_policy_loss",
     "fused_policy_loss",
     "gae",
+    "global_loss_normalizer",
     "group_advantages",
     "kl_penalized_rewards",
     "kl_penalty",

@@ -1,39 +1,64 @@
 """How a per-token loss [B, T] becomes a scalar: the ``agg`` modes, and the normaliser each divides by.
 
 Every mode is ``numerator / normaliser``; passing the *global* normaliser of a batch split into
-micro-batches (``normalizer=``) makes the micro-batch losses sum to the full-batch loss, and their
-gradients to its gradient:
+micro-batches and data-parallel ranks (``normalizer=``) makes the micro-batch losses sum to the
+full-batch loss, and their gradients to its gradient (verl's global batch info, TRL's
+``num_items_in_batch``):
 
-    total = sum(loss_normalizer(mask_k, agg) for mask_k in micro_masks)   # all-reduce it across ranks too
+    total = global_loss_normalizer(micro_masks, agg, group=dp_group)
     for k: policy_loss(..., mask_k, agg=agg, normalizer=total)[0].backward()
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.distributed as dist
 
 from .. import _validate as check
 from ..choices import AGG_MODES
 
 
-def loss_normalizer(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
-    """What ``agg`` divides by for this [B, T] mask, as a float32 scalar tensor (no host sync).
+def loss_normalizer(mask: torch.Tensor, agg: str = "token-mean", max_response_length: int | None = None) -> torch.Tensor:
+    """What ``agg`` divides this [B, T] mask's loss by, as a float32 scalar tensor (no host sync).
 
     token-mean: number of valid tokens; seq-mean-token-mean: number of rows with a valid token;
-    seq-mean-token-sum: B; seq-mean-token-sum-norm: B * T. Sum it over micro-batches (and ranks)
-    and pass the total as ``normalizer=`` to reproduce the full-batch loss.
+    seq-mean-token-sum: B; seq-mean-token-sum-norm: B * (max_response_length, or T when None);
+    token-sum: 1. For micro-batches and ranks use ``global_loss_normalizer``, which knows that
+    token-sum's normaliser is not a sum of its parts.
     """
-    mask = check.mask("mask", mask)
-    if mask.dim() != 2:
-        raise ValueError(f"mask must have shape [B, T]; got {check.describe(mask)}")
+    mask = _checked_mask(mask)
     check.choice("agg", agg, AGG_MODES)
+    length = check.max_response_length(max_response_length, agg)
     if agg == "token-mean":
         return mask.sum().float()
     if agg == "seq-mean-token-mean":
         return mask.any(dim=-1).sum().float()
-    if agg == "seq-mean-token-sum":
-        return torch.tensor(float(mask.shape[0]), device=mask.device)
-    return torch.tensor(float(mask.numel()), device=mask.device)
+    return torch.tensor(float(_shape_normalizer(mask, agg, length)), device=mask.device)
+
+
+def global_loss_normalizer(masks: Sequence[torch.Tensor], agg: str = "token-mean", *,
+                           max_response_length: int | None = None, group=None) -> torch.Tensor:  # fmt: skip
+    """The normaliser of the whole batch made of ``masks`` (its micro-batches) on every rank of
+    ``group`` (a torch.distributed process group; the default group when torch.distributed is
+    initialised, this process alone otherwise), floored at 1. One all-reduce, no host sync.
+
+    Pass it as ``normalizer=`` to each micro-batch's loss on each rank: the losses then sum to the
+    loss of the global batch. (With DDP, which averages gradients over ranks, scale the loss by the
+    world size, or sum the gradients instead.)
+    """
+    if not masks:
+        raise ValueError("masks must name at least one [B, T] mask (the micro-batches of this rank)")
+    if agg == "token-sum":
+        check.max_response_length(max_response_length, agg)
+        return torch.ones((), device=masks[0].device)
+    total = sum(loss_normalizer(mask, agg, max_response_length) for mask in masks)
+    if dist.is_available() and dist.is_initialized():
+        total = total.reshape(1).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        total = total.reshape(())
+    return total.clamp(min=1.0)
 
 
 def check_normalizer(normalizer):
@@ -45,7 +70,8 @@ def check_normalizer(normalizer):
     return check.positive_finite("normalizer", normalizer)
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None) -> torch.Tensor:
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None,
+              max_response_length: int | None = None) -> torch.Tensor:  # fmt: skip
     """Scalar from a float32 per-token loss [B, T] and a bool mask [B, T] (both already validated).
 
     Masked positions are replaced by 0 before any sum. Without ``normalizer`` the counts are those
@@ -58,16 +84,30 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None)
     else:
         numerator = loss.sum()
     if normalizer is None:
-        normalizer = _own_normalizer(mask, agg)
+        normalizer = _own_normalizer(mask, agg, max_response_length)
     return numerator / normalizer
 
 
-def _own_normalizer(mask: torch.Tensor, agg: str):
+def _checked_mask(mask):
+    mask = check.mask("mask", mask)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape [B, T]; got {check.describe(mask)}")
+    return mask
+
+
+def _shape_normalizer(mask: torch.Tensor, agg: str, max_response_length: int | None) -> int:
+    """The normaliser of the modes that the shape decides, unfloored."""
+    if agg == "seq-mean-token-sum":
+        return mask.shape[0]
+    if agg == "seq-mean-token-sum-norm":
+        return mask.shape[0] * (mask.shape[1] if max_response_length is None else max_response_length)
+    return 1  # token-sum
+
+
+def _own_normalizer(mask: torch.Tensor, agg: str, max_response_length: int | None):
     """This batch's normaliser, floored at 1; a Python number where the shape decides it (no H2D copy)."""
     if agg == "token-mean":
         return mask.sum().clamp(min=1)
     if agg == "seq-mean-token-mean":
         return mask.any(dim=-1).sum().clamp(min=1)
-    if agg == "seq-mean-token-sum":
-        return max(mask.shape[0], 1)
-    return max(mask.numel(), 1)
+    return max(_shape_normalizer(mask, agg, max_response_length), 1)

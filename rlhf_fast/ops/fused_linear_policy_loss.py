@@ -46,7 +46,7 @@ class PolicyObjective(TokenObjective):
         per_token_adv = advantages.unsqueeze(-1).expand(mask.shape) if advantages.dim() == 1 else advantages
         with torch.enable_grad():
             probe = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
-            (agg_weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer), probe)
+            (agg_weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer, options.max_response_length), probe)
         per_token = (old_logp, per_token_adv, mask, ref_logp, correction.weights, agg_weights)
         *self.flat, self.agg_weights = (None if t is None else gather_rows(t.reshape(-1), index) for t in per_token)
 

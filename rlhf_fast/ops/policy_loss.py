@@ -129,7 +129,7 @@ def policy_loss_with_options(logp, old_logp, advantages, correction: Correction,
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
     mask = correction.mask
     per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options, correction.weights)
-    return aggregate(per_token, mask, options.agg, normalizer), stats | correction.stats
+    return aggregate(per_token, mask, options.agg, normalizer, options.max_response_length), stats | correction.stats
 
 
 def loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer):
@@ -138,6 +138,6 @@ def loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref
     mask = correction.mask
     loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
     if entropy_coef:
-        loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer)
+        loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer, options.max_response_length)
     stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))
     return loss, stats
