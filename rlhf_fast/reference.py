@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .choices import AGG_MODES, GROUP_MODES, KL_ESTIMATORS
+from .choices import AGG_MODES, GROUP_MODES, INDEXED_GROUP_MODES, KL_ESTIMATORS
 from .options import PolicyLossOptions, no_leftovers, take
 
 IGNORE_INDEX = -100
@@ -332,13 +332,62 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, mode: str = "grpo
     return out.reshape(scores.shape)
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+def indexed_group_advantages(scores: torch.Tensor, index: torch.Tensor, *, mode: str = "grpo", eps: float = 1e-6,
+                             lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Group-relative advantages over an arbitrary group index (verl's form). [B] -> [B]
+
+    Rows with equal ``index`` form a group, of any size, in any order. A score that is not finite
+    (NaN: the reward could not be computed) takes no part in its group and gets advantage 0; n
+    counts the group's finite scores.
+    grpo:   (s - mean) / (std + eps), std unbiased;   n = 1: s / (1 + eps)  (verl: mean 0, std 1)
+    drgrpo: s - mean;                                 n = 1: s
+    rloo:   n / (n - 1) (s - mean);                   n = 1: s
+    passk:  GRPO pass@k (Chen et al. 2025, arXiv:2503.19595): the group's best response (the first
+            row among equal maxima) gets (max - second max) / (std + eps), every other row 0;
+            n = 1: 0 (there is no second response to beat)
+    opo:    s - sum(len s) / sum(len) with len = ``lengths`` (OPO's length-weighted optimal
+            baseline, Hao et al. 2025, arXiv:2505.23585);   n = 1: s
+    """
+    groups: dict[int, list[int]] = {}
+    for row, key in enumerate(index.tolist()):
+        if torch.isfinite(scores[row]):
+            groups.setdefault(key, []).append(row)
+    out = torch.zeros_like(scores)
+    for rows in groups.values():
+        s = scores[rows]
+        n = len(rows)
+        if n == 1:
+            out[rows] = {"grpo": s / (1 + eps), "passk": 0 * s}.get(mode, s)
+            continue
+        mean, std = s.mean(), s.std()
+        if mode == "grpo":
+            out[rows] = (s - mean) / (std + eps)
+        elif mode == "drgrpo":
+            out[rows] = s - mean
+        elif mode == "rloo":
+            out[rows] = n / (n - 1) * (s - mean)
+        elif mode == "passk":
+            best = int(torch.argmax(s))  # torch.argmax returns the first maximal index
+            second = torch.cat([s[:best], s[best + 1 :]]).max()
+            out[rows[best]] = (s[best] - second) / (std + eps)
+        elif mode == "opo":
+            length = lengths[rows].to(s.dtype)
+            out[rows] = s - (length * s).sum() / length.sum()
+        else:
+            raise ValueError(f"mode must be one of {INDEXED_GROUP_MODES}, got {mode!r}")
+    return out
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", *,
+              max_response_length: int | None = None) -> torch.Tensor:  # fmt: skip
     """Reduce a per-token loss [B, T] over its valid tokens to a scalar.
 
     token-mean:              sum(l m) / sum(m)
     seq-mean-token-mean:     mean over rows with a valid token of (row sum / row count)
     seq-mean-token-sum:      sum(l m) / B          (mean over all rows of the row sums)
-    seq-mean-token-sum-norm: sum(l m) / (B T)      (Dr. GRPO's constant normaliser)
+    seq-mean-token-sum-norm: sum(l m) / (B L)      (Dr. GRPO's constant normaliser, arXiv:2503.20783:
+                                                    L = max_response_length, or T when None)
+    token-sum:               sum(l m)
     No valid token at all gives 0 (the counts are floored at 1).
     """
     mask = mask.bool()
@@ -352,7 +401,10 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -
     if agg == "seq-mean-token-sum":
         return loss.sum() / max(mask.shape[0], 1)
     if agg == "seq-mean-token-sum-norm":
-        return loss.sum() / max(mask.numel(), 1)
+        length = mask.shape[1] if max_response_length is None else max_response_length
+        return loss.sum() / max(mask.shape[0] * length, 1)
+    if agg == "token-sum":
+        return loss.sum()
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
@@ -555,7 +607,7 @@ def policy_loss(
         kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=o.kl_estimator)
         pg = pg + o.kl_coef * kl
         stats["kl"] = masked_mean(kl, mask).detach()
-    loss = aggregate(pg, mask, o.agg)
+    loss = aggregate(pg, mask, o.agg, max_response_length=o.max_response_length)
     ratio = ratio.detach()
     stats["clipfrac"] = masked_mean(clipped.to(ratio.dtype), mask)
     stats["approx_kl"] = masked_mean(kl_penalty(old_logp, logp.detach(), estimator="k3"), mask)
@@ -592,7 +644,7 @@ def fused_policy_loss(
     labels = torch.where(mask, labels, IGNORE_INDEX)
     logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
     loss, stats = policy_loss(logp, old_logp, advantages, given, ref_logp=ref_logp, rollout_logp=rollout_logp, options=options)
-    loss = loss - entropy_coef * aggregate(entropy, mask, options.agg)
+    loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, max_response_length=options.max_response_length)
     stats["entropy"] = masked_mean(entropy, mask).detach()
     return loss, stats
 

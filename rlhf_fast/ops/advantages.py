@@ -14,8 +14,9 @@ import torch
 
 from .. import _validate as check
 from ..backends import registry
-from ..choices import GROUP_MODES, KL_ESTIMATORS
+from ..choices import GROUP_MODES, INDEXED_GROUP_MODES, KL_ESTIMATORS
 from ..reference import WHITEN_EPS
+from .indexed_groups import indexed_group_advantages
 from .kl import kl_penalized_rewards
 
 
@@ -248,21 +249,34 @@ _group_advantages_op.register_autograd(_group_backward, setup_context=_group_set
 
 def group_advantages(
     scores: torch.Tensor,
-    group_size: int,
+    group_size: int | None = None,
     *,
     mode: str = "grpo",
     eps: float = 1e-6,
+    index: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Group-relative advantages: rows form contiguous groups of ``group_size`` samples of one prompt.
+    """Group-relative advantages of the samples of each prompt: contiguous groups of ``group_size``
+    rows, or the rows that share an ``index`` value (verl's form).
 
     Args:
-        scores: [B] float sequence scores, B divisible by group_size.
-        group_size: G; >= 2 for "grpo" and "rloo", >= 1 for "drgrpo".
+        scores: [B] float sequence scores.
+        group_size: G, for groups of G consecutive rows (B divisible by G; >= 2 for "grpo", "rloo"
+            and "passk"). Give this or ``index``.
         mode: "grpo" = (s - mean_g) / (std_g + eps) with the unbiased std; "drgrpo" = s - mean_g;
-            "rloo" = s minus the mean of the other G - 1 members.
-        eps: added to the std in "grpo" (> 0).
-        backend: "auto", "triton", "cuda", "host" or "torch".
+            "rloo" = s minus the mean of the other members; "passk" = GRPO pass@k, only each
+            group's best row gets (max - second max) / (std_g + eps); "opo" = s minus the
+            length-weighted mean of the group (needs ``lengths``). See
+            reference.group_advantages and reference.indexed_group_advantages.
+        eps: added to the std in "grpo" and "passk" (> 0).
+        index: [B] integer group ids (any values, any order, groups of any size). Singleton
+            groups follow verl (grpo s / (1 + eps), drgrpo / rloo / opo s, passk 0), and a score
+            that is not finite (an unscorable response) is left out of its group and gets 0.
+        lengths: [B] response lengths in tokens, for "opo".
+        backend: "auto", "triton", "cuda", "host" or "torch": the kernel of the contiguous
+            grpo / drgrpo / rloo case. The other cases are segment reductions in torch on the
+            scores' device (no host synchronisation), whatever the backend.
 
     Returns:
         [B] float32; a group of identical scores gives exactly 0. Differentiable w.r.t. scores.
@@ -270,11 +284,32 @@ def group_advantages(
     check.tensor("scores", scores, dtypes=check.FLOAT_DTYPES)
     if scores.dim() != 1:
         raise ValueError(f"scores must have shape [B]; got {check.describe(scores)}")
-    check.choice("mode", mode, GROUP_MODES)
-    group_size = check.group_size(group_size, scores.shape[0], mode=mode)
+    check.choice("mode", mode, INDEXED_GROUP_MODES)
     eps = check.positive_finite("eps", eps)
     registry.check_backend_name(backend)
-    return _group_advantages_op(_f32(scores), group_size, mode, eps, backend)
+    lengths = _check_lengths(lengths, mode, scores)
+    if (group_size is None) == (index is None):
+        raise ValueError("group_advantages needs exactly one of group_size (contiguous groups) and index (group ids); "
+                         f"got group_size={group_size!r} and index={'None' if index is None else check.describe(index)}")  # fmt: skip
+    if index is None:
+        group_size = check.group_size(group_size, scores.shape[0], mode=mode)
+        if mode in GROUP_MODES:
+            return _group_advantages_op(_f32(scores), group_size, mode, eps, backend)
+        index = torch.arange(scores.shape[0], device=scores.device) // group_size
+    else:
+        check.tensor("index", index, dtypes=check.INDEX_DTYPES, shape=scores.shape, like=("scores", scores))
+    return indexed_group_advantages(scores.float(), index, mode, eps, lengths)
+
+
+def _check_lengths(lengths, mode: str, scores: torch.Tensor):
+    if mode != "opo":
+        if lengths is not None:
+            raise ValueError(f"lengths is the response lengths of mode='opo'; got it with mode={mode!r}")
+        return None
+    if lengths is None:
+        raise ValueError("mode='opo' weighs each score by its response length: pass lengths=[B] token counts")
+    return check.tensor("lengths", lengths, dtypes=check.INDEX_DTYPES + check.FLOAT_DTYPES, shape=scores.shape,
+                        like=("scores", scores))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
