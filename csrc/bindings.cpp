@@ -1,10 +1,25 @@
 // rlhf_fast._C: the one Python module of the C++/CUDA library. Conversion and GIL release only:
-// arguments arrive validated (rlhf_fast.ops checks them once), pointers as integers
-// (tensor.data_ptr()), 0 meaning "not given". No libtorch: the module imports without PyTorch.
+// arguments arrive validated (rlhf_fast.ops checks them once). No libtorch: the module imports
+// without PyTorch.
+//
+// A kernel takes its POD params struct (csrc/include/rlhf_fast/<op>.h), bound here as a class of
+// the same name built from keywords, one per field; pointers are integers (tensor.data_ptr()), 0
+// meaning "not given". The kernels stand under the same names in two submodules:
+//     _C.host.<kernel>(params, num_threads)  rlhf_fast::<kernel>_host on host memory
+//     _C.cuda.<kernel>(params, stream)       rlhf_fast::<kernel>_cuda on the current CUDA device,
+//                                            enqueued on stream (a cudaStream_t as an integer);
+//                                            only in a build with CUDA.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "rlhf_fast/gae.h"
 #include "rlhf_fast/group_advantages.h"
@@ -29,79 +44,155 @@ namespace py = pybind11;
 
 namespace {
 
-using rlhf_fast::TokenLogprobsBackwardParams;
-using rlhf_fast::TokenLogprobsForwardParams;
+// A params struct as a Python class, built from keywords that name every field once:
+// TokenLogprobsForwardParams(logits=..., ..., ignore_index=-100). A pointer field takes an integer
+// address, any other field its number, converted as pybind11 converts arguments; a missing,
+// unknown or unconvertible field raises TypeError, as a missing argument did. Fields read back as
+// attributes; the class attribute `fields` names them in order, so that a test can compare them
+// with the header's struct (tests/test_extension_bindings.py).
+template <typename P>
+class ParamsClass {
+ public:
+  ParamsClass(py::module_& m, const char* name, const char* doc)
+      : cls_(m, name, doc), setters_(std::make_shared<Setters>()) {
+    cls_.def(py::init([setters = setters_](const py::kwargs& fields) { return from_fields(*setters, fields); }));
+  }
 
-const void* in_ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
-void* out_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+  template <typename T>
+  ParamsClass& field(const char* name, T* P::*member) {
+    cls_.def_property_readonly(name, [member](const P& p) { return reinterpret_cast<uintptr_t>(p.*member); });
+    return named(name, [member](P& p, py::handle v) { p.*member = reinterpret_cast<T*>(v.cast<uintptr_t>()); });
+  }
 
-TokenLogprobsForwardParams forward_params(uintptr_t logits, uintptr_t labels, uintptr_t logp, uintptr_t entropy,
-                                          uintptr_t lse, int64_t n_rows, int64_t vocab, int64_t logits_row_stride,
-                                          int dtype, int labels_dtype, double temperature, int64_t ignore_index) {
-  return TokenLogprobsForwardParams{in_ptr(logits), in_ptr(labels), out_ptr(logp), out_ptr(entropy), out_ptr(lse),
-                                    n_rows,         vocab,          logits_row_stride,
-                                    dtype,          labels_dtype,   temperature,      ignore_index};
+  template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+  ParamsClass& field(const char* name, T P::*member) {
+    cls_.def_readonly(name, member);
+    return named(name, [member](P& p, py::handle v) { p.*member = v.cast<T>(); });
+  }
+
+ private:
+  // In the struct's order, by name: string literals that live as long as the module. A linear
+  // search: a struct has at most a score of fields.
+  using Setters = std::vector<std::pair<std::string_view, std::function<void(P&, py::handle)>>>;
+
+  ParamsClass& named(const char* name, std::function<void(P&, py::handle)> setter) {
+    setters_->emplace_back(name, std::move(setter));
+    names_.append(name);
+    cls_.attr("fields") = py::tuple(names_);
+    return *this;
+  }
+
+  static P from_fields(const Setters& setters, const py::kwargs& fields) {
+    P p{};
+    for (auto [key, value] : fields) {
+      Py_ssize_t size = 0;
+      const char* chars = PyUnicode_AsUTF8AndSize(key.ptr(), &size);
+      if (chars == nullptr) throw py::error_already_set();
+      const std::string_view name(chars, static_cast<size_t>(size));
+      auto setter = std::find_if(setters.begin(), setters.end(), [&](const auto& s) { return s.first == name; });
+      if (setter == setters.end()) throw py::type_error(py::type_id<P>() + " has no field " + std::string(name));
+      try {
+        setter->second(p, value);
+      } catch (const py::cast_error&) {
+        throw py::type_error(py::type_id<P>() + "." + std::string(name) + ": cannot convert " +
+                             std::string(py::repr(value)));
+      }
+    }
+    if (fields.size() != setters.size()) {
+      std::string missing;
+      for (const auto& [name, setter] : setters) {
+        if (!fields.contains(py::str(name.data(), name.size()))) missing += " " + std::string(name);
+      }
+      throw py::type_error(py::type_id<P>() + ": missing fields" + missing);
+    }
+    return p;
+  }
+
+  py::class_<P> cls_;
+  std::shared_ptr<Setters> setters_;
+  py::list names_;
+};
+
+// A field of the struct that the enclosing block calls P, its name written once.
+#define RLHF_FAST_FIELD(name) field(#name, &P::name)
+
+void bind_params(py::module_& m) {
+  {
+    using P = rlhf_fast::TokenLogprobsForwardParams;
+    ParamsClass<P>(m, "TokenLogprobsForwardParams", "token_logprobs forward; entropy = 0 skips the entropy.")
+        .RLHF_FAST_FIELD(logits).RLHF_FAST_FIELD(labels).RLHF_FAST_FIELD(logp).RLHF_FAST_FIELD(entropy)
+        .RLHF_FAST_FIELD(lse).RLHF_FAST_FIELD(n_rows).RLHF_FAST_FIELD(vocab).RLHF_FAST_FIELD(logits_row_stride)
+        .RLHF_FAST_FIELD(dtype).RLHF_FAST_FIELD(labels_dtype).RLHF_FAST_FIELD(temperature)
+        .RLHF_FAST_FIELD(ignore_index);
+  }
+  {
+    using P = rlhf_fast::TokenLogprobsBackwardParams;
+    ParamsClass<P>(m, "TokenLogprobsBackwardParams", "token_logprobs backward; grad_logits may equal logits (in "
+                   "place); entropy and grad_entropy are both 0 or both given.")
+        .RLHF_FAST_FIELD(logits).RLHF_FAST_FIELD(labels).RLHF_FAST_FIELD(lse).RLHF_FAST_FIELD(entropy)
+        .RLHF_FAST_FIELD(grad_logp).RLHF_FAST_FIELD(grad_entropy).RLHF_FAST_FIELD(grad_logits)
+        .RLHF_FAST_FIELD(n_rows).RLHF_FAST_FIELD(vocab).RLHF_FAST_FIELD(logits_row_stride)
+        .RLHF_FAST_FIELD(grad_row_stride).RLHF_FAST_FIELD(dtype).RLHF_FAST_FIELD(labels_dtype)
+        .RLHF_FAST_FIELD(temperature).RLHF_FAST_FIELD(ignore_index);
+  }
+  // [B, T] ops: contiguous float32 tensors and a bool mask.
+  {
+    using P = rlhf_fast::KlRewardsParams;
+    ParamsClass<P>(m, "KlRewardsParams", "KL-penalised rewards [B, T]; estimator from KL_ESTIMATOR_CODES.")
+        .RLHF_FAST_FIELD(logp).RLHF_FAST_FIELD(ref_logp).RLHF_FAST_FIELD(scores).RLHF_FAST_FIELD(mask)
+        .RLHF_FAST_FIELD(rewards).RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(beta)
+        .RLHF_FAST_FIELD(estimator);
+  }
+  {
+    using P = rlhf_fast::GaeForwardParams;
+    ParamsClass<P>(m, "GaeForwardParams", "GAE advantages and returns [B, T].")
+        .RLHF_FAST_FIELD(rewards).RLHF_FAST_FIELD(values).RLHF_FAST_FIELD(mask).RLHF_FAST_FIELD(advantages)
+        .RLHF_FAST_FIELD(returns).RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(gamma)
+        .RLHF_FAST_FIELD(lam);
+  }
+  {
+    using P = rlhf_fast::GaeBackwardParams;
+    ParamsClass<P>(m, "GaeBackwardParams", "Gradients of GAE's rewards and values [B, T] given those of "
+                   "advantages and returns.")
+        .RLHF_FAST_FIELD(grad_advantages).RLHF_FAST_FIELD(grad_returns).RLHF_FAST_FIELD(mask)
+        .RLHF_FAST_FIELD(grad_rewards).RLHF_FAST_FIELD(grad_values).RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens)
+        .RLHF_FAST_FIELD(gamma).RLHF_FAST_FIELD(lam);
+  }
+  {
+    using P = rlhf_fast::WhitenParams;
+    ParamsClass<P>(m, "WhitenParams", "Masked whitening over the batch [B, T]; out may equal x; moments: a [B, 3] "
+                   "float32 workspace on CUDA, 0 on the host.")
+        .RLHF_FAST_FIELD(x).RLHF_FAST_FIELD(mask).RLHF_FAST_FIELD(out).RLHF_FAST_FIELD(moments)
+        .RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(shift_mean).RLHF_FAST_FIELD(eps);
+  }
+  {
+    using P = rlhf_fast::PpoAdvantagesParams;
+    ParamsClass<P>(m, "PpoAdvantagesParams", "Fused PPO advantages: KL rewards, GAE, optional whitening of the "
+                   "advantages [B, T]; moments: a [B, 3] float32 workspace on CUDA with whiten, else 0.")
+        .RLHF_FAST_FIELD(logp).RLHF_FAST_FIELD(ref_logp).RLHF_FAST_FIELD(scores).RLHF_FAST_FIELD(values)
+        .RLHF_FAST_FIELD(mask).RLHF_FAST_FIELD(rewards).RLHF_FAST_FIELD(advantages).RLHF_FAST_FIELD(returns)
+        .RLHF_FAST_FIELD(moments).RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(beta)
+        .RLHF_FAST_FIELD(estimator).RLHF_FAST_FIELD(gamma).RLHF_FAST_FIELD(lam).RLHF_FAST_FIELD(whiten)
+        .RLHF_FAST_FIELD(whiten_eps);
+  }
+  {
+    using P = rlhf_fast::GroupAdvantagesParams;
+    ParamsClass<P>(m, "GroupAdvantagesParams", "Group-relative advantages [groups * group_size]; mode from "
+                   "GROUP_MODE_CODES.")
+        .RLHF_FAST_FIELD(scores).RLHF_FAST_FIELD(out).RLHF_FAST_FIELD(groups).RLHF_FAST_FIELD(group_size)
+        .RLHF_FAST_FIELD(mode).RLHF_FAST_FIELD(eps);
+  }
 }
 
-TokenLogprobsBackwardParams backward_params(uintptr_t logits, uintptr_t labels, uintptr_t lse, uintptr_t entropy,
-                                            uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits,
-                                            int64_t n_rows, int64_t vocab, int64_t logits_row_stride,
-                                            int64_t grad_row_stride, int dtype, int labels_dtype, double temperature,
-                                            int64_t ignore_index) {
-  return TokenLogprobsBackwardParams{in_ptr(logits),   in_ptr(labels),       in_ptr(lse),      in_ptr(entropy),
-                                     in_ptr(grad_logp), in_ptr(grad_entropy), out_ptr(grad_logits),
-                                     n_rows,            vocab,                logits_row_stride, grad_row_stride,
-                                     dtype,             labels_dtype,         temperature,      ignore_index};
-}
+#undef RLHF_FAST_FIELD
 
-// [B, T] ops: float32 tensors, a bool mask read as bytes.
-const float* in_f32(uintptr_t p) { return reinterpret_cast<const float*>(p); }
-float* out_f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
-const uint8_t* in_mask(uintptr_t p) { return reinterpret_cast<const uint8_t*>(p); }
+// The CUDA entry points take the stream as a void*; Python passes it as an integer.
+template <typename P>
+P params_of(void (*)(const P&, void*));
 
-rlhf_fast::KlRewardsParams kl_rewards_params(uintptr_t logp, uintptr_t ref_logp, uintptr_t scores, uintptr_t mask,
-                                             uintptr_t rewards, int64_t rows, int64_t tokens, double beta,
-                                             int estimator) {
-  return rlhf_fast::KlRewardsParams{in_f32(logp), in_f32(ref_logp), in_f32(scores), in_mask(mask), out_f32(rewards),
-                                    rows,         tokens,           beta,           estimator};
-}
-
-rlhf_fast::GaeForwardParams gae_forward_params(uintptr_t rewards, uintptr_t values, uintptr_t mask,
-                                               uintptr_t advantages, uintptr_t returns, int64_t rows, int64_t tokens,
-                                               double gamma, double lam) {
-  return rlhf_fast::GaeForwardParams{in_f32(rewards), in_f32(values), in_mask(mask), out_f32(advantages),
-                                     out_f32(returns), rows,          tokens,        gamma,
-                                     lam};
-}
-
-rlhf_fast::GaeBackwardParams gae_backward_params(uintptr_t grad_advantages, uintptr_t grad_returns, uintptr_t mask,
-                                                 uintptr_t grad_rewards, uintptr_t grad_values, int64_t rows,
-                                                 int64_t tokens, double gamma, double lam) {
-  return rlhf_fast::GaeBackwardParams{in_f32(grad_advantages), in_f32(grad_returns), in_mask(mask),
-                                      out_f32(grad_rewards),   out_f32(grad_values), rows,
-                                      tokens,                  gamma,                lam};
-}
-
-rlhf_fast::WhitenParams whiten_params(uintptr_t x, uintptr_t mask, uintptr_t out, uintptr_t moments, int64_t rows,
-                                      int64_t tokens, bool shift_mean, double eps) {
-  return rlhf_fast::WhitenParams{in_f32(x), in_mask(mask), out_f32(out), out_f32(moments),
-                                 rows,      tokens,        shift_mean,   eps};
-}
-
-rlhf_fast::PpoAdvantagesParams ppo_params(uintptr_t logp, uintptr_t ref_logp, uintptr_t scores, uintptr_t values,
-                                          uintptr_t mask, uintptr_t rewards, uintptr_t advantages, uintptr_t returns,
-                                          uintptr_t moments, int64_t rows, int64_t tokens, double beta, int estimator,
-                                          double gamma, double lam, bool whiten, double whiten_eps) {
-  return rlhf_fast::PpoAdvantagesParams{in_f32(logp),        in_f32(ref_logp), in_f32(scores), in_f32(values),
-                                        in_mask(mask),       out_f32(rewards), out_f32(advantages),
-                                        out_f32(returns),    out_f32(moments), rows,           tokens,
-                                        beta,                estimator,        gamma,          lam,
-                                        whiten,              whiten_eps};
-}
-
-rlhf_fast::GroupAdvantagesParams group_params(uintptr_t scores, uintptr_t out, int64_t groups, int64_t group_size,
-                                              int mode, double eps) {
-  return rlhf_fast::GroupAdvantagesParams{in_f32(scores), out_f32(out), groups, group_size, mode, eps};
+template <auto launch>
+void on_stream(const decltype(params_of(launch))& p, uintptr_t stream) {
+  launch(p, reinterpret_cast<void*>(stream));
 }
 
 // "sm_80;sm_90;compute_90" -> ["sm_80", "sm_90", "compute_90"]: cubins, then the PTX.
@@ -170,223 +261,32 @@ PYBIND11_MODULE(_C, m) {
   modes["rloo"] = static_cast<int>(rlhf_fast::kGroupRloo);
   m.attr("GROUP_MODE_CODES") = modes;
 
-  m.def(
-      "host_token_logprobs_forward",
-      [](uintptr_t logits, uintptr_t labels, uintptr_t logp, uintptr_t entropy, uintptr_t lse, int64_t n_rows,
-         int64_t vocab, int64_t logits_row_stride, int dtype, int labels_dtype, double temperature,
-         int64_t ignore_index, int num_threads) {
-        rlhf_fast::token_logprobs_forward_host(forward_params(logits, labels, logp, entropy, lse, n_rows, vocab,
-                                                              logits_row_stride, dtype, labels_dtype, temperature,
-                                                              ignore_index),
-                                               num_threads);
-      },
-      py::arg("logits"), py::arg("labels"), py::arg("logp"), py::arg("entropy"), py::arg("lse"), py::arg("n_rows"),
-      py::arg("vocab"), py::arg("logits_row_stride"), py::arg("dtype"), py::arg("labels_dtype"),
-      py::arg("temperature"), py::arg("ignore_index"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(),
-      "token_logprobs forward on host memory; entropy = 0 skips the entropy.");
+  bind_params(m);
 
-  m.def(
-      "host_token_logprobs_backward",
-      [](uintptr_t logits, uintptr_t labels, uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp,
-         uintptr_t grad_entropy, uintptr_t grad_logits, int64_t n_rows, int64_t vocab, int64_t logits_row_stride,
-         int64_t grad_row_stride, int dtype, int labels_dtype, double temperature, int64_t ignore_index,
-         int num_threads) {
-        rlhf_fast::token_logprobs_backward_host(
-            backward_params(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, n_rows, vocab,
-                            logits_row_stride, grad_row_stride, dtype, labels_dtype, temperature, ignore_index),
-            num_threads);
-      },
-      py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
-      py::arg("grad_entropy"), py::arg("grad_logits"), py::arg("n_rows"), py::arg("vocab"),
-      py::arg("logits_row_stride"), py::arg("grad_row_stride"), py::arg("dtype"), py::arg("labels_dtype"),
-      py::arg("temperature"), py::arg("ignore_index"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(),
-      "token_logprobs backward on host memory; grad_logits may equal logits (in place). entropy and grad_entropy "
-      "are both 0 or both given.");
-
-  // [B, T] ops on host memory (contract: rlhf_fast.backends.base.Provider; pointers of contiguous
-  // float32 tensors and of a bool mask).
-  m.def(
-      "host_kl_rewards_forward",
-      [](uintptr_t logp, uintptr_t ref_logp, uintptr_t scores, uintptr_t mask, uintptr_t rewards, int64_t rows,
-         int64_t tokens, double beta, int estimator, int num_threads) {
-        rlhf_fast::kl_rewards_forward_host(
-            kl_rewards_params(logp, ref_logp, scores, mask, rewards, rows, tokens, beta, estimator), num_threads);
-      },
-      py::arg("logp"), py::arg("ref_logp"), py::arg("scores"), py::arg("mask"), py::arg("rewards"), py::arg("rows"),
-      py::arg("tokens"), py::arg("beta"), py::arg("estimator"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(), "KL-penalised rewards [B, T]; estimator from KL_ESTIMATOR_CODES.");
-
-  m.def(
-      "host_gae_forward",
-      [](uintptr_t rewards, uintptr_t values, uintptr_t mask, uintptr_t advantages, uintptr_t returns, int64_t rows,
-         int64_t tokens, double gamma, double lam, int num_threads) {
-        rlhf_fast::gae_forward_host(
-            gae_forward_params(rewards, values, mask, advantages, returns, rows, tokens, gamma, lam), num_threads);
-      },
-      py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("advantages"), py::arg("returns"),
-      py::arg("rows"), py::arg("tokens"), py::arg("gamma"), py::arg("lam"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(), "GAE advantages and returns [B, T].");
-
-  m.def(
-      "host_gae_backward",
-      [](uintptr_t grad_advantages, uintptr_t grad_returns, uintptr_t mask, uintptr_t grad_rewards,
-         uintptr_t grad_values, int64_t rows, int64_t tokens, double gamma, double lam, int num_threads) {
-        rlhf_fast::gae_backward_host(gae_backward_params(grad_advantages, grad_returns, mask, grad_rewards,
-                                                         grad_values, rows, tokens, gamma, lam),
-                                     num_threads);
-      },
-      py::arg("grad_advantages"), py::arg("grad_returns"), py::arg("mask"), py::arg("grad_rewards"),
-      py::arg("grad_values"), py::arg("rows"), py::arg("tokens"), py::arg("gamma"), py::arg("lam"),
-      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "Gradients of GAE's rewards and values [B, T] given those of advantages and returns.");
-
-  m.def(
-      "host_whiten_forward",
-      [](uintptr_t x, uintptr_t mask, uintptr_t out, int64_t rows, int64_t tokens, bool shift_mean, double eps,
-         int num_threads) {
-        rlhf_fast::whiten_forward_host(whiten_params(x, mask, out, 0, rows, tokens, shift_mean, eps), num_threads);
-      },
-      py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("rows"), py::arg("tokens"), py::arg("shift_mean"),
-      py::arg("eps"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "Masked whitening over the batch [B, T]; out may equal x.");
-
-  m.def(
-      "host_ppo_advantages_forward",
-      [](uintptr_t logp, uintptr_t ref_logp, uintptr_t scores, uintptr_t values, uintptr_t mask, uintptr_t rewards,
-         uintptr_t advantages, uintptr_t returns, int64_t rows, int64_t tokens, double beta, int estimator,
-         double gamma, double lam, bool whiten, double whiten_eps, int num_threads) {
-        rlhf_fast::ppo_advantages_forward_host(ppo_params(logp, ref_logp, scores, values, mask, rewards, advantages,
-                                                          returns, 0, rows, tokens, beta, estimator, gamma, lam,
-                                                          whiten, whiten_eps),
-                                               num_threads);
-      },
-      py::arg("logp"), py::arg("ref_logp"), py::arg("scores"), py::arg("values"), py::arg("mask"),
-      py::arg("rewards"), py::arg("advantages"), py::arg("returns"), py::arg("rows"), py::arg("tokens"),
-      py::arg("beta"), py::arg("estimator"), py::arg("gamma"), py::arg("lam"), py::arg("whiten"),
-      py::arg("whiten_eps"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "Fused PPO advantages: KL rewards, GAE, optional whitening of the advantages [B, T].");
-
-  m.def(
-      "host_group_advantages_forward",
-      [](uintptr_t scores, uintptr_t out, int64_t groups, int64_t group_size, int mode, double eps,
-         int num_threads) {
-        rlhf_fast::group_advantages_forward_host(group_params(scores, out, groups, group_size, mode, eps),
-                                                 num_threads);
-      },
-      py::arg("scores"), py::arg("out"), py::arg("groups"), py::arg("group_size"), py::arg("mode"), py::arg("eps"),
-      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "Group-relative advantages [groups * group_size]; mode from GROUP_MODE_CODES.");
-
+  // Each kernel once: its host entry point, and its CUDA one in a build with CUDA.
+  py::module_ host = m.def_submodule("host", "Kernels on host memory: <kernel>(params, num_threads).");
 #ifdef RLHF_FAST_WITH_CUDA
-  m.def(
-      "cuda_token_logprobs_forward",
-      [](uintptr_t logits, uintptr_t labels, uintptr_t logp, uintptr_t entropy, uintptr_t lse, int64_t n_rows,
-         int64_t vocab, int64_t logits_row_stride, int dtype, int labels_dtype, double temperature,
-         int64_t ignore_index, uintptr_t stream) {
-        rlhf_fast::token_logprobs_forward_cuda(forward_params(logits, labels, logp, entropy, lse, n_rows, vocab,
-                                                              logits_row_stride, dtype, labels_dtype, temperature,
-                                                              ignore_index),
-                                               reinterpret_cast<void*>(stream));
-      },
-      py::arg("logits"), py::arg("labels"), py::arg("logp"), py::arg("entropy"), py::arg("lse"), py::arg("n_rows"),
-      py::arg("vocab"), py::arg("logits_row_stride"), py::arg("dtype"), py::arg("labels_dtype"),
-      py::arg("temperature"), py::arg("ignore_index"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
-      "token_logprobs forward on the current CUDA device, enqueued on stream (a cudaStream_t as an int).");
-
-  m.def(
-      "cuda_token_logprobs_backward",
-      [](uintptr_t logits, uintptr_t labels, uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp,
-         uintptr_t grad_entropy, uintptr_t grad_logits, int64_t n_rows, int64_t vocab, int64_t logits_row_stride,
-         int64_t grad_row_stride, int dtype, int labels_dtype, double temperature, int64_t ignore_index,
-         uintptr_t stream) {
-        rlhf_fast::token_logprobs_backward_cuda(
-            backward_params(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, n_rows, vocab,
-                            logits_row_stride, grad_row_stride, dtype, labels_dtype, temperature, ignore_index),
-            reinterpret_cast<void*>(stream));
-      },
-      py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
-      py::arg("grad_entropy"), py::arg("grad_logits"), py::arg("n_rows"), py::arg("vocab"),
-      py::arg("logits_row_stride"), py::arg("grad_row_stride"), py::arg("dtype"), py::arg("labels_dtype"),
-      py::arg("temperature"), py::arg("ignore_index"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
-      "token_logprobs backward on the current CUDA device, enqueued on stream; grad_logits may equal logits.");
-
-  // [B, T] ops on the current CUDA device, enqueued on stream.
-  m.def(
-      "cuda_kl_rewards_forward",
-      [](uintptr_t logp, uintptr_t ref_logp, uintptr_t scores, uintptr_t mask, uintptr_t rewards, int64_t rows,
-         int64_t tokens, double beta, int estimator, uintptr_t stream) {
-        rlhf_fast::kl_rewards_forward_cuda(
-            kl_rewards_params(logp, ref_logp, scores, mask, rewards, rows, tokens, beta, estimator),
-            reinterpret_cast<void*>(stream));
-      },
-      py::arg("logp"), py::arg("ref_logp"), py::arg("scores"), py::arg("mask"), py::arg("rewards"), py::arg("rows"),
-      py::arg("tokens"), py::arg("beta"), py::arg("estimator"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(), "KL-penalised rewards [B, T] on CUDA.");
-
-  m.def(
-      "cuda_gae_forward",
-      [](uintptr_t rewards, uintptr_t values, uintptr_t mask, uintptr_t advantages, uintptr_t returns, int64_t rows,
-         int64_t tokens, double gamma, double lam, uintptr_t stream) {
-        rlhf_fast::gae_forward_cuda(
-            gae_forward_params(rewards, values, mask, advantages, returns, rows, tokens, gamma, lam),
-            reinterpret_cast<void*>(stream));
-      },
-      py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("advantages"), py::arg("returns"),
-      py::arg("rows"), py::arg("tokens"), py::arg("gamma"), py::arg("lam"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(), "GAE advantages and returns [B, T] on CUDA.");
-
-  m.def(
-      "cuda_gae_backward",
-      [](uintptr_t grad_advantages, uintptr_t grad_returns, uintptr_t mask, uintptr_t grad_rewards,
-         uintptr_t grad_values, int64_t rows, int64_t tokens, double gamma, double lam, uintptr_t stream) {
-        rlhf_fast::gae_backward_cuda(gae_backward_params(grad_advantages, grad_returns, mask, grad_rewards,
-                                                         grad_values, rows, tokens, gamma, lam),
-                                     reinterpret_cast<void*>(stream));
-      },
-      py::arg("grad_advantages"), py::arg("grad_returns"), py::arg("mask"), py::arg("grad_rewards"),
-      py::arg("grad_values"), py::arg("rows"), py::arg("tokens"), py::arg("gamma"), py::arg("lam"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(), "GAE backward [B, T] on CUDA.");
-
-  m.def(
-      "cuda_whiten_forward",
-      [](uintptr_t x, uintptr_t mask, uintptr_t out, uintptr_t moments, int64_t rows, int64_t tokens,
-         bool shift_mean, double eps, uintptr_t stream) {
-        rlhf_fast::whiten_forward_cuda(whiten_params(x, mask, out, moments, rows, tokens, shift_mean, eps),
-                                       reinterpret_cast<void*>(stream));
-      },
-      py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("moments"), py::arg("rows"), py::arg("tokens"),
-      py::arg("shift_mean"), py::arg("eps"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "Masked whitening [B, T] on CUDA; moments is a [B, 3] float32 workspace; out may equal x.");
-
-  m.def(
-      "cuda_ppo_advantages_forward",
-      [](uintptr_t logp, uintptr_t ref_logp, uintptr_t scores, uintptr_t values, uintptr_t mask, uintptr_t rewards,
-         uintptr_t advantages, uintptr_t returns, uintptr_t moments, int64_t rows, int64_t tokens, double beta,
-         int estimator, double gamma, double lam, bool whiten, double whiten_eps, uintptr_t stream) {
-        rlhf_fast::ppo_advantages_forward_cuda(ppo_params(logp, ref_logp, scores, values, mask, rewards, advantages,
-                                                          returns, moments, rows, tokens, beta, estimator, gamma,
-                                                          lam, whiten, whiten_eps),
-                                               reinterpret_cast<void*>(stream));
-      },
-      py::arg("logp"), py::arg("ref_logp"), py::arg("scores"), py::arg("values"), py::arg("mask"),
-      py::arg("rewards"), py::arg("advantages"), py::arg("returns"), py::arg("moments"), py::arg("rows"),
-      py::arg("tokens"), py::arg("beta"), py::arg("estimator"), py::arg("gamma"), py::arg("lam"), py::arg("whiten"),
-      py::arg("whiten_eps"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "Fused PPO advantages on CUDA (two launches with whiten); moments: [B, 3] float32 workspace, or 0 "
-      "without whiten.");
-
-  m.def(
-      "cuda_group_advantages_forward",
-      [](uintptr_t scores, uintptr_t out, int64_t groups, int64_t group_size, int mode, double eps,
-         uintptr_t stream) {
-        rlhf_fast::group_advantages_forward_cuda(group_params(scores, out, groups, group_size, mode, eps),
-                                                 reinterpret_cast<void*>(stream));
-      },
-      py::arg("scores"), py::arg("out"), py::arg("groups"), py::arg("group_size"), py::arg("mode"), py::arg("eps"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(), "Group-relative advantages on CUDA.");
+  py::module_ cuda = m.def_submodule("cuda", "Kernels on the current CUDA device: <kernel>(params, stream), "
+                                             "enqueued on stream (a cudaStream_t as an integer).");
+#define RLHF_FAST_CUDA_KERNEL(kernel)                                                                \
+  cuda.def(#kernel, &on_stream<rlhf_fast::kernel##_cuda>, py::arg("params"), py::arg("stream"),      \
+           py::call_guard<py::gil_scoped_release>())
+#else
+#define RLHF_FAST_CUDA_KERNEL(kernel)
 #endif
+#define RLHF_FAST_KERNEL(kernel)                                                                     \
+  host.def(#kernel, &rlhf_fast::kernel##_host, py::arg("params"), py::arg("num_threads"),            \
+           py::call_guard<py::gil_scoped_release>());                                                \
+  RLHF_FAST_CUDA_KERNEL(kernel)
+
+  RLHF_FAST_KERNEL(token_logprobs_forward);
+  RLHF_FAST_KERNEL(token_logprobs_backward);
+  RLHF_FAST_KERNEL(kl_rewards_forward);
+  RLHF_FAST_KERNEL(gae_forward);
+  RLHF_FAST_KERNEL(gae_backward);
+  RLHF_FAST_KERNEL(whiten_forward);
+  RLHF_FAST_KERNEL(ppo_advantages_forward);
+  RLHF_FAST_KERNEL(group_advantages_forward);
+#undef RLHF_FAST_KERNEL
+#undef RLHF_FAST_CUDA_KERNEL
 }

@@ -250,12 +250,13 @@ def test_thread_count_does_not_change_results():
     outputs = []
     for threads in (1, 2, 3):
         logp, entropy, lse = (torch.full((64,), math.nan) for _ in range(3))
-        extension().host_token_logprobs_forward(
+        p = extension().TokenLogprobsForwardParams(
             logits=logits.data_ptr(), labels=labels.data_ptr(), logp=logp.data_ptr(), entropy=entropy.data_ptr(),
             lse=lse.data_ptr(), n_rows=64, vocab=3001, logits_row_stride=logits.stride(0),
             dtype=dtype_code(logits.dtype), labels_dtype=dtype_code(labels.dtype), temperature=1.0,
-            ignore_index=IGNORE, num_threads=threads,
+            ignore_index=IGNORE,
         )
+        extension().host.token_logprobs_forward(p, num_threads=threads)
         outputs.append(torch.stack([logp, entropy, lse]))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
@@ -271,10 +272,10 @@ def test_build_info():
     if info["cuda_built"]:
         assert info["reason_no_cuda"] is None and info["cuda_version"]
         assert info["cuda_archs"] and all(a.startswith(("sm_", "compute_")) for a in info["cuda_archs"])
-        assert hasattr(extension(), "cuda_token_logprobs_forward")
+        assert hasattr(extension(), "cuda") and hasattr(extension().cuda, "token_logprobs_forward")
     else:
         assert info["cuda_version"] is None and info["cuda_archs"] == [] and info["reason_no_cuda"]
-        assert not hasattr(extension(), "cuda_token_logprobs_forward")
+        assert not hasattr(extension(), "cuda")
     assert extension().DTYPE_CODES == {
         "float32": 0, "bfloat16": 1, "float16": 2, "float64": 3, "int32": 4, "int64": 5,
     }

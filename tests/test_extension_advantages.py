@@ -124,12 +124,13 @@ def test_host_thread_count_does_not_change_results():
     results = []
     for threads in (1, 2, 3):
         outs = [torch.full(mask.shape, math.nan) for _ in range(3)]
-        extension().host_ppo_advantages_forward(
+        p = extension().PpoAdvantagesParams(
             logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
             mask=mask.data_ptr(), rewards=outs[0].data_ptr(), advantages=outs[1].data_ptr(),
-            returns=outs[2].data_ptr(), rows=40, tokens=3001, beta=0.1, estimator=kl_estimator_code("k2"), gamma=1.0,
-            lam=0.95, whiten=True, whiten_eps=reference.WHITEN_EPS, num_threads=threads,
+            returns=outs[2].data_ptr(), moments=0, rows=40, tokens=3001, beta=0.1, estimator=kl_estimator_code("k2"),
+            gamma=1.0, lam=0.95, whiten=True, whiten_eps=reference.WHITEN_EPS,
         )  # fmt: skip
+        extension().host.ppo_advantages_forward(p, num_threads=threads)
         results.append(torch.stack(outs))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
@@ -140,15 +141,16 @@ def test_host_rejects_unknown_codes_and_layouts():
 
     x = torch.zeros(2, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)
+    kl = extension().KlRewardsParams(
+        logp=x.data_ptr(), ref_logp=x.data_ptr(), scores=x.data_ptr(), mask=mask.data_ptr(), rewards=x.data_ptr(),
+        rows=2, tokens=3, beta=0.1, estimator=7,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="unknown KL estimator code 7"):
-        extension().host_kl_rewards_forward(
-            logp=x.data_ptr(), ref_logp=x.data_ptr(), scores=x.data_ptr(), mask=mask.data_ptr(),
-            rewards=x.data_ptr(), rows=2, tokens=3, beta=0.1, estimator=7, num_threads=1,
-        )  # fmt: skip
+        extension().host.kl_rewards_forward(kl, num_threads=1)
+    group = extension().GroupAdvantagesParams(scores=x.data_ptr(), out=x.data_ptr(), groups=2, group_size=3, mode=5,
+                                             eps=1e-6)
     with pytest.raises(ValueError, match="unknown mode code 5"):
-        extension().host_group_advantages_forward(
-            scores=x.data_ptr(), out=x.data_ptr(), groups=2, group_size=3, mode=5, eps=1e-6, num_threads=1
-        )
+        extension().host.group_advantages_forward(group, num_threads=1)
     with pytest.raises(ValueError, match="values must be contiguous"):
         prov.gae_forward(x, torch.zeros(3, 2).t(), mask, x.clone(), x.clone(), 1.0, 0.9)
     with pytest.raises(ValueError, match="mask must be a contiguous"):

@@ -1,9 +1,11 @@
-"""The CUDA provider's calls match csrc/bindings.cpp, checked without a GPU.
+"""rlhf_fast._C's bindings match the kernels' params structs and the providers' calls, checked without a GPU.
 
-The CUDA kernels only run on a GPU machine, but the Python side that marshals their arguments is
-shared with the host backend (rlhf_fast/backends/extension.py). Here the extension is replaced by
-a recorder, each provider method is called on CPU tensors, and the keywords of every cuda_* call
-are compared with the py::arg names that bindings.cpp declares.
+A kernel's arguments are spelled in three places: its params struct (csrc/include/rlhf_fast/<op>.h),
+the struct's binding (csrc/bindings.cpp) and the provider method that fills it
+(rlhf_fast/backends/extension.py). Building a struct checks the names against the binding at run
+time; here the binding is checked against the headers, and the CUDA provider's calls, which only
+run on a GPU machine, are recorded on CPU tensors and checked against the kernels bindings.cpp
+declares.
 """
 
 from __future__ import annotations
@@ -16,18 +18,48 @@ import pytest
 import torch
 
 from rlhf_fast.backends import cuda
+from rlhf_fast.backends.extension import extension, extension_support
 
-BINDINGS = Path(__file__).resolve().parents[1] / "csrc" / "bindings.cpp"
+ROOT = Path(__file__).resolve().parents[1]
+BINDINGS = ROOT / "csrc" / "bindings.cpp"
+HEADERS = sorted((ROOT / "csrc" / "include" / "rlhf_fast").glob("*.h"))
+
+pytestmark = pytest.mark.skipif(not extension_support(), reason="rlhf_fast._C is not built")
 
 
-def declared_arguments() -> dict[str, list[str]]:
-    """{function: sorted py::arg names} for every m.def in bindings.cpp."""
-    declared = {}
-    for chunk in re.split(r"m\.def\(", BINDINGS.read_text())[1:]:
-        name = re.match(r'\s*"(\w+)"', chunk)
-        if name:
-            declared[name.group(1)] = sorted(re.findall(r'py::arg\("(\w+)"\)', chunk))
-    return declared
+def header_structs() -> dict[str, list[str]]:
+    """{struct: field names in order} for every `struct ...Params` in the kernel headers."""
+    structs = {}
+    for header in HEADERS:
+        for name, body in re.findall(r"^struct (\w+Params) \{\n(.*?)^\};", header.read_text(), re.M | re.S):
+            structs[name] = re.findall(r"^\s+(?:const\s+)?[\w:]+(?:\s*\*)?\s+(\w+);", body, re.M)
+    return structs
+
+
+def declared_kernels() -> set[str]:
+    """Kernel names bound (under _C.host, and _C.cuda with CUDA) by RLHF_FAST_KERNEL in bindings.cpp."""
+    return set(re.findall(r"^\s*RLHF_FAST_KERNEL\((\w+)\);", BINDINGS.read_text(), re.M))
+
+
+def test_every_params_struct_is_bound_field_by_field():
+    structs = header_structs()
+    assert len(structs) == 8
+    for name, fields in structs.items():
+        bound = getattr(extension(), name)
+        assert list(bound.fields) == fields, f"{name}: bindings.cpp binds {bound.fields}, the header has {fields}"
+
+
+def test_params_are_built_from_every_field_by_name():
+    fields = dict(logits=2**48 + 8, labels=16, logp=24, entropy=0, lse=32, n_rows=3, vocab=5, logits_row_stride=5,
+                  dtype=0, labels_dtype=5, temperature=0.7, ignore_index=-100)
+    p = extension().TokenLogprobsForwardParams(**fields)
+    assert {name: getattr(p, name) for name in fields} == fields
+    with pytest.raises(TypeError, match="missing fields lse"):
+        extension().TokenLogprobsForwardParams(**{k: v for k, v in fields.items() if k != "lse"})
+    with pytest.raises(TypeError, match="has no field logit"):
+        extension().TokenLogprobsForwardParams(**fields, logit=1)  # a misspelt field cannot pass silently
+    with pytest.raises(TypeError, match="n_rows: cannot convert 3.5"):
+        extension().TokenLogprobsForwardParams(**{**fields, "n_rows": 3.5})
 
 
 class Recorder:
@@ -35,8 +67,8 @@ class Recorder:
         self.calls = {}
 
     def __getattr__(self, name):
-        def record(**arguments):
-            self.calls[name] = sorted(arguments)
+        def record(p, stream):
+            self.calls[name] = (p, stream)
 
         return record
 
@@ -44,7 +76,13 @@ class Recorder:
 @pytest.fixture
 def recorded(monkeypatch):
     recorder = Recorder()
-    monkeypatch.setattr(cuda, "extension", lambda: recorder)
+    real = extension()
+
+    class Extension:
+        def __getattr__(self, name):
+            return recorder if name == "cuda" else getattr(real, name)
+
+    monkeypatch.setattr(cuda, "extension", Extension)
     monkeypatch.setattr(cuda, "_stream", lambda device: 0)
     monkeypatch.setattr(cuda.torch.cuda, "device", lambda device: contextlib.nullcontext())
     return recorder
@@ -71,8 +109,11 @@ def test_every_cuda_call_matches_its_binding(recorded):
     prov.ppo_advantages_forward(bt(), bt(), torch.randn(B), bt(), mask, bt(), bt(), bt(), 0.1, "k1", 1.0, 0.95, True)
     prov.group_advantages_forward(torch.randn(4), torch.empty(4), 2, "grpo", 1e-6)
 
-    declared = declared_arguments()
-    assert len(recorded.calls) == 8
-    for name, arguments in recorded.calls.items():
-        assert name in declared, f"{name} is not bound in bindings.cpp"
-        assert arguments == declared[name], f"{name}: passes {arguments}, binding declares {declared[name]}"
+    assert len(recorded.calls) == 8 and set(recorded.calls) == declared_kernels()
+    for name, (p, stream) in recorded.calls.items():
+        # Both sides are bound from one list: the host twin's signature names the struct the kernel takes.
+        signature = getattr(extension().host, name).__doc__
+        assert f"params: rlhf_fast._C.{type(p).__name__}," in signature, f"{name} takes {signature}"
+        assert isinstance(stream, int)
+    whiten, ppo = recorded.calls["whiten_forward"][0], recorded.calls["ppo_advantages_forward"][0]
+    assert whiten.moments != 0 and ppo.moments != 0  # CUDA whitening gets its workspace

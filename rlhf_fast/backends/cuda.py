@@ -13,7 +13,7 @@ import re
 import torch
 
 from .base import YES, Support
-from .extension import ExtensionProvider, _ptr, extension, extension_support
+from .extension import ExtensionProvider, extension, extension_support
 
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,11 +73,13 @@ class CudaProvider(ExtensionProvider):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _device_support(index)
 
-    def _launch(self, kernel, device, **arguments):
+    def _kernels(self):
+        return extension().cuda
+
+    def _launch(self, kernel, device, p):
         with torch.cuda.device(device):
-            getattr(extension(), f"cuda_{kernel}")(**arguments, stream=_stream(device))
+            kernel(p, _stream(device))
 
     def _whiten_workspace(self, mask, needed):
         """[B, 3] float32 per-row moments, allocated on the current stream (no host synchronisation)."""
-        moments = torch.empty(mask.shape[0], 3, dtype=torch.float32, device=mask.device) if needed else None
-        return moments, {"moments": _ptr(moments)}
+        return torch.empty(mask.shape[0], 3, dtype=torch.float32, device=mask.device) if needed else None

@@ -2,15 +2,17 @@
 
 The extension is imported on first use, never at package import: rlhf_fast works without it, and
 ``available()`` then says why it is missing. Kernels get raw pointers (``tensor.data_ptr()``),
-sizes, strides and dtype codes with the GIL released. Both sides of the extension take the same
-keyword arguments per kernel; ``ExtensionProvider`` builds them once, and a subclass only says how
-to launch: ``host_<kernel>(..., num_threads=)`` or ``cuda_<kernel>(..., stream=)``.
+sizes, strides and dtype codes with the GIL released. Each kernel takes its params struct
+(csrc/include/rlhf_fast/<op>.h, bound as ``_C.<Struct>``), filled once per call in the op method of
+``ExtensionProvider``; a subclass only says which side's kernels run and how to launch them:
+``_C.host.<kernel>(params, num_threads)`` or ``_C.cuda.<kernel>(params, stream)``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -120,25 +122,28 @@ def group_mode_code(mode: str) -> int:
 class ExtensionProvider(Provider):
     """The op methods of rlhf_fast._C's kernels, shared by the host and CUDA sides.
 
-    A subclass launches ``<side>_<kernel>(**arguments)`` with what its side adds (threads or a stream).
+    An op method checks the layout and fills its kernel's params struct; a subclass names its
+    side's kernels (``_kernels``) and runs one with what the side adds, threads or a stream (``_launch``).
     """
 
     ops = TOKEN_OPS | BT_OPS
 
-    def _launch(self, kernel: str, device: torch.device, **arguments) -> None:
+    def _kernels(self) -> ModuleType:
+        """rlhf_fast._C.host or rlhf_fast._C.cuda: a function per kernel, taking its params struct."""
         raise NotImplementedError
 
-    def _whiten_workspace(self, mask: torch.Tensor, needed: bool) -> tuple[torch.Tensor | None, dict]:
-        """A workspace tensor for the whitening kernels and the arguments naming it (none on the host)."""
-        return None, {}
+    def _launch(self, kernel: Callable, device: torch.device, p: object) -> None:
+        raise NotImplementedError
+
+    def _whiten_workspace(self, mask: torch.Tensor, needed: bool) -> torch.Tensor | None:
+        """A workspace for the whitening kernels' per-row moments (none on the host)."""
+        return None
 
     def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
         check_rows_layout(logits, labels, logp=logp, entropy=entropy, lse=lse)
         if logits.shape[0] == 0:
             return
-        self._launch(
-            "token_logprobs_forward",
-            logits.device,
+        p = extension().TokenLogprobsForwardParams(
             logits=logits.data_ptr(),
             labels=labels.data_ptr(),
             logp=logp.data_ptr(),
@@ -152,6 +157,7 @@ class ExtensionProvider(Provider):
             temperature=float(temperature),
             ignore_index=int(ignore_index),
         )
+        self._launch(self._kernels().token_logprobs_forward, logits.device, p)
 
     def token_logprobs_backward(
         self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
@@ -162,9 +168,7 @@ class ExtensionProvider(Provider):
                           grad_entropy=grad_entropy)
         if logits.shape[0] == 0:
             return
-        self._launch(
-            "token_logprobs_backward",
-            logits.device,
+        p = extension().TokenLogprobsBackwardParams(
             logits=logits.data_ptr(),
             labels=labels.data_ptr(),
             lse=lse.data_ptr(),
@@ -181,6 +185,7 @@ class ExtensionProvider(Provider):
             temperature=float(temperature),
             ignore_index=int(ignore_index),
         )
+        self._launch(self._kernels().token_logprobs_backward, logits.device, p)
 
     # [B, T] ops (csrc/{host,cuda}/{kl_rewards,gae,whiten,group_advantages}): a row per thread or block.
 
@@ -188,51 +193,47 @@ class ExtensionProvider(Provider):
         check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, rewards=rewards)
         if mask.numel() == 0:
             return
-        self._launch(
-            "kl_rewards_forward",
-            mask.device,
+        p = extension().KlRewardsParams(
             logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), mask=mask.data_ptr(),
             rewards=rewards.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
             estimator=kl_estimator_code(estimator),
         )  # fmt: skip
+        self._launch(self._kernels().kl_rewards_forward, mask.device, p)
 
     def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
         check_bt_layout(mask, rewards=rewards, values=values, advantages=advantages, returns=returns)
         if mask.numel() == 0:
             return
-        self._launch(
-            "gae_forward",
-            mask.device,
+        p = extension().GaeForwardParams(
             rewards=rewards.data_ptr(), values=values.data_ptr(), mask=mask.data_ptr(),
             advantages=advantages.data_ptr(), returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
             gamma=float(gamma), lam=float(lam),
         )  # fmt: skip
+        self._launch(self._kernels().gae_forward, mask.device, p)
 
     def gae_backward(self, grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam):
         check_bt_layout(mask, grad_advantages=grad_advantages, grad_returns=grad_returns, grad_rewards=grad_rewards,
                         grad_values=grad_values)
         if mask.numel() == 0:
             return
-        self._launch(
-            "gae_backward",
-            mask.device,
+        p = extension().GaeBackwardParams(
             grad_advantages=grad_advantages.data_ptr(), grad_returns=grad_returns.data_ptr(), mask=mask.data_ptr(),
             grad_rewards=grad_rewards.data_ptr(), grad_values=grad_values.data_ptr(), rows=mask.shape[0],
             tokens=mask.shape[1], gamma=float(gamma), lam=float(lam),
         )  # fmt: skip
+        self._launch(self._kernels().gae_backward, mask.device, p)
 
     def whiten_forward(self, x, mask, out, shift_mean):
         check_bt_layout(mask, x=x, out=out)
         if mask.numel() == 0:
             return
-        workspace, extra = self._whiten_workspace(mask, needed=True)
-        self._launch(
-            "whiten_forward",
-            mask.device,
-            x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1],
-            shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS, **extra,
+        moments = self._whiten_workspace(mask, needed=True)
+        p = extension().WhitenParams(
+            x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), moments=_ptr(moments), rows=mask.shape[0],
+            tokens=mask.shape[1], shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS,
         )  # fmt: skip
-        del workspace  # alive until the launch is enqueued; the allocator orders its reuse on the stream
+        self._launch(self._kernels().whiten_forward, mask.device, p)
+        del moments  # alive until the launch is enqueued; the allocator orders its reuse on the stream
 
     def ppo_advantages_forward(
         self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
@@ -241,25 +242,23 @@ class ExtensionProvider(Provider):
                         advantages=advantages, returns=returns)
         if mask.numel() == 0:
             return
-        workspace, extra = self._whiten_workspace(mask, needed=whiten)
-        self._launch(
-            "ppo_advantages_forward",
-            mask.device,
+        moments = self._whiten_workspace(mask, needed=whiten)
+        p = extension().PpoAdvantagesParams(
             logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
             mask=mask.data_ptr(), rewards=rewards.data_ptr(), advantages=advantages.data_ptr(),
-            returns=returns.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
-            estimator=kl_estimator_code(estimator), gamma=float(gamma), lam=float(lam), whiten=bool(whiten),
-            whiten_eps=reference.WHITEN_EPS, **extra,
+            returns=returns.data_ptr(), moments=_ptr(moments), rows=mask.shape[0], tokens=mask.shape[1],
+            beta=float(beta), estimator=kl_estimator_code(estimator), gamma=float(gamma), lam=float(lam),
+            whiten=bool(whiten), whiten_eps=reference.WHITEN_EPS,
         )  # fmt: skip
-        del workspace
+        self._launch(self._kernels().ppo_advantages_forward, mask.device, p)
+        del moments
 
     def group_advantages_forward(self, scores, out, group_size, mode, eps):
         check_group_layout(scores, out, group_size)
         if scores.numel() == 0:
             return
-        self._launch(
-            "group_advantages_forward",
-            scores.device,
+        p = extension().GroupAdvantagesParams(
             scores=scores.data_ptr(), out=out.data_ptr(), groups=scores.shape[0] // group_size,
             group_size=int(group_size), mode=group_mode_code(mode), eps=float(eps),
         )  # fmt: skip
+        self._launch(self._kernels().group_advantages_forward, scores.device, p)

@@ -1,7 +1,7 @@
 """The "host" backend: the C++ kernels of rlhf_fast._C on CPU tensors (float32, bfloat16, float16, float64).
 
 Kernels run on ``torch.get_num_threads()`` threads (rows split between them) with the GIL released.
-The argument marshalling is shared with the "cuda" backend in ``extension.py``.
+The params structs are filled in ``extension.py``, shared with the "cuda" backend.
 """
 
 from __future__ import annotations
@@ -27,5 +27,8 @@ class HostProvider(ExtensionProvider):
             return Support(False, f"the host backend supports logits of dtype {HOST_DTYPES}; got {dtype}")
         return YES
 
-    def _launch(self, kernel, device, **arguments):
-        getattr(extension(), f"host_{kernel}")(**arguments, num_threads=torch.get_num_threads())
+    def _kernels(self):
+        return extension().host
+
+    def _launch(self, kernel, device, p):
+        kernel(p, torch.get_num_threads())
