@@ -2,6 +2,8 @@
 training configs all take their accepted values from here. Plain tuples of strings, no torch."""
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+# The policy loss's KL term also takes verl's straight-through variants: the estimator's value, k2's gradient.
+KL_LOSS_ESTIMATORS = KL_ESTIMATORS + ("k1+", "k3+", "abs+")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 GROUP_MODES = ("grpo", "drgrpo", "rloo")
 # group_advantages over an arbitrary index (any group sizes, NaN scores left out) has two more.

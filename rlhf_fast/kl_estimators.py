@@ -38,6 +38,21 @@ def kl_values(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> tor
     return d.abs()
 
 
+def kl_loss_values(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float | None) -> torch.Tensor:
+    """The policy loss's KL term (see reference.kl_loss): ``kl_values`` clamped to [-clamp, clamp]
+    (verl's low_var_kl clamps k3 at 10, OpenRLHF every estimator); an estimator ending in "+" has
+    that value with the gradient of k2, d = logp - ref_logp (verl's straight-through "k3+": an
+    unbiased estimate of the KL's gradient whatever the value's estimator)."""
+    value = kl_values(logp, ref_logp, estimator.removesuffix("+"))
+    if clamp is not None:
+        value = value.clamp(-clamp, clamp)
+    if not estimator.endswith("+"):
+        return value
+    d = logp - ref_logp
+    k2 = 0.5 * d * d
+    return k2 - k2.detach() + value.detach()
+
+
 def kl_grad(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """d kl / d logp of ``kl_values`` (d kl / d ref_logp is its negative)."""
     d = logp - ref_logp

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import _validate as check
-from .choices import AGG_MODES, BACKEND_CHOICES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
+from .choices import AGG_MODES, BACKEND_CHOICES, KL_LOSS_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from .objectives import OBJECTIVES
 
 
@@ -35,7 +35,13 @@ class PolicyLossOptions:
     kl_coef: float = 0.0
     """Weight of the per-token KL to the reference policy (needs ref_logp), >= 0."""
     kl_estimator: str = "k3"
-    """"k1", "k2", "k3" or "abs" (see kl_penalty)."""
+    """"k1", "k2", "k3" or "abs" (see kl_penalty), or "k1+", "k3+", "abs+": that value with k2's
+    gradient (verl's straight-through estimators; reference.kl_loss)."""
+    kl_clamp: float | None = None
+    """Clamp the per-token KL term to [-kl_clamp, kl_clamp] (verl's low_var_kl: 10; OpenRLHF: 10)."""
+    kl_is_correction: bool = False
+    """Multiply the per-token KL term by the importance ratio pi / pi_old (TRL's
+    use_bias_correction_kl, DeepSeek-V3.2): the KL of samples drawn from pi_old, corrected to pi."""
     agg: str = "token-mean"
     """"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm" or
     "token-sum" (``rlhf_fast.ops.aggregate``)."""
@@ -87,7 +93,11 @@ class PolicyLossOptions:
             if self.objective != "ppo":
                 raise ValueError(f"dual_clip applies to objective='ppo' only; got objective={self.objective!r}")
         check.number("kl_coef", self.kl_coef, low=0.0)
-        check.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check.choice("kl_estimator", self.kl_estimator, KL_LOSS_ESTIMATORS)
+        if self.kl_clamp is not None:
+            check.positive_finite("kl_clamp", self.kl_clamp)
+        if not isinstance(self.kl_is_correction, bool):
+            raise TypeError(f"kl_is_correction must be a bool, got {self.kl_is_correction!r}")
         check.choice("agg", self.agg, AGG_MODES)
         check.max_response_length(self.max_response_length, self.agg)
 

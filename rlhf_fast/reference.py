@@ -117,6 +117,25 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
+def kl_loss(logp, ref_logp, o) -> torch.Tensor:
+    """The policy loss's per-token KL term, before kl_coef. [B, T] -> [B, T]
+
+    1. kl = kl_penalty(logp, ref_logp, estimator) with the "+" of a straight-through estimator
+       ("k3+", verl) removed; clamped to [-kl_clamp, kl_clamp] when kl_clamp is set (verl's
+       low_var_kl and OpenRLHF clamp at 10).
+    2. Straight-through ("+"): the value of step 1 with the gradient of k2 = d^2 / 2, whose
+       gradient d is an unbiased estimate of the KL's gradient under samples of the policy.
+    """
+    estimator = o.kl_estimator
+    kl = kl_penalty(logp, ref_logp, estimator=estimator.removesuffix("+"))
+    if o.kl_clamp is not None:
+        kl = kl.clamp(-o.kl_clamp, o.kl_clamp)
+    if estimator.endswith("+"):
+        k2 = kl_penalty(logp, ref_logp, estimator="k2")
+        kl = k2 - k2.detach() + kl.detach()
+    return kl
+
+
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
     """[B, T] mask -> [B] int64 index of the last valid token of each row, -1 for an empty row."""
     positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
@@ -575,7 +594,10 @@ def policy_loss(
     2. pg = max(-A ratio, -A clamp(ratio, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)));
        clip_eps None gives pg = -A ratio (REINFORCE).
     3. dual clip c: where A < 0, pg = min(pg, -A c).
-    4. with ref_logp: pg += kl_coef * kl_penalty(logp, ref_logp, kl_estimator).
+    4. with ref_logp: pg += kl_coef * kl_loss(logp, ref_logp) (kl_penalty with the options'
+       clamp and straight-through gradient), times ratio with kl_is_correction (TRL's
+       use_bias_correction_kl, DeepSeek-V3.2, arXiv:2512.02556: the KL of samples drawn from
+       pi_old, corrected to pi).
     5. loss = aggregate(pg, mask, agg).
     With options.rollout_is, ``rollout_correction`` first: its mask replaces ``mask``, and pg (before
     the KL term) is multiplied by its weights.
@@ -604,8 +626,8 @@ def policy_loss(
         pg, clipped = OBJECTIVE_TERMS[o.objective](logp, old_logp, adv, mask, o)
     pg = pg * weights
     if ref_logp is not None:
-        kl = kl_penalty(logp, torch.where(mask, ref_logp, 0.0), estimator=o.kl_estimator)
-        pg = pg + o.kl_coef * kl
+        kl = kl_loss(logp, torch.where(mask, ref_logp, 0.0), o)
+        pg = pg + o.kl_coef * (kl * ratio if o.kl_is_correction else kl)
         stats["kl"] = masked_mean(kl, mask).detach()
     loss = aggregate(pg, mask, o.agg, max_response_length=o.max_response_length)
     ratio = ratio.detach()

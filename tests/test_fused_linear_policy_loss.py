@@ -8,7 +8,8 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.reference import AGG_MODES, KL_ESTIMATORS
+from rlhf_fast.choices import KL_LOSS_ESTIMATORS
+from rlhf_fast.reference import AGG_MODES
 
 from numerics import poison, random_mask, rel_err, require
 
@@ -86,9 +87,13 @@ def test_clip_options(options):
     check(*run_both(make_inputs(with_ref=False), **options))
 
 
-@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize("estimator", KL_LOSS_ESTIMATORS)
 def test_kl_estimators(estimator):
     check(*run_both(make_inputs(), kl_coef=0.1, kl_estimator=estimator))
+
+
+def test_kl_clamp_and_importance_correction():
+    check(*run_both(make_inputs(), kl_coef=0.2, kl_estimator="k3+", kl_clamp=0.05, kl_is_correction=True))
 
 
 def test_ref_logp_without_kl_coef_reports_kl():

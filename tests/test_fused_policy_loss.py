@@ -80,6 +80,8 @@ def test_equals_composition_every_option(options):
 @pytest.mark.parametrize("options", [
     dict(agg="token-mean", clip_eps=0.2, entropy_coef=0.01, kl_coef=0.1, kl_estimator="k3"),
     dict(agg="seq-mean-token-sum-norm", clip_eps=None, dual_clip=2.0, entropy_coef=0.0),
+    dict(agg="token-sum", clip_eps=0.2, entropy_coef=0.01, kl_coef=0.2, kl_estimator="k3+", kl_clamp=0.05,
+         kl_is_correction=True),
 ])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_equals_composition_every_backend(backend, device, options, dtype):

@@ -9,6 +9,7 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
+from rlhf_fast.choices import KL_LOSS_ESTIMATORS
 
 from numerics import CLIPS, KLS, poison, policy_term_scale, random_mask, rel_err
 
@@ -105,6 +106,60 @@ def test_zero_gradient_on_clipped_masked_and_extreme_tokens():
     assert stats["clipfrac"].item() == pytest.approx(3 / 7) and stats["dual_clipfrac"].item() == pytest.approx(2 / 7)
     want, _ = reference.policy_loss(x.detach().double(), old.double(), adv.double(), mask, clip_eps=0.2, dual_clip=3.0)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("estimator", KL_LOSS_ESTIMATORS)
+@pytest.mark.parametrize("kl_clamp", [None, 0.5])
+@pytest.mark.parametrize("kl_is_correction", [False, True])
+def test_kl_term_options(estimator, kl_clamp, kl_is_correction):
+    """The KL term's clamp, straight-through gradient and importance correction vs the reference."""
+    logp, old_logp, advantages, mask, ref_logp = policy_case()
+    ref_logp = logp + 1.5 * torch.randn_like(logp)  # wide enough that a 0.5 clamp bites
+    options = {"kl_coef": 0.3, "kl_estimator": estimator, "kl_clamp": kl_clamp, "kl_is_correction": kl_is_correction}
+    upstream = torch.randn(()).item()
+    (loss, stats, grad), (want, want_stats, want_grad) = run_both(
+        logp, old_logp, advantages, mask, ref_logp, upstream, **options
+    )
+    scale = policy_term_scale(logp, old_logp, advantages, mask, "token-mean", ref_logp=ref_logp, kl_coef=0.3,
+                              kl_estimator=estimator.removesuffix("+"))  # fmt: skip
+    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), scale, 1e-2)
+    assert rel_err(grad, want_grad) < TOL
+    assert abs(stats["kl"].item() - want_stats["kl"].item()) <= TOL * max(abs(want_stats["kl"].item()), 1e-2)
+
+
+def test_kl_term_equals_verl_and_trl():
+    """verl's low_var_kl (k3 clamped at 10) and its "k3+" (k2's gradient); TRL's
+    use_bias_correction_kl (k3 times the ratio), written as the peers write them."""
+    logp = -torch.rand(3, 7, dtype=torch.float64) * 4
+    ref_logp = logp + torch.linspace(-30, 30, 21, dtype=torch.float64).view(3, 7)
+    old_logp = logp + 0.2 * torch.randn_like(logp)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    zero_adv = torch.zeros(3, 7)
+
+    def ours(x, **options):
+        loss, _ = rlhf_fast.policy_loss(x, old_logp.float(), zero_adv, mask, ref_logp=ref_logp.float(), kl_coef=1.0,
+                                        agg="token-sum", **options)  # fmt: skip
+        return loss
+
+    kl = (ref_logp - logp).clamp(-20, 20)  # verl kl_penalty_forward, "low_var_kl"
+    low_var_kl = (kl.exp() - kl - 1).clamp(-10, 10)
+    x = logp.float().requires_grad_(True)
+    ours(x, kl_estimator="k3", kl_clamp=10.0).backward()
+    assert rel_err(ours(logp.float(), kl_estimator="k3", kl_clamp=10.0), low_var_kl.sum()) < 1e-6
+    y = logp.float().requires_grad_(True)
+    ours(y, kl_estimator="k3+", kl_clamp=10.0).backward()
+    assert rel_err(y.grad, logp - ref_logp) < 1e-6  # k2's gradient: d = logp - ref_logp
+    assert (x.grad[low_var_kl.abs() >= 10] == 0).all()
+
+    per_token_kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # TRL grpo_trainer, beta != 0
+    coef_1 = torch.exp(logp - old_logp)
+    near = (ref_logp - logp).abs() < 5  # keep e^30 out: the float32 op and this float64 line differ there
+    trl = (per_token_kl * coef_1)[near].sum()
+    got, _ = rlhf_fast.policy_loss(logp.float()[near].view(1, -1), old_logp.float()[near].view(1, -1),
+                                   zero_adv[near].view(1, -1), mask[near].view(1, -1),
+                                   ref_logp=ref_logp.float()[near].view(1, -1), kl_coef=1.0, agg="token-sum",
+                                   kl_is_correction=True)  # fmt: skip
+    assert rel_err(got, trl) < 1e-5
 
 
 @pytest.mark.parametrize("agg", AGGS)

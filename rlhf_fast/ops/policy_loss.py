@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from ..kl_estimators import k3_of, kl_values
+from ..kl_estimators import k3_of, kl_loss_values
 from ..objectives import OBJECTIVES
 from ..options import PolicyLossOptions, no_leftovers, take
 from ..rollout_correction import Correction, correct
@@ -59,9 +59,10 @@ def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: Polic
     if rollout_weights is not None:
         per_token = per_token * rollout_weights
     if ref_logp is not None:
-        kl = kl_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator)
+        kl = kl_loss_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator, options.kl_clamp)
         if options.kl_coef:
-            per_token = per_token + options.kl_coef * kl
+            weighted = kl * torch.exp(logp - old_logp) if options.kl_is_correction else kl
+            per_token = per_token + options.kl_coef * weighted
         stats["kl"] = masked_mean(kl.detach(), mask, count)
     with torch.no_grad():
         log_ratio = logp - old_logp
