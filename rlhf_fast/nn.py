@@ -75,14 +75,14 @@ class TokenLogProbs(_OpModule):
 
 class PolicyLoss(_OpModule):
     """Module form of ``rlhf_fast.policy_loss``: forward(logp, old_logp, advantages, mask, ref_logp=None,
-    normalizer=None, rollout_logp=None) -> (loss, stats). Takes ``options=PolicyLossOptions(...)`` or its fields as keywords."""
+    normalizer=None, rollout_logp=None, entropy=None) -> (loss, stats). Takes ``options=PolicyLossOptions(...)`` or its fields as keywords."""
 
     def __init__(self, *, options: PolicyLossOptions | None = None, **option_kwargs):
         super().__init__(_groups("PolicyLoss", option_kwargs, options=options))
 
-    def forward(self, logp, old_logp, advantages, mask, ref_logp=None, normalizer=None, rollout_logp=None):
+    def forward(self, logp, old_logp, advantages, mask, ref_logp=None, normalizer=None, rollout_logp=None, entropy=None):
         return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, normalizer=normalizer,
-                           rollout_logp=rollout_logp, **self.op_kwargs())  # fmt: skip
+                           rollout_logp=rollout_logp, entropy=entropy, **self.op_kwargs())  # fmt: skip
 
 
 class FusedPolicyLoss(_OpModule):

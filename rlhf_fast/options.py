@@ -60,6 +60,10 @@ class PolicyLossOptions:
     """Clip-Cov: ... and below this."""
     kl_cov_coef: float = 1.0
     """KL-Cov: weight of |log r| on the selected tokens."""
+    top_entropy_quantile: float = 1.0
+    """Keep the policy-gradient term of the tokens whose entropy is in this top fraction of the
+    batch's valid tokens (TRL's top_entropy_quantile; Wang et al. 2025, arXiv:2506.01939: 0.2);
+    1.0 keeps every token. Needs the entropies: the fused ops have them, policy_loss takes entropy=."""
     rollout_is: str | None = None
     """Rollout importance correction (needs rollout_logp): None, "token", "sequence" or "geometric"
     (the level of w = pi_old / pi_rollout; ``rlhf_fast.rollout_correction``)."""
@@ -76,6 +80,7 @@ class PolicyLossOptions:
         check.positive_finite("sapo_tau_neg", self.sapo_tau_neg)
         check.number("cov_ratio", self.cov_ratio, low=0.0, high=1.0, low_open=True)
         check.number("kl_cov_coef", self.kl_cov_coef, low=0.0)
+        check.number("top_entropy_quantile", self.top_entropy_quantile, low=0.0, high=1.0, low_open=True)
         if self.rollout_is is not None:
             check.choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS)
         check.choice("rollout_is_mode", self.rollout_is_mode, ROLLOUT_IS_MODES)

@@ -582,6 +582,7 @@ def policy_loss(
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
     **option_kwargs,
 ):
@@ -600,7 +601,9 @@ def policy_loss(
        pi_old, corrected to pi).
     5. loss = aggregate(pg, mask, agg).
     With options.rollout_is, ``rollout_correction`` first: its mask replaces ``mask``, and pg (before
-    the KL term) is multiplied by its weights.
+    the KL term) is multiplied by its weights. With top_entropy_quantile q < 1, pg (before the KL
+    term) is also multiplied by the high-entropy mask: entropy >= the (1 - q) quantile of the valid
+    tokens' entropies (TRL's top_entropy_quantile; Wang et al. 2025, arXiv:2506.01939).
     Returns (loss, stats): clipfrac, approx_kl (k3 of old vs new), ratio_mean, ratio_max, and kl
     when ref_logp is given, as detached means over the valid tokens.
     """
@@ -625,6 +628,11 @@ def policy_loss(
     else:
         pg, clipped = OBJECTIVE_TERMS[o.objective](logp, old_logp, adv, mask, o)
     pg = pg * weights
+    if o.top_entropy_quantile < 1:
+        threshold = torch.quantile(entropy.detach()[mask].double(), 1 - o.top_entropy_quantile) if mask.any() else torch.inf
+        keep = mask & (entropy.detach() >= threshold)
+        pg = pg * keep
+        stats["entropy_mask_frac"] = masked_mean(keep.to(pg.dtype), mask)
     if ref_logp is not None:
         kl = kl_loss(logp, torch.where(mask, ref_logp, 0.0), o)
         pg = pg + o.kl_coef * (kl * ratio if o.kl_is_correction else kl)
@@ -665,7 +673,8 @@ def fused_policy_loss(
     mask = given if options.rollout_is is None else rollout_correction(old_logp, rollout_logp, given, options)[0]
     labels = torch.where(mask, labels, IGNORE_INDEX)
     logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
-    loss, stats = policy_loss(logp, old_logp, advantages, given, ref_logp=ref_logp, rollout_logp=rollout_logp, options=options)
+    loss, stats = policy_loss(logp, old_logp, advantages, given, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                              entropy=entropy, options=options)  # fmt: skip
     loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, max_response_length=options.max_response_length)
     stats["entropy"] = masked_mean(entropy, mask).detach()
     return loss, stats

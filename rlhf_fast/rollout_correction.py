@@ -30,7 +30,10 @@ def _masked_mean(x, mask):
 
 
 def _masked_max(x, mask):
-    return torch.where(mask, x, -torch.inf).amax() if mask.any() else x.new_zeros(())
+    """0 when no token is valid; decided on the device (``if mask.any()`` would sync with it)."""
+    if not mask.numel():
+        return x.new_zeros(())
+    return torch.where(mask.any(), torch.where(mask, x, -torch.inf).amax(), 0.0)
 
 
 def correct(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, options) -> Correction:

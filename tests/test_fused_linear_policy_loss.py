@@ -92,6 +92,12 @@ def test_kl_estimators(estimator):
     check(*run_both(make_inputs(), kl_coef=0.1, kl_estimator=estimator))
 
 
+@pytest.mark.parametrize("objective", ["ppo", "gspo"])
+def test_top_entropy_quantile(objective):
+    """The entropy mask ranks the whole batch, so even a separable objective runs two sweeps."""
+    check(*run_both(make_inputs(), top_entropy_quantile=0.3, objective=objective, entropy_coef=0.01))
+
+
 def test_kl_clamp_and_importance_correction():
     check(*run_both(make_inputs(), kl_coef=0.2, kl_estimator="k3+", kl_clamp=0.05, kl_is_correction=True))
 

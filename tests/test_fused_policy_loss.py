@@ -112,6 +112,25 @@ def test_matches_float64_reference():
         assert stats[key].item() == pytest.approx(value.item(), rel=2e-5, abs=1e-7), key
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_top_entropy_quantile(backend, device):
+    """TRL's high-entropy token mask on the entropies the kernel computes, vs the float64 reference."""
+    require(backend, device, torch.float32)
+    logits, _, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case(rows=5, tokens=9, vocab=70, device=device)
+    options = dict(top_entropy_quantile=0.4, kl_coef=0.1, entropy_coef=0.02, temperature=0.9)
+    x = logits.clone().requires_grad_(True)
+    loss, stats = rlhf_fast.fused_policy_loss(x, fused_labels, old_logp, advantages, mask, ref_logp=ref_logp,
+                                              backend=backend, **options)  # fmt: skip
+    loss.backward()
+    y = logits.double().cpu().requires_grad_(True)
+    want, want_stats = reference.fused_policy_loss(y, fused_labels.cpu(), old_logp.double().cpu(), advantages.double().cpu(),
+                                                   mask.cpu(), ref_logp=ref_logp.double().cpu(), **options)  # fmt: skip
+    want.backward()
+    assert rel_err(loss.cpu(), want) < 2e-5 and rel_err(x.grad.cpu(), y.grad) < 2e-5
+    assert stats["entropy_mask_frac"].item() == pytest.approx(want_stats["entropy_mask_frac"].item())
+    assert 0.3 < stats["entropy_mask_frac"].item() < 0.5
+
+
 def test_inplace_backward_and_module():
     logits, _, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case()
     module = rlhf_fast.nn.FusedPolicyLoss(entropy_coef=0.01, kl_coef=0.1, temperature=0.7)

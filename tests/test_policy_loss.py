@@ -39,14 +39,16 @@ def policy_case(rows=7, tokens=13, pattern="mixed", per_token_adv=True, device="
     return poison(logp, mask), poison(old_logp, mask), advantages, mask, poison(ref_logp, mask)
 
 
-def run_both(logp, old_logp, advantages, mask, ref_logp, upstream, **options):
+def run_both(logp, old_logp, advantages, mask, ref_logp, upstream, entropy=None, **options):
     """(loss, stats, grad) of the op in float32 and of the reference in float64."""
     x = logp.clone().requires_grad_(True)
-    loss, stats = rlhf_fast.policy_loss(x, old_logp, advantages, mask, ref_logp=ref_logp, **options)
+    loss, stats = rlhf_fast.policy_loss(x, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy, **options)
     (loss * upstream).backward()
     y = logp.double().requires_grad_(True)
     ref = None if ref_logp is None else ref_logp.double()
-    want, want_stats = reference.policy_loss(y, old_logp.double(), advantages.double(), mask, ref_logp=ref, **options)
+    entropy = None if entropy is None else entropy.double()
+    want, want_stats = reference.policy_loss(y, old_logp.double(), advantages.double(), mask, ref_logp=ref,
+                                             entropy=entropy, **options)  # fmt: skip
     (want * upstream).backward()
     return (loss, stats, x.grad), (want, want_stats, y.grad)
 
@@ -160,6 +162,35 @@ def test_kl_term_equals_verl_and_trl():
                                    ref_logp=ref_logp.float()[near].view(1, -1), kl_coef=1.0, agg="token-sum",
                                    kl_is_correction=True)  # fmt: skip
     assert rel_err(got, trl) < 1e-5
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 1.0])
+def test_top_entropy_quantile(quantile):
+    """Only the high-entropy tokens keep their policy-gradient term, as TRL's GRPOTrainer masks
+    them: threshold = torch.quantile(entropies[mask], 1 - q), kept = entropies >= threshold."""
+    logp, old_logp, advantages, mask, ref_logp = policy_case(rows=6, tokens=11)
+    entropy = poison(3 * torch.rand(6, 11), mask)
+    options = {"top_entropy_quantile": quantile, "kl_coef": 0.1}
+    (loss, stats, grad), (want, want_stats, want_grad) = run_both(
+        logp, old_logp, advantages, mask, ref_logp, 1.0, entropy=entropy, **options
+    )
+    assert rel_err(loss, want) < TOL and rel_err(grad, want_grad) < TOL
+    threshold = torch.quantile(entropy[mask], 1 - quantile)  # TRL get_high_entropy_mask
+    kept = mask & (entropy >= threshold)
+    if quantile < 1:
+        assert stats["entropy_mask_frac"].item() == pytest.approx(kept.sum().item() / mask.sum().item())
+    no_kl, _ = rlhf_fast.policy_loss(logp, old_logp, advantages, mask, entropy=entropy, top_entropy_quantile=quantile)
+    per_token = torch.maximum(-advantages * (logp - old_logp).exp(), -advantages * (logp - old_logp).exp().clamp(0.8, 1.2))
+    trl = torch.where(kept, per_token, 0.0).sum() / mask.sum()
+    assert rel_err(no_kl, trl) < TOL
+
+
+def test_top_entropy_quantile_needs_entropies():
+    logp, old_logp, advantages, mask, _ = policy_case()
+    with pytest.raises(ValueError, match="pass entropy="):
+        rlhf_fast.policy_loss(logp, old_logp, advantages, mask, top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match="top_entropy_quantile must be a finite number > 0.0 and <= 1.0"):
+        rlhf_fast.PolicyLossOptions(top_entropy_quantile=0.0)
 
 
 @pytest.mark.parametrize("agg", AGGS)

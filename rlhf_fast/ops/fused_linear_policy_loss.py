@@ -141,7 +141,8 @@ def fused_linear_policy_loss(
     # and gradient 0 there, and the vocabulary is never indexed with it).
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)
     check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
-    if not OBJECTIVES[options.objective].separable:
+    # A sequence-coupled objective, or a token mask ranked over the whole batch's entropies.
+    if not OBJECTIVES[options.objective].separable or options.top_entropy_quantile < 1:
         return two_sweeps(flat_hidden, weight, bias, flat_labels, old_logp, advantages, correction, ref_logp, options,
                           spec, entropy_coef, normalizer)  # fmt: skip
     index = kept_rows(mask.reshape(-1))

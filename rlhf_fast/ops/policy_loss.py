@@ -82,6 +82,7 @@ def policy_loss(
     *,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
     **option_kwargs,
@@ -97,6 +98,8 @@ def policy_loss(
         ref_logp: [B, T] reference-model log-probs, for the KL loss and the "kl" stat.
         rollout_logp: [B, T] the rollout engine's log-probs, for the options' rollout_is
             correction (``rlhf_fast.rollout_correction``; weights detached, stats "rollout_*").
+        entropy: [B, T] the tokens' entropies, for the options' top_entropy_quantile mask (only
+            their order matters; no gradient flows to them).
         normalizer: what ``agg`` divides by, overriding this batch's count: pass the global
             ``loss_normalizer(mask, agg)`` summed over micro-batches (and ranks) and the
             micro-batch losses add up to the full-batch loss (see ``rlhf_fast.ops.aggregate``).
@@ -119,25 +122,57 @@ def policy_loss(
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape [B, T]; got {check.describe(logp)}")
     correction = validate_inputs(logp, old_logp, advantages, mask, ref_logp, rollout_logp=rollout_logp, options=options)
+    if entropy is not None:
+        check.tensor("entropy", entropy, dtypes=check.FLOAT_DTYPES, shape=logp.shape, like=("logp", logp))
+    elif options.top_entropy_quantile < 1:
+        raise ValueError(f"top_entropy_quantile={options.top_entropy_quantile} ranks the tokens by entropy: pass "
+                         "entropy=[B, T] (the fused ops compute it themselves)")  # fmt: skip
     normalizer = check_normalizer(normalizer)
-    return policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
+    return policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer, entropy)
 
 
 def policy_loss_with_options(logp, old_logp, advantages, correction: Correction, ref_logp, options: PolicyLossOptions,
-                             normalizer=None):  # fmt: skip
+                             normalizer=None, entropy=None):  # fmt: skip
     """``policy_loss`` on validated inputs (the fused ops' loss on their log-probs)."""
     if options.kl_coef and ref_logp is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logp (the reference model's log-probs); got None")
+    if options.top_entropy_quantile < 1:
+        correction = keep_high_entropy(correction, entropy, options.top_entropy_quantile)
     mask = correction.mask
     per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options, correction.weights)
     return aggregate(per_token, mask, options.agg, normalizer, options.max_response_length), stats | correction.stats
+
+
+def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(x[mask], q) (linear interpolation) without a host sync: the valid values are
+    sorted first, and the two ranks around q (n - 1) are gathered by a device index. +inf when no
+    value is valid."""
+    ranked = torch.sort(torch.where(mask, x, torch.inf).reshape(-1)).values
+    position = q * (mask.sum() - 1).clamp(min=0)
+    below = position.floor().long().reshape(1)
+    above = position.ceil().long().reshape(1)
+    low, high = ranked.index_select(0, below), ranked.index_select(0, above)
+    return (low + (position - below) * (high - low)).reshape(())
+
+
+def keep_high_entropy(correction: Correction, entropy: torch.Tensor, quantile: float) -> Correction:
+    """The policy-gradient weights times TRL's high-entropy mask: 1 where the token's entropy is at
+    least the (1 - quantile) quantile of the valid tokens' entropies, else 0 (the tokens stay in
+    the loss's normaliser and keep their KL term, as in TRL's GRPOTrainer)."""
+    mask = correction.mask
+    entropy = entropy.detach().float()
+    threshold = masked_quantile(entropy, mask, 1 - quantile)
+    keep = mask & (entropy >= threshold)
+    weights = keep.float() if correction.weights is None else correction.weights * keep
+    stats = correction.stats | {"entropy_mask_frac": masked_mean(keep.float(), mask, mask.sum().clamp(min=1))}
+    return Correction(mask, weights, stats)
 
 
 def loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer):
     """The fused ops' loss on their [B, T] log-probs and entropies: ``policy_loss_with_options``
     minus entropy_coef * aggregate(entropy), with stats["entropy"], the mean over valid tokens."""
     mask = correction.mask
-    loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer)
+    loss, stats = policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer, entropy)
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, mask, options.agg, normalizer, options.max_response_length)
     stats["entropy"] = masked_mean(entropy.detach(), mask, mask.sum().clamp(min=1))
