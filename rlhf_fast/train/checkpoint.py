@@ -235,7 +235,7 @@ class CheckpointedRun:
     ``keep_checkpoints``, ``hooks`` (``on_checkpoint``) and ``metrics`` (a ``MetricsLog``).
     """
 
-    _last_saved = -1  # the step of the newest checkpoint this process wrote or resumed from
+    saved_step = -1  # the step of the newest checkpoint this process wrote or resumed from
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint of this step (atomically) and prunes old ones; all ranks wait."""
@@ -244,7 +244,7 @@ class CheckpointedRun:
             save(self.state_dict(), path)
             prune(self.checkpoint_dir, self.keep_checkpoints, self.step)
         dist.barrier()
-        self._last_saved = self.step
+        self.saved_step = self.step
         for hook in self.hooks.on_checkpoint:
             hook(self, path)
         return path
@@ -270,6 +270,6 @@ class CheckpointedRun:
         path, payload = found
         self.load_state_dict(payload)
         self.step = int(payload["step"])
-        self._last_saved = self.step
+        self.saved_step = self.step
         self.metrics.drop_after(self.step)
         return path

@@ -1,12 +1,14 @@
-"""The training loop SFT and reward-model training share: small named steps and hooks, no subclassing.
+"""The training loop of every stage: small named steps and hooks, no subclassing.
 
-One optimizer step is
+``run_steps`` is the schedule SFT, reward-model and RL training share, and so the one place that
+says when each hook (``Hooks``) fires. ``Loop`` is the SFT and reward-model run; its optimizer step is
 
     micro_batches -> forward_backward (loss_fn, per micro-batch) -> clip -> optimizer_step
 
-then, on their schedules, ``evaluate`` (eval_fn), ``log`` and ``save_checkpoint``. What differs
-between trainers is passed in as functions: ``loss_fn(model, batch) -> (mean loss, stats)`` and
-``eval_fn(model) -> metrics``. Hooks (``Hooks``) observe steps, evaluations and checkpoints.
+What differs between those two trainers is passed in as functions: ``loss_fn(model, batch) -> (mean
+loss, stats)`` and ``eval_fn(model) -> metrics``. RL (``rl.trainer.RLTrainer``) has its own step and
+shares the rest: ``run_steps``, ``build_optimizer``, ``build_scheduler``, ``clip_gradients`` and
+``optimizer_step``.
 
 Gradient accumulation is normalised by tokens (SFT) or pairs (RM): each micro-batch reports its
 weight (``batch.weight()``), and its mean loss is scaled by weight / (sum of weights over the
@@ -37,9 +39,14 @@ EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 
 @dataclass
 class Hooks:
-    """Functions the loop calls: ``on_step(loop, metrics)`` after every optimizer step,
-    ``on_eval(loop, metrics)`` after every evaluation, ``on_checkpoint(loop, path)`` after a checkpoint
-    is written, ``on_end(loop, metrics)`` when the run (or this job of it) stops."""
+    """Functions ``run_steps`` calls, the same for SFT, RM and RL: ``on_step(run, metrics)`` after every
+    step, ``on_eval(run, metrics)`` after every evaluation, ``on_checkpoint(run, path)`` after a
+    checkpoint is written, ``on_end(run, metrics)`` (the last evaluation's) when the steps of the run
+    (or of this job of it) are done, before the trainer saves its final model.
+
+    ``run`` is the ``Loop`` (SFT, RM) or the ``RLTrainer``; a hook may read, on all three, ``step``,
+    ``out_dir``, ``device``, ``module`` (the model being trained: the policy, or the reward model),
+    ``optimizer``, ``scheduler``, ``metrics`` (the ``MetricsLog``) and ``last_eval``."""
 
     on_step: list[Callable] = field(default_factory=list)
     on_eval: list[Callable] = field(default_factory=list)
@@ -101,6 +108,56 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def run_steps(run, cfg, *, desc: str, shown: tuple[str, ...]) -> dict[str, float]:
+    """Train ``run`` until ``cfg.stop_after`` (or ``cfg.steps``) steps are done; returns the last
+    evaluation's metrics. ``cfg`` is the run's ``train`` section (steps, stop_after, eval_every,
+    save_every, progress); a progress bar named ``desc`` shows the metrics ``shown``.
+
+    Each step: ``run.train_step()`` (its metrics, plus ``elapsed_s``), the on_step hooks,
+    ``run.log(metrics)``; every eval_every steps ``run.evaluate()``, recorded (``record_eval``); every
+    save_every steps ``run.save_checkpoint()`` (``checkpoint.CheckpointedRun``, which calls the
+    on_checkpoint hooks). At the last step an evaluation unless one just ran; a checkpoint when the
+    job stops; the on_end hooks last."""
+    end = cfg.stop_after or cfg.steps
+    progress = ProgressBar(cfg.steps, run.step, cfg.progress, desc, shown)
+    start = time.monotonic()
+    evaluated = -1
+    try:
+        while run.step < end:
+            metrics = run.train_step()
+            run.step += 1
+            metrics["elapsed_s"] = time.monotonic() - start
+            for hook in [progress, *run.hooks.on_step]:
+                hook(run, metrics)
+            run.log(metrics)
+            if cfg.eval_every and run.step % cfg.eval_every == 0:
+                record_eval(run, run.evaluate(), progress)
+                evaluated = run.step
+            if cfg.save_every and run.step % cfg.save_every == 0:
+                run.save_checkpoint()
+        if run.step == cfg.steps and evaluated != run.step:
+            record_eval(run, run.evaluate(), progress)
+        if run.saved_step != run.step:
+            run.save_checkpoint()
+    finally:
+        progress.close()
+    for hook in run.hooks.on_end:
+        hook(run, run.last_eval)
+    return run.last_eval
+
+
+def record_eval(run, metrics: dict[str, float], progress: ProgressBar) -> None:
+    """Keep an evaluation's metrics as ``run.last_eval``, write them to metrics.jsonl and the console,
+    call the on_eval hooks; nothing for no metrics (nothing held out)."""
+    if not metrics:
+        return
+    run.last_eval = metrics
+    run.metrics.write({"step": run.step, "split": "eval", **metrics})
+    progress.write(f"step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    for hook in run.hooks.on_eval:
+        hook(run, metrics)
+
+
 class Loop(checkpoint.CheckpointedRun):
     """Runs ``cfg.steps`` optimizer steps of ``model`` on ``batches`` (see the module docstring).
 
@@ -147,8 +204,6 @@ class Loop(checkpoint.CheckpointedRun):
         self.last_eval: dict[str, float] = {}
         self._window: dict[str, float] = {}
         self._window_steps = 0
-        self._last_evaluated = -1
-        self._start = time.monotonic()
 
     # ----------------------------------------------------------------- steps of one optimizer step
     def micro_batches(self) -> list:
@@ -193,27 +248,25 @@ class Loop(checkpoint.CheckpointedRun):
 
     # ----------------------------------------------------------------- scheduled work
     def evaluate(self) -> dict[str, float]:
+        """eval_fn's held-out metrics ({} without one), in eval mode and without gradients."""
         if self.eval_fn is None:
             return {}
         self.model.eval()
         with torch.no_grad(), self.autocast():
             metrics = self.eval_fn(self.module)
         self.model.train()
-        self.last_eval = metrics
-        self._last_evaluated = self.step
-        self.metrics.write({"step": self.step, "split": "eval", **metrics})
-        for hook in self.hooks.on_eval:
-            hook(self, metrics)
         return metrics
 
     def log(self, metrics: dict[str, float]) -> None:
+        """Every log_every steps (and at the last), the means of the steps' metrics since the previous
+        record; lr and elapsed_s are the last step's."""
         for key, value in metrics.items():
             self._window[key] = self._window.get(key, 0.0) + value
         self._window_steps += 1
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
             record = {k: v / self._window_steps for k, v in self._window.items()}
             record["lr"] = metrics["lr"]
-            record["elapsed_s"] = time.monotonic() - self._start
+            record["elapsed_s"] = metrics["elapsed_s"]
             self.metrics.write({"step": self.step, "split": "train", **record})
             self._window, self._window_steps = {}, 0
 
@@ -237,32 +290,6 @@ class Loop(checkpoint.CheckpointedRun):
 
     # ----------------------------------------------------------------- the run
     def run(self) -> dict[str, float]:
-        """Train until ``steps`` (or ``stop_after``) steps are done; returns the last evaluation's metrics."""
-        end = self.cfg.stop_after or self.cfg.steps
-        progress = ProgressBar(self.cfg.steps, self.step, self.cfg.progress, self.name)
-        self._start = time.monotonic()
+        """Train until ``steps`` (or ``stop_after``) steps are done (``run_steps``); returns the last evaluation's metrics."""
         self.model.train()
-        try:
-            while self.step < end:
-                metrics = self.train_step()
-                self.step += 1
-                for hook in [progress, *self.hooks.on_step]:
-                    hook(self, metrics)
-                self.log(metrics)
-                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                    self._report(progress, self.evaluate())
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    self.save_checkpoint()
-            if self.step == self.cfg.steps and self._last_evaluated != self.step:
-                self._report(progress, self.evaluate())
-            if self._last_saved != self.step:
-                self.save_checkpoint()
-        finally:
-            progress.close()
-        for hook in self.hooks.on_end:
-            hook(self, self.last_eval)
-        return self.last_eval
-
-    def _report(self, progress: ProgressBar, metrics: dict[str, float]) -> None:
-        if metrics:
-            progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return run_steps(self, self.cfg, desc=self.name, shown=("loss", "accuracy"))

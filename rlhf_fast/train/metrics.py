@@ -61,19 +61,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class ProgressBar:
-    """A tqdm bar over the run's steps (rank 0, when enabled): an ``on_step`` hook."""
+    """A tqdm bar over the run's steps (rank 0, when enabled) showing the metrics ``shown``: an ``on_step`` hook."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, shown: tuple[str, ...]):
         self.bar = None
+        self.shown = shown
         if enabled and dist.is_main():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-    def __call__(self, loop, metrics: dict) -> None:
+    def __call__(self, run, metrics: dict) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "accuracy") if k in metrics}, refresh=False)
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in self.shown if k in metrics}, refresh=False)
 
     def write(self, text: str) -> None:
         if self.bar is not None:

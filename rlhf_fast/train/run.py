@@ -1,5 +1,5 @@
-"""What both trainers do around the loop: seeds, the loop over a dataset, the output directory, the saved
-config, the final plot."""
+"""What the trainers do around the loop: seeds, the loop over a dataset, the output directory, the saved
+config, the final model, summary and plot."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .config import to_dict
 from .data import BatchStream
 from .loop import Loop
 from .metrics import plot_metrics, read_metrics
+from .reward_model import replace_dir
 
 # What runs write in out_dir (SFT and RL: model/, RM: reward_model/); --overwrite deletes only these.
 RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "model", "reward_model")
@@ -67,12 +68,13 @@ def dataset_loop(config, model, train_examples, eval_examples, *, pad: int, coll
     )
 
 
-def start_run(config, loop: Loop) -> None:
-    """Before training: an output directory that is new, resumed or overwritten on purpose, the loop
-    resumed from its newest checkpoint when asked, and the resolved configuration saved."""
+def start_run(config, run: checkpoint.CheckpointedRun) -> None:
+    """Before training: an output directory that is new, resumed or overwritten on purpose, the run
+    (a ``Loop`` or the ``RLTrainer``) resumed from its newest checkpoint when asked, and the resolved
+    configuration saved."""
     out_dir = Path(config.out_dir)
     prepare_out_dir(out_dir, config.resume, config.overwrite)
-    if config.resume and loop.resume() is None and dist.is_main():
+    if config.resume and run.resume() is None and dist.is_main():
         print(f"note: --resume found no checkpoint in {out_dir}; starting from step 0")
     save_config(config, out_dir)
 
@@ -137,6 +139,17 @@ def save_summary(out_dir: Path, summary: dict) -> None:
     if dist.is_main():
         text = json.dumps(summary, indent=2) + "\n"
         checkpoint.write_atomically(out_dir / "summary.json", lambda f: f.write(text.encode()))
+
+
+def save_policy(model, tokenizer, directory: Path) -> None:
+    """A causal LM and its tokenizer as a transformers directory, written aside then renamed (rank 0)."""
+    if not dist.is_main():
+        return
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, directory)
 
 
 def plot_run(out_dir: Path, title: str, panels: tuple[str, ...], hlines=None) -> Path | None:

@@ -10,7 +10,6 @@ averaged over every response token of the global batch (see ``loop`` on accumula
 from __future__ import annotations
 
 import math
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from .config import SFTConfig
 from .data import SFTBatch, build_sft, collate_sft, eval_batches, load_records
 from .loop import Hooks, LossFn
 from .models import check_vocab, load_policy, load_tokenizer, pad_id
-from .reward_model import replace_dir
-from .run import dataset_loop, plot_run, save_summary, seed_everything, start_run
+from .run import dataset_loop, plot_run, save_policy, save_summary, seed_everything, start_run
 from .task import SyntheticTask
 
 
@@ -92,10 +90,4 @@ class SFTTrainer:
 
     def save_model(self, directory: Path) -> None:
         """The policy and its tokenizer as a transformers directory (written aside, then renamed)."""
-        if not dist.is_main():
-            return
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.loop.module.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, directory)
+        save_policy(self.loop.module, self.tokenizer, directory)

@@ -32,14 +32,14 @@ from rlhf_fast.backends import registry
 from .. import checkpoint, dist, loop
 from ..config import ConfigError, to_dict
 from ..data import BatchStream, DataError, read_jsonl
-from ..loop import Hooks, autocast_for, build_optimizer, build_scheduler
-from ..metrics import MetricsLog, ProgressBar, plot_metrics, read_metrics
+from ..loop import Hooks, autocast_for, build_optimizer, build_scheduler, run_steps
+from ..metrics import MetricsLog
 from ..models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_size
-from ..reward_model import RewardModel, replace_dir
+from ..reward_model import RewardModel
 from .config import RLConfig
 from .rollout import generate, sequence_logprobs
 from .steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, score_step, update_step
-from ..run import prepare_out_dir, save_config, save_summary, seed_everything
+from ..run import plot_run, save_policy, save_summary, seed_everything, start_run
 from ..task import SyntheticTask
 
 RewardFn = Callable[[list[str], list[str]], "torch.Tensor | list[float]"]
@@ -241,6 +241,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.keep_checkpoints = config.train.keep_checkpoints
+        self.backend_names = self.backends()
         self.step = 0
         self.last_eval: dict[str, float] = {}
 
@@ -401,16 +402,6 @@ class RLTrainer(checkpoint.CheckpointedRun):
             backend=self.config.train.backend,
         )  # fmt: skip
 
-    def _evaluate_and_log(self, progress) -> dict[str, float]:
-        metrics = self.evaluate()
-        if metrics:
-            self.last_eval = metrics
-            self.metrics.write({"step": self.step, "split": "eval", **metrics})
-            progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            for hook in self.hooks.on_eval:
-                hook(self, metrics)
-        return metrics
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {
@@ -436,62 +427,35 @@ class RLTrainer(checkpoint.CheckpointedRun):
         checkpoint.set_rng_state(payload["rng"])
 
     # ------------------------------------------------------------------ the run
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model being trained, under the name hooks read on every run (``loop.Hooks``): the policy."""
+        return self.policy
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Every log_every steps (and at the last), the step's metrics and the backends that ran."""
+        train = self.config.train
+        if self.step % train.log_every == 0 or self.step == train.steps:
+            self.metrics.write({"step": self.step, "split": "train", **metrics, **self.backend_names})
+
     def train(self) -> dict[str, float]:
-        """Run (or resume) RL; at the last step evaluate, save model/ (policy + tokenizer), the plot and summary.json."""
+        """Run (or resume) RL (``loop.run_steps``); at the last step save model/ (policy + tokenizer),
+        the plot and summary.json."""
         cfg = self.config
-        prepare_out_dir(self.out_dir, cfg.resume, cfg.overwrite)
-        if cfg.resume and self.resume() is None and dist.is_main():
-            print(f"note: --resume found no checkpoint in {self.out_dir}; starting from step 0")
-        save_config(cfg, self.out_dir)
-        backends = self.backends()
-        end = cfg.train.stop_after or cfg.train.steps
-        progress = ProgressBar(cfg.train.steps, self.step, cfg.train.progress, f"rl:{cfg.algo.name}")
-        start = time.monotonic()
-        try:
-            while self.step < end:
-                metrics = self.train_step()
-                self.step += 1
-                metrics["elapsed_s"] = time.monotonic() - start
-                if progress.bar is not None:
-                    progress.bar.update(1)
-                    shown = {k: f"{metrics[k]:.3g}" for k in ("reward", "gold", "kl") if k in metrics}
-                    progress.bar.set_postfix(shown, refresh=False)
-                for hook in self.hooks.on_step:
-                    hook(self, metrics)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    self.metrics.write({"step": self.step, "split": "train", **metrics, **backends})
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                    self._evaluate_and_log(progress)
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                    self.save_checkpoint()
-            if self.step == cfg.train.steps and not (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
-                self._evaluate_and_log(progress)
-            if self._last_saved != self.step:
-                self.save_checkpoint()
-        finally:
-            progress.close()
+        start_run(cfg, self)
+        run_steps(self, cfg.train, desc=f"rl:{cfg.algo.name}", shown=("reward", "gold", "kl"))
         if self.step == cfg.train.steps:
             self.save_model(self.out_dir / "model")
             self.plot()
-            save_summary(self.out_dir, {"step": self.step, "algo": cfg.algo.name, "eval": self.last_eval, **backends})
+            save_summary(self.out_dir, {"step": self.step, "algo": cfg.algo.name, "eval": self.last_eval, **self.backend_names})
         dist.barrier()  # every rank returns once rank 0 has written the run's files
-        for hook in self.hooks.on_end:
-            hook(self, self.last_eval)
         return self.last_eval
 
     def save_model(self, directory: Path) -> None:
         """The policy and its tokenizer as a transformers directory (written aside, then renamed)."""
-        if not dist.is_main():
-            return
-        import shutil
-
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, directory)
+        save_policy(self.policy, self.tokenizer, directory)
 
     def plot(self) -> Path | None:
         """metrics.png: reward, gold, KL, entropy, response length, value loss over the RL steps."""
         panels = ("reward", "gold", "kl", "entropy", "response_length", "value_loss")
-        return plot_metrics(read_metrics(self.out_dir / "metrics.jsonl"), self.out_dir / "metrics.png", title=f"RL ({self.config.algo.name})", panels=panels)
+        return plot_run(self.out_dir, f"RL ({self.config.algo.name})", panels=panels)
