@@ -151,7 +151,7 @@ def test_each_algorithm_runs_end_to_end(tmp_path, algo):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
-    needed = {"reward", "gold", "kl", "entropy", "clipfrac", "approx_kl", "logp_mismatch", "response_length",
+    needed = {"score", "gold", "kl", "entropy", "clipfrac", "approx_kl", "logp_mismatch", "response_length",
               "tokens_per_s", "rollout_s", "update_s", "backend_token_logprobs"}  # fmt: skip
     assert needed <= set(records[0])
     if algo == "ppo":
@@ -202,7 +202,7 @@ def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):
     trainer = RLTrainer(cfg, reward_fn=reward_fn, advantage_fn=advantage_fn)
     metrics = trainer.train_step()
     assert seen == {"n": 8, "adv": True}
-    assert metrics["fn_score"] == pytest.approx(metrics["reward"])
+    assert metrics["fn_score"] == pytest.approx(metrics["score"])
 
 
 @pytest.mark.slow

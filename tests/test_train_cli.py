@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlhf_fast.__main__ import main
-from rlhf_fast.train.config import RewardConfig, SFTConfig, iter_fields
+from rlhf_fast.train.config import RMConfig, SFTConfig, iter_fields
 from rlhf_fast.train.reward_model import RewardModel
 
 TINY = [
@@ -23,7 +23,7 @@ def run_cli(capsys, *argv):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("command, cls", [("sft", SFTConfig), ("rm", RewardConfig)])
+@pytest.mark.parametrize("command, cls", [("sft", SFTConfig), ("rm", RMConfig)])
 def test_help_documents_every_option(capsys, command, cls):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -45,7 +45,7 @@ def test_config_file_with_command_line_overrides(tmp_path, capsys):
     resolved = yaml.safe_load(out)
     assert resolved["train"]["steps"] == 9 and resolved["train"]["batch_size"] == 4
     assert resolved["optim"]["lr"] == 1e-4 and resolved["resume"] is True
-    assert resolved["optim"]["warmup_steps"] == RewardConfig().optim.warmup_steps
+    assert resolved["optim"]["warmup_steps"] == RMConfig().optim.warmup_steps
 
 
 def test_configuration_and_data_errors_exit_2_with_one_line(tmp_path, capsys):

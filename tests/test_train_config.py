@@ -12,14 +12,14 @@ from rlhf_fast.train.config import (
     LoopConfig,
     ModelConfig,
     OptimConfig,
-    RewardConfig,
+    RMConfig,
     SFTConfig,
     iter_fields,
     load_config,
 )
 
 
-@pytest.mark.parametrize("cls", [SFTConfig, RewardConfig])
+@pytest.mark.parametrize("cls", [SFTConfig, RMConfig])
 def test_every_field_has_a_docstring(cls):
     keys = [key for key, _, _, doc in iter_fields(cls) if len(doc) > 10]
     assert keys == [key for key, *_ in iter_fields(cls)]
@@ -27,10 +27,10 @@ def test_every_field_has_a_docstring(cls):
 
 
 def test_defaults_are_valid_and_sections_keep_their_own_defaults():
-    assert RewardConfig().optim.lr != SFTConfig().optim.lr
-    partial = load_config(RewardConfig, None, {"optim.lr": "1e-4"})
+    assert RMConfig().optim.lr != SFTConfig().optim.lr
+    partial = load_config(RMConfig, None, {"optim.lr": "1e-4"})
     assert partial.optim.lr == 1e-4
-    assert partial.optim.warmup_steps == RewardConfig().optim.warmup_steps  # untouched key keeps the RM default
+    assert partial.optim.warmup_steps == RMConfig().optim.warmup_steps  # untouched key keeps the RM default
 
 
 @pytest.mark.parametrize(
@@ -67,12 +67,12 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     path = tmp_path / "rm.yaml"
     path.write_text("optim:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' in .*rm.yaml; valid keys of optim: lr, weight_decay, beta1, beta2, eps, warmup_steps, min_lr_ratio, grad_clip"):
-        load_config(RewardConfig, path)
+        load_config(RMConfig, path)
     path.write_text("trian:\n  steps: 3\n")
     with pytest.raises(ConfigError, match=r"unknown key 'trian'.*valid keys: out_dir, resume, overwrite, model, tokenizer, data, task, optim, train, loss"):
-        load_config(RewardConfig, path)
+        load_config(RMConfig, path)
     with pytest.raises(ConfigError, match=r"optim must be a mapping"):
-        load_config(RewardConfig, None, {"optim": 3})
+        load_config(RMConfig, None, {"optim": 3})
 
 
 def test_file_then_overrides(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from numerics import tiny as tiny_rl
 
-from rlhf_fast.train.config import RewardConfig, SFTConfig, load_config
+from rlhf_fast.train.config import RMConfig, SFTConfig, load_config
 from rlhf_fast.train.loop import Hooks
-from rlhf_fast.train.reward import RewardTrainer
+from rlhf_fast.train.rm import RMTrainer
 from rlhf_fast.train.rl.trainer import RLTrainer
 from rlhf_fast.train.sft import SFTTrainer
 
@@ -58,7 +58,7 @@ def build(stage: str, out_dir, hooks: Hooks):
         return SFTTrainer(load_config(SFTConfig, None, options), hooks=hooks)
     if stage == "rm":
         options = {"out_dir": str(out_dir), **MODEL, **SCHEDULE, "task.pref_train": 32, "task.pref_eval": 8, "train.batch_size": 8}
-        return RewardTrainer(load_config(RewardConfig, None, options), hooks=hooks)
+        return RMTrainer(load_config(RMConfig, None, options), hooks=hooks)
     return RLTrainer(tiny_rl(out_dir, **SCHEDULE), hooks=hooks)
 
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfi
 
 from rlhf_fast.train.config import ConfigError, ModelConfig, TokenizerConfig
 from rlhf_fast.train.models import arch_config, check_vocab, load_policy, load_tokenizer
-from rlhf_fast.train.reward import load_reward_model
+from rlhf_fast.train.rm import load_reward_model
 from rlhf_fast.train.reward_model import RewardModel, last_token_index
 from rlhf_fast.train.task import build_tokenizer
 

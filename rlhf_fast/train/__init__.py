@@ -1,11 +1,13 @@
-"""Training on Hugging Face models with the fused ops: SFT and a Bradley-Terry reward model.
+"""Training on Hugging Face models with the fused ops: SFT (``sft``), a Bradley-Terry reward model
+(``rm``) and RL against it (``rl``), on one loop (``loop``).
 
-    from rlhf_fast.train import ModelConfig, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+    from rlhf_fast.train import ModelConfig, RMConfig, RMTrainer, SFTConfig, SFTTrainer
     SFTTrainer(SFTConfig(out_dir="runs/sft")).train()
-    RewardTrainer(RewardConfig(out_dir="runs/rm", model=ModelConfig(path="runs/sft/model"))).train()
+    RMTrainer(RMConfig(out_dir="runs/rm", model=ModelConfig(path="runs/sft/model"))).train()
 
-Also on the command line: ``rlhf-fast sft --help`` and ``rlhf-fast rm --help``. With no data paths
-both use the built-in synthetic task (``rlhf_fast.train.task``), whose gold preference is known.
+Also on the command line: ``rlhf-fast sft --help``, ``rlhf-fast rm --help`` and ``rlhf-fast rl --help``.
+With no data paths they use the built-in synthetic task (``rlhf_fast.train.task``), whose gold
+preference is known.
 
 Needs the ``[train]`` extra (transformers, tokenizers, ...): without it, importing this package
 raises ``rlhf_fast.extras.MissingExtra`` naming the extra. The names below are imported on first
@@ -24,8 +26,8 @@ _EXPORTS = {
     "LoopConfig": "config",
     "ModelConfig": "config",
     "OptimConfig": "config",
-    "RewardConfig": "config",
-    "RewardLossConfig": "config",
+    "RMConfig": "config",
+    "RMLossConfig": "config",
     "SFTConfig": "config",
     "TaskConfig": "config",
     "TokenizerConfig": "config",
@@ -38,8 +40,8 @@ _EXPORTS = {
     "load_tokenizer": "models",
     "RLConfig": "rl.config",
     "RLTrainer": "rl.trainer",
-    "RewardTrainer": "reward",
-    "load_reward_model": "reward",
+    "RMTrainer": "rm",
+    "load_reward_model": "rm",
     "RewardModel": "reward_model",
     "SFTTrainer": "sft",
     "SyntheticTask": "task",

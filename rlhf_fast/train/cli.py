@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import typing
 
-from .config import ConfigError, RewardConfig, SFTConfig, TaskConfig, iter_fields, load_config
+from .config import ConfigError, RMConfig, SFTConfig, TaskConfig, iter_fields, load_config
 
 
 def _type_name(annotation) -> str:
@@ -93,12 +93,12 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    from .reward import RewardTrainer
+    from .rm import RMTrainer
 
     def report(trainer, metrics):
         print(f"reward model saved to {trainer.out_dir / 'reward_model'}")
 
-    return run_trainer(args, RewardConfig, RewardTrainer, lambda trainer: trainer.loop.step, report)
+    return run_trainer(args, RMConfig, RMTrainer, lambda trainer: trainer.loop.step, report)
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
@@ -142,7 +142,7 @@ def add_commands(commands) -> None:
         "rlhf_fast.pairwise_reward_loss. Writes checkpoints/, metrics.jsonl, metrics.png, config.yaml and reward_model/ to --out_dir.",
         epilog=EPILOG,
     )
-    add_config_options(rm, RewardConfig)
+    add_config_options(rm, RMConfig)
     rm.set_defaults(handler=run_rm)
     demo = commands.add_parser(
         "demo-data",

@@ -331,14 +331,14 @@ class LoopConfig(Section):
 
 
 @dataclass
-class RewardLossConfig(Section):
+class RMLossConfig(Section):
     """Options of the Bradley-Terry loss, passed to rlhf_fast.pairwise_reward_loss."""
 
     SECTION: ClassVar[str] = "loss"
 
     center_coef: float = 0.001
-    """Weight of the centring penalty on the squared sum of a pair's rewards, which keeps rewards near 0
-    (useful as an RL reward)."""
+    """Weight of the centring penalty on the squared sum of a pair's scores, which keeps the reward
+    model's scores near 0 (useful when RL adds them to other scores)."""
     use_margin: bool = False
     """Pass each pair's "margin" field (required on every line) as the loss margin."""
 
@@ -373,7 +373,7 @@ class SFTConfig(Section):
 
 
 @dataclass
-class RewardConfig(Section):
+class RMConfig(Section):
     """`rlhf-fast rm`: a reward model (backbone + scalar head) trained on preference pairs."""
 
     out_dir: str = "runs/rm"
@@ -391,7 +391,7 @@ class RewardConfig(Section):
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=20))
     train: LoopConfig = field(default_factory=lambda: LoopConfig(batch_size=64))
-    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
 
     def validate(self) -> None:
         self.require(bool(self.out_dir), "out_dir", "must be a directory path")

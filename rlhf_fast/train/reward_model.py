@@ -42,7 +42,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(torch.nn.Module):
-    """score(input_ids [B, T], attention_mask [B, T]) -> [B] float32 scalar rewards."""
+    """score(input_ids [B, T], attention_mask [B, T]) -> [B] float32 scores, one per sequence."""
 
     def __init__(self, backbone: torch.nn.Module):
         super().__init__()
@@ -67,7 +67,7 @@ class RewardModel(torch.nn.Module):
         return self.head(last).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The reward of each sequence, read at its last non-pad token. [B, T], [B, T] -> [B] float32."""
+        """The score of each sequence, read at its last non-pad token. [B, T], [B, T] -> [B] float32."""
         return self(input_ids, attention_mask)
 
     @classmethod

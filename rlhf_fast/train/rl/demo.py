@@ -5,7 +5,7 @@
 then a table of the SFT policy vs the RL policy on held-out prompts (gold score mean and standard
 error, proxy reward-model score, KL to the reference, and the RM's held-out accuracy beside its
 ceiling), written as ``summary.json`` (keys in ``SUMMARY_KEYS``) with ``demo.png`` (gold, proxy
-reward and KL over the RL steps: a rising proxy with a flat or falling gold is over-optimisation).
+score and KL over the RL steps: a rising proxy with a flat or falling gold is over-optimisation).
 
 Each stage writes its own directory under --out and is skipped when its final model is already
 there, so an interrupted demo continues where it stopped. Defaults are sized for a 2-core CPU
@@ -50,9 +50,9 @@ MODEL = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "
 
 def demo_configs(out: Path, *, algo: str = "ppo", seed: int = 0, sft_steps: int = 300, rm_steps: int = 150,
                  rl_steps: int = 30, device: str = "auto", progress: bool = True, overrides: dict | None = None):
-    """(SFTConfig, RewardConfig, RLConfig) of the demo under ``out``; ``overrides`` = {"sft" | "rm" | "rl": {key: value}}."""
+    """(SFTConfig, RMConfig, RLConfig) of the demo under ``out``; ``overrides`` = {"sft" | "rm" | "rl": {key: value}}."""
     overrides = overrides or {}
-    from ..config import RewardConfig, SFTConfig, load_config
+    from ..config import RMConfig, SFTConfig, load_config
     from .config import RLConfig
 
     common = {"train.seed": seed, "task.seed": seed, "train.device": device, "train.progress": progress}
@@ -60,7 +60,7 @@ def demo_configs(out: Path, *, algo: str = "ppo", seed: int = 0, sft_steps: int 
         "out_dir": str(out / "sft"), **MODEL, **common, "train.steps": sft_steps, "train.batch_size": 32,
         "train.eval_every": 0, "train.save_every": 100, "task.sft_train": 4000, "task.sft_eval": 256, **overrides.get("sft", {}),
     })  # fmt: skip
-    rm = load_config(RewardConfig, None, {
+    rm = load_config(RMConfig, None, {
         "out_dir": str(out / "rm"), "model.path": str(out / "sft" / "model"), **common, "train.steps": rm_steps,
         "train.batch_size": 32, "train.eval_every": 0, "train.save_every": 50, "task.pref_train": 6000, "task.pref_eval": 512,
         **overrides.get("rm", {}),
@@ -90,7 +90,7 @@ def _stage(name: str, done: Path, run) -> float:
 def run_demo(out: str | Path = "runs/demo", *, algo: str = "ppo", seed: int = 0, sft_steps: int = 300, rm_steps: int = 150,
              rl_steps: int = 30, device: str = "auto", progress: bool = True, overrides: dict | None = None) -> dict:
     """Run SFT -> RM -> RL -> evaluation; print the table and return the summary (also out/summary.json)."""
-    from ..reward import RewardTrainer
+    from ..rm import RMTrainer
     from .trainer import RLTrainer
     from ..sft import SFTTrainer
 
@@ -101,7 +101,7 @@ def run_demo(out: str | Path = "runs/demo", *, algo: str = "ppo", seed: int = 0,
         cfg.resume = Path(cfg.out_dir).exists()
     seconds = {}
     seconds["sft"] = _stage("SFT", out / "sft" / "model", lambda: SFTTrainer(sft_cfg).train())
-    seconds["rm"] = _stage("reward model", out / "rm" / "reward_model", lambda: RewardTrainer(rm_cfg).train())
+    seconds["rm"] = _stage("reward model", out / "rm" / "reward_model", lambda: RMTrainer(rm_cfg).train())
     rl_holder = {}
 
     def run_rl():
@@ -134,7 +134,7 @@ def run_demo(out: str | Path = "runs/demo", *, algo: str = "ppo", seed: int = 0,
 
 def make_summary(algo, sft_eval, rl_eval, rm_eval, best_gold, seconds) -> dict:
     def pick(e):
-        return {"gold": e["gold"], "gold_se": e["gold_se"], "proxy": e.get("score"), "proxy_se": e.get("score_se"),
+        return {"gold": e["gold"], "gold_se": e["gold_se"], "proxy": e.get("rm_score"), "proxy_se": e.get("rm_score_se"),
                 "kl": e.get("kl", 0.0), "length": e["length"]}  # fmt: skip
 
     sft, rl = pick(sft_eval), pick(rl_eval)
@@ -182,7 +182,7 @@ def plot_demo(metrics_path: Path, path: Path, algo: str) -> Path | None:
         if all(key in r for r in records):
             ax1.plot(steps, [r[key] for r in records], label=label)
     ax1.set_xlabel("RL step")
-    ax1.set_title("reward")
+    ax1.set_title("score")
     ax1.legend()
     ax1.grid(alpha=0.3)
     ax2.plot(steps, [r["kl"] for r in records], color="C3")

@@ -5,9 +5,16 @@
     metrics = trainer.train()   # the policy is saved in runs/rl/model/
 
 One RL step (``train_step``) is the named steps of ``steps``, each replaceable by passing another
-function: ``rollout_fn``, ``score_fn``, ``reward_fn`` (verifiable rewards, alone or added to the
-reward model's score), ``advantage_fn``, ``loss_fn``, ``update_fn``; ``hooks`` observe steps,
-evaluations and checkpoints. The reference policy is a frozen copy of the policy at the start.
+function: ``rollout_fn``, ``score_fn``, ``reward_fn`` (a verifiable score of each response, alone
+or added to the reward model's), ``advantage_fn``, ``loss_fn``, ``update_fn``; ``hooks`` (``loop.Hooks``)
+observe steps, evaluations and checkpoints as they do in SFT and reward-model training.
+
+Words: the *reward model* is the network (``RewardModel``), the *reward function* the Python callable
+(``reward_fn``), both named in the ``reward`` config section; each gives a sequence a *score*, and
+``score_step`` sums them (weighted, clipped) into the sequence's ``score`` (the metric; ``rm_score`` and
+``fn_score`` are the parts). The per-token *rewards* are the
+ops' -beta * KL plus that score at the last token (``rlhf_fast.kl_penalized_rewards``), used with
+algo.kl_place=reward. The reference policy is a frozen copy of the policy at the start.
 
 Distributed (torchrun): every process samples its own shard of prompts; gradients are summed over
 processes after each minibatch (losses are divided by the global normaliser), so all processes take
@@ -100,15 +107,15 @@ def import_reward_fn(path: str) -> RewardFn:
 
 
 @torch.no_grad()
-def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_cfg, *, score_fn=None,
+def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_cfg, *, rm_score_fn=None,
                     gold_fn=None, batch_size: int = 128, seed: int = 0, backend: str = "auto") -> dict[str, float]:
     """Held-out metrics of ``policy`` on ``prompts`` (this process's share; sums are all-reduced):
-    mean and standard error of the gold score (``gold_fn``) and of ``score_fn``'s score, KL to
+    mean and standard error of the gold score (``gold_fn``) and of the reward model's (``rm_score_fn``), KL to
     ``ref_policy`` (k1 per sequence, nats) and response length. Sampling uses its own RNG seeded by
     ``seed`` and leaves the training RNG untouched."""
     mine = prompts[dist.rank() :: dist.world_size()]
     device = next(policy.parameters()).device
-    keys = ("gold", "score", "kl", "length")
+    keys = ("gold", "rm_score", "kl", "length")
     sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)  # sum, sum of squares
     count = torch.zeros(1, dtype=torch.float64, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -118,8 +125,8 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
             values = {"length": rollout.lengths.double()}
             if gold_fn is not None:
                 values["gold"] = torch.as_tensor(gold_fn(rollout.prompts, rollout.responses), dtype=torch.float64, device=device)
-            if score_fn is not None:
-                values["score"] = score_fn(rollout).double()
+            if rm_score_fn is not None:
+                values["rm_score"] = rm_score_fn(rollout).double()
             if ref_policy is not None:
                 logp = sequence_logprobs(policy, rollout, temperature=rollout_cfg.temperature, backend=backend)
                 ref = sequence_logprobs(ref_policy, rollout, temperature=rollout_cfg.temperature, backend=backend)
@@ -133,7 +140,7 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
     n = float(dist.all_reduce_sum(count).item())
     out = {"prompts": n}
     for i, key in enumerate(keys):
-        if (key == "gold" and gold_fn is None) or (key == "score" and score_fn is None) or (key == "kl" and ref_policy is None):
+        if (key == "gold" and gold_fn is None) or (key == "rm_score" and rm_score_fn is None) or (key == "kl" and ref_policy is None):
             continue
         mean = float(sums[i, 0]) / max(n, 1)
         var = max(float(sums[i, 1]) / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
@@ -201,7 +208,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
         if reward_model is None and config.reward.model_path is not None:
-            self.reward_model, found_tokenizer = self._load_reward_model(config.reward.model_path)
+            self.reward_model, found_tokenizer = self._read_reward_model_dir(config.reward.model_path)
             self.reward_tokenizer = self.reward_tokenizer or found_tokenizer
         if self.reward_model is None and self.reward_fn is None:
             raise ConfigError(
@@ -246,7 +253,8 @@ class RLTrainer(checkpoint.CheckpointedRun):
         self.last_eval: dict[str, float] = {}
 
     # ------------------------------------------------------------------ construction helpers
-    def _load_reward_model(self, path: str):
+    def _read_reward_model_dir(self, path: str):
+        """A reward model written by `rlhf-fast rm`, and its tokenizer when the directory has one."""
         from transformers import AutoTokenizer
 
         from ..models import _require_dir
@@ -342,7 +350,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         if "kl" in update_stats:  # the loss's per-token KL during the update; "kl" is the rollout's, per sequence
             update_stats["update_kl_token"] = update_stats.pop("kl")
 
-        stats = {"reward": scores.mean(), "response_length": rollout.lengths.float().mean(), **score_stats, **exp_stats, **update_stats}
+        stats = {"score": scores.mean(), "response_length": rollout.lengths.float().mean(), **score_stats, **exp_stats, **update_stats}
         if exp.values is not None and exp.returns is not None:
             stats["explained_variance"] = explained_variance(exp.values, exp.returns, exp.mask)
         gold = self._gold(rollout)
@@ -395,9 +403,9 @@ class RLTrainer(checkpoint.CheckpointedRun):
             pass
         from .steps import reward_model_scores
 
-        score_fn = (lambda rollout: reward_model_scores(self, rollout)) if self.reward_model is not None else None
+        rm_score_fn = (lambda rollout: reward_model_scores(self, rollout)) if self.reward_model is not None else None
         return evaluate_policy(
-            policy, self.ref_policy, self.tokenizer, self.eval_prompts, self.config.rollout, score_fn=score_fn,
+            policy, self.ref_policy, self.tokenizer, self.eval_prompts, self.config.rollout, rm_score_fn=rm_score_fn,
             gold_fn=gold_fn, batch_size=self.config.train.eval_batch_size, seed=self.config.train.seed + 1,
             backend=self.config.train.backend,
         )  # fmt: skip
@@ -443,7 +451,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         the plot and summary.json."""
         cfg = self.config
         start_run(cfg, self)
-        run_steps(self, cfg.train, desc=f"rl:{cfg.algo.name}", shown=("reward", "gold", "kl"))
+        run_steps(self, cfg.train, desc=f"rl:{cfg.algo.name}", shown=("score", "gold", "kl"))
         if self.step == cfg.train.steps:
             self.save_model(self.out_dir / "model")
             self.plot()
@@ -456,6 +464,6 @@ class RLTrainer(checkpoint.CheckpointedRun):
         save_policy(self.policy, self.tokenizer, directory)
 
     def plot(self) -> Path | None:
-        """metrics.png: reward, gold, KL, entropy, response length, value loss over the RL steps."""
-        panels = ("reward", "gold", "kl", "entropy", "response_length", "value_loss")
+        """metrics.png: score, gold, KL, entropy, response length, value loss over the RL steps."""
+        panels = ("score", "gold", "kl", "entropy", "response_length", "value_loss")
         return plot_run(self.out_dir, f"RL ({self.config.algo.name})", panels=panels)

@@ -1,4 +1,4 @@
-"""RewardTrainer: Bradley-Terry training on the built-in pairs reaches the gold ceiling's margin."""
+"""RMTrainer: Bradley-Terry training on the built-in pairs reaches the gold ceiling's margin."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rlhf_fast
-from rlhf_fast.train.config import RewardConfig, load_config
-from rlhf_fast.train.reward import RewardTrainer, describe, pair_outcomes
+from rlhf_fast.train.config import RMConfig, load_config
+from rlhf_fast.train.rm import RMTrainer, describe, pair_outcomes
 from rlhf_fast.train.reward_model import RewardModel
 
 TINY = {
@@ -26,8 +26,8 @@ TINY = {
 }
 
 
-def tiny(out_dir, **overrides) -> RewardConfig:
-    return load_config(RewardConfig, None, {"out_dir": str(out_dir), **TINY, **overrides})
+def tiny(out_dir, **overrides) -> RMConfig:
+    return load_config(RMConfig, None, {"out_dir": str(out_dir), **TINY, **overrides})
 
 
 def test_pair_outcomes():
@@ -53,7 +53,7 @@ def test_loss_goes_through_the_fused_pairwise_op_in_one_forward(tmp_path, monkey
         return fused(chosen, rejected, **kw)
 
     monkeypatch.setattr(rlhf_fast, "pairwise_reward_loss", spy)
-    trainer = RewardTrainer(tiny(tmp_path, **{"train.steps": 1, "loss.center_coef": 0.05}))
+    trainer = RMTrainer(tiny(tmp_path, **{"train.steps": 1, "loss.center_coef": 0.05}))
     forwards = []
     trainer.model.backbone.register_forward_hook(lambda module, args, kwargs, out: forwards.append(kwargs["input_ids"].shape), with_kwargs=True)
     trainer.train()
@@ -64,7 +64,7 @@ def test_loss_goes_through_the_fused_pairwise_op_in_one_forward(tmp_path, monkey
 def test_gradient_accumulation_normalises_by_pairs(tmp_path):
     grads = []
     for name, (bs, accum) in {"a": (8, 1), "b": (4, 2)}.items():
-        trainer = RewardTrainer(tiny(tmp_path / name, **{"train.batch_size": bs, "train.grad_accum": accum, "train.device": "cpu"}))
+        trainer = RMTrainer(tiny(tmp_path / name, **{"train.batch_size": bs, "train.grad_accum": accum, "train.device": "cpu"}))
         trainer.loop.forward_backward(trainer.loop.micro_batches())
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     for name in grads[0]:
@@ -74,10 +74,10 @@ def test_gradient_accumulation_normalises_by_pairs(tmp_path):
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     cpu = {"train.device": "cpu"}
-    straight = RewardTrainer(tiny(tmp_path / "a", **cpu))
+    straight = RMTrainer(tiny(tmp_path / "a", **cpu))
     straight.train()
-    RewardTrainer(tiny(tmp_path / "b", **cpu, **{"train.stop_after": 2})).train()
-    resumed = RewardTrainer(tiny(tmp_path / "b", resume=True, **cpu))
+    RMTrainer(tiny(tmp_path / "b", **cpu, **{"train.stop_after": 2})).train()
+    resumed = RMTrainer(tiny(tmp_path / "b", resume=True, **cpu))
     resumed.train()
     for (name, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(x, y), name
@@ -102,9 +102,9 @@ def one_thread():
 
 @pytest.mark.slow
 def test_reward_model_reaches_the_gold_ceiling_margin(tmp_path, capsys, one_thread):
-    config = load_config(RewardConfig, None, {"out_dir": str(tmp_path), **CI_RM})
+    config = load_config(RMConfig, None, {"out_dir": str(tmp_path), **CI_RM})
     assert (config.train.batch_size, config.optim.lr) == (64, 2e-3)  # the defaults this test vouches for
-    metrics = RewardTrainer(config).train()
+    metrics = RMTrainer(config).train()
     out = capsys.readouterr().out
     with capsys.disabled():
         print("\n" + describe(metrics))

@@ -1,4 +1,4 @@
-"""RewardTrainer: a Bradley-Terry reward model on preference pairs, with the fused ``rlhf_fast.pairwise_reward_loss``.
+"""RMTrainer: a Bradley-Terry reward model on preference pairs, with the fused ``rlhf_fast.pairwise_reward_loss``.
 
 The chosen and rejected sequences of a micro-batch go through the backbone in one forward pass
 ([2B, T]); the loss is -log sigmoid(r_chosen - r_rejected) averaged over pairs (plus the centring term).
@@ -27,7 +27,7 @@ import torch
 import rlhf_fast
 
 from . import dist
-from .config import ConfigError, ModelConfig, RewardConfig
+from .config import ConfigError, ModelConfig, RMConfig
 from .data import PreferenceBatch, build_preferences, collate_preferences, eval_batches, load_records
 from .loop import Hooks, LossFn
 from .models import _require_dir, arch_config, check_vocab, is_reward_model_dir, load_tokenizer, pad_id
@@ -61,12 +61,12 @@ def load_reward_model(model: ModelConfig, tokenizer) -> RewardModel:
     return rm
 
 
-def reward_loss_step(model: torch.nn.Module, batch: PreferenceBatch, *, center_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry loss of one micro-batch; stats: the op's (accuracy, margin = mean c - r) and the mean reward."""
+def rm_loss_step(model: torch.nn.Module, batch: PreferenceBatch, *, center_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of one micro-batch; stats: the op's (accuracy, margin = mean c - r) and the mean score."""
     scores = model(batch.input_ids, batch.attention_mask)  # [2B]: chosen then rejected
     chosen, rejected = scores.chunk(2)
     loss, stats = rlhf_fast.pairwise_reward_loss(chosen, rejected, margin=batch.margin, center_coef=center_coef)
-    return loss, {**stats, "reward_mean": scores.detach().mean()}
+    return loss, {**stats, "score_mean": scores.detach().mean()}
 
 
 def pair_outcomes(chosen: torch.Tensor, rejected: torch.Tensor, gold: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -83,7 +83,7 @@ def pair_outcomes(chosen: torch.Tensor, rejected: torch.Tensor, gold: torch.Tens
     return out
 
 
-def reward_evaluate(model: torch.nn.Module, examples, *, batch_size: int, pad: int, device: torch.device) -> dict[str, float]:
+def rm_evaluate(model: torch.nn.Module, examples, *, batch_size: int, pad: int, device: torch.device) -> dict[str, float]:
     """Held-out pair accuracy and loss (and the gold-based metrics when every pair has gold scores)."""
     has_gold = all(e.gold is not None for e in examples)
     keys = ["loss", "accuracy"] + (["gold_ceiling", "expected_accuracy", "gold_scorer_accuracy"] if has_gold else [])
@@ -117,15 +117,15 @@ def describe(metrics: dict[str, float]) -> str:
     return text
 
 
-class RewardTrainer:
+class RMTrainer:
     """Builds the tokenizer, reward model and pairs from ``config`` (or takes them) and runs the shared loop.
 
-    ``loss_fn(model, batch)`` replaces the loss step (default: ``reward_loss_step`` with loss.center_coef).
+    ``loss_fn(model, batch)`` replaces the loss step (default: ``rm_loss_step`` with loss.center_coef).
     """
 
     def __init__(
         self,
-        config: RewardConfig,
+        config: RMConfig,
         *,
         model: RewardModel | None = None,
         tokenizer=None,
@@ -147,8 +147,8 @@ class RewardTrainer:
         self.eval_examples = build_preferences(held, self.tokenizer, config.data, held_name, use_margin=use_margin) if held else []
         self.loop = dataset_loop(
             config, self.model, self.train_examples, self.eval_examples, pad=pad_id(self.tokenizer),
-            collate=collate_preferences, evaluate=reward_evaluate,
-            loss_fn=loss_fn or partial(reward_loss_step, center_coef=config.loss.center_coef), hooks=hooks,
+            collate=collate_preferences, evaluate=rm_evaluate,
+            loss_fn=loss_fn or partial(rm_loss_step, center_coef=config.loss.center_coef), hooks=hooks,
             device=self.device, name="rm",
         )  # fmt: skip
 
