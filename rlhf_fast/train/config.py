@@ -1,4 +1,6 @@
-"""Configuration of the SFT and reward-model trainers: nested dataclasses, one docstring per field.
+"""Configuration of the SFT and reward-model trainers, and the pieces the RL stage's (``rl.config``)
+shares: ``RunConfig`` (out_dir, resume, overwrite), ``require_schedule`` (the ``train`` section's
+checks). Nested dataclasses, one docstring per field.
 
 Every section validates itself in ``__post_init__`` (values are coerced to the annotated type first,
 so a YAML string "1e-3" becomes a float) and raises ``ConfigError`` naming the key and the value.
@@ -315,19 +317,27 @@ class LoopConfig(Section):
     """Show a progress bar (rank 0)."""
 
     def validate(self) -> None:
-        self.require(self.steps >= 1, "steps", "must be >= 1")
-        if self.stop_after is not None:
-            self.require(1 <= self.stop_after <= self.steps, "stop_after", f"must be in [1, train.steps={self.steps}]")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
+        require_schedule(self)
+        for name in ("batch_size", "grad_accum"):
             self.require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("eval_every", "save_every"):
-            self.require(getattr(self, name) >= 0, name, "must be >= 0")
-        self.require_choice("precision", PRECISIONS)
-        self.require(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device",
-            "must be auto, cpu, cuda or cuda:N",
-        )
+
+
+def require_schedule(section) -> None:
+    """Check the fields every stage's ``train`` section has (LoopConfig, RLLoopConfig): what
+    ``loop.run_steps`` reads, plus eval_batch_size, keep_checkpoints, precision and device."""
+    section.require(section.steps >= 1, "steps", "must be >= 1")
+    if section.stop_after is not None:
+        section.require(1 <= section.stop_after <= section.steps, "stop_after", f"must be in [1, train.steps={section.steps}]")
+    for name in ("eval_batch_size", "log_every", "keep_checkpoints"):
+        section.require(getattr(section, name) >= 1, name, "must be >= 1")
+    for name in ("eval_every", "save_every"):
+        section.require(getattr(section, name) >= 0, name, "must be >= 0")
+    section.require_choice("precision", PRECISIONS)
+    section.require(
+        section.device in ("auto", "cpu", "cuda") or section.device.startswith("cuda:"),
+        "device",
+        "must be auto, cpu, cuda or cuda:N",
+    )
 
 
 @dataclass
@@ -347,11 +357,12 @@ class RMLossConfig(Section):
 
 
 @dataclass
-class SFTConfig(Section):
-    """`rlhf-fast sft`: instruction finetuning of a causal LM on (prompt, response) pairs."""
+class RunConfig(Section):
+    """What every stage's configuration starts with: where the run goes, and whether it continues or
+    replaces a run there. Each stage sets its own out_dir default."""
 
-    out_dir: str = "runs/sft"
-    """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml and the final model/."""
+    out_dir: str = ""
+    """Output directory."""
     resume: bool = False
     """Continue the run in out_dir from its newest checkpoint that loads (starts at step 0, with a note,
     when there is none; an error when there are checkpoints and none loads)."""
@@ -359,6 +370,19 @@ class SFTConfig(Section):
     """Start a fresh run in an out_dir that holds one: delete its files (checkpoints/, metrics, the saved
     model) first; an out_dir holding other files is still refused. Without this or resume, a non-empty
     out_dir is an error."""
+
+    def validate(self) -> None:
+        self.require(bool(self.out_dir), "out_dir", "must be a directory path")
+        self.require(not (self.resume and self.overwrite), "overwrite",
+                     "must be false with resume=true (resume continues the run in out_dir, overwrite deletes it)")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """`rlhf-fast sft`: instruction finetuning of a causal LM on (prompt, response) pairs."""
+
+    out_dir: str = "runs/sft"
+    """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml and the final model/."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -367,24 +391,16 @@ class SFTConfig(Section):
     train: LoopConfig = field(default_factory=LoopConfig)
 
     def validate(self) -> None:
-        self.require(bool(self.out_dir), "out_dir", "must be a directory path")
-        require_resume_xor_overwrite(self)
+        super().validate()
         _check_positions(self.model, self.data)
 
 
 @dataclass
-class RMConfig(Section):
+class RMConfig(RunConfig):
     """`rlhf-fast rm`: a reward model (backbone + scalar head) trained on preference pairs."""
 
     out_dir: str = "runs/rm"
     """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml and the final reward_model/."""
-    resume: bool = False
-    """Continue the run in out_dir from its newest checkpoint that loads (starts at step 0, with a note,
-    when there is none; an error when there are checkpoints and none loads)."""
-    overwrite: bool = False
-    """Start a fresh run in an out_dir that holds one: delete its files (checkpoints/, metrics, the saved
-    model) first; an out_dir holding other files is still refused. Without this or resume, a non-empty
-    out_dir is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -394,14 +410,8 @@ class RMConfig(Section):
     loss: RMLossConfig = field(default_factory=RMLossConfig)
 
     def validate(self) -> None:
-        self.require(bool(self.out_dir), "out_dir", "must be a directory path")
-        require_resume_xor_overwrite(self)
+        super().validate()
         _check_positions(self.model, self.data)
-
-
-def require_resume_xor_overwrite(section) -> None:
-    section.require(not (section.resume and section.overwrite), "overwrite",
-                    "must be false with resume=true (resume continues the run in out_dir, overwrite deletes it)")
 
 
 def _check_positions(model: ModelConfig, data: DataConfig) -> None:

@@ -17,7 +17,7 @@ from typing import ClassVar
 from ...choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from ..._validate import MIN_TEMPERATURE
 from ...objectives import OBJECTIVES
-from ..config import ConfigError, ModelConfig, OptimConfig, PRECISIONS, Section, TaskConfig, TokenizerConfig, require_resume_xor_overwrite
+from ..config import ConfigError, ModelConfig, OptimConfig, RunConfig, Section, TaskConfig, TokenizerConfig, require_schedule
 
 ALGOS = ("ppo", "grpo", "reinforce")
 BASELINES = ("none", "mean", "rloo")
@@ -257,20 +257,9 @@ class RLLoopConfig(Section):
     """Backend of the fused ops: auto, triton, cuda, host or torch (pure PyTorch reference)."""
 
     def validate(self) -> None:
-        self.require(self.steps >= 1, "steps", "must be >= 1")
-        if self.stop_after is not None:
-            self.require(1 <= self.stop_after <= self.steps, "stop_after", f"must be in [1, train.steps={self.steps}]")
-        for name in ("eval_prompts", "eval_batch_size", "log_every", "keep_checkpoints"):
-            self.require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("eval_every", "save_every"):
-            self.require(getattr(self, name) >= 0, name, "must be >= 0")
-        self.require_choice("precision", PRECISIONS)
+        require_schedule(self)
+        self.require(self.eval_prompts >= 1, "eval_prompts", "must be >= 1")
         self.require_choice("backend", ("auto", "triton", "cuda", "host", "torch"))
-        self.require(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device",
-            "must be auto, cpu, cuda or cuda:N",
-        )
 
 
 @dataclass
@@ -288,18 +277,11 @@ class PromptDataConfig(Section):
 
 
 @dataclass
-class RLConfig(Section):
+class RLConfig(RunConfig):
     """`rlhf-fast rl`: RL finetuning of a policy against a frozen reference (the policy at the start)."""
 
     out_dir: str = "runs/rl"
     """Output directory: checkpoints/, metrics.jsonl, metrics.png, config.yaml, summary.json and the final model/."""
-    resume: bool = False
-    """Continue the run in out_dir from its newest checkpoint that loads (starts at step 0, with a note,
-    when there is none; an error when there are checkpoints and none loads)."""
-    overwrite: bool = False
-    """Start a fresh run in an out_dir that holds one: delete its files (checkpoints/, metrics, the saved
-    model) first; an out_dir holding other files is still refused. Without this or resume, a non-empty
-    out_dir is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
@@ -312,8 +294,7 @@ class RLConfig(Section):
     train: RLLoopConfig = field(default_factory=RLLoopConfig)
 
     def validate(self) -> None:
-        self.require(bool(self.out_dir), "out_dir", "must be a directory path")
-        require_resume_xor_overwrite(self)
+        super().validate()
         rollout, algo = self.rollout, self.algo
         if rollout.batch_size % algo.mini_batch_size:
             raise ConfigError(
