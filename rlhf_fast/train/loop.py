@@ -3,7 +3,7 @@
 ``run_steps`` is the schedule SFT, reward-model and RL training share, and so the one place that
 says when each hook (``Hooks``) fires. ``Loop`` is the SFT and reward-model run; its optimizer step is
 
-    micro_batches -> forward_backward (loss_fn, per micro-batch) -> clip -> optimizer_step
+    micro_batches -> forward_backward (loss_fn, per micro-batch) -> clip_gradients -> optimizer_step
 
 What differs between those two trainers is passed in as functions: ``loss_fn(model, batch) -> (mean
 loss, stats)`` and ``eval_fn(model) -> metrics``. RL (``rl.trainer.RLTrainer``) has its own step and
@@ -232,18 +232,12 @@ class Loop(checkpoint.CheckpointedRun):
         out["weight"] = packed[-1]
         return out
 
-    def clip(self) -> float:
-        """Clip the global gradient norm to optim.grad_clip (when > 0); returns the norm before clipping."""
-        return clip_gradients(self.module.parameters(), self.grad_clip)
-
-    def optimizer_step(self) -> float:
-        return optimizer_step(self.optimizer, self.scheduler)
-
     def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns its metrics (loss and stats, grad_norm, lr, weight)."""
+        """One optimizer step; returns its metrics (loss and stats, grad_norm, lr, weight). The global
+        gradient norm is clipped to optim.grad_clip (when > 0); grad_norm is the norm before clipping."""
         metrics = self.forward_backward(self.micro_batches())
-        metrics["grad_norm"] = self.clip()
-        metrics["lr"] = self.optimizer_step()
+        metrics["grad_norm"] = clip_gradients(self.module.parameters(), self.grad_clip)
+        metrics["lr"] = optimizer_step(self.optimizer, self.scheduler)
         return metrics
 
     # ----------------------------------------------------------------- scheduled work
