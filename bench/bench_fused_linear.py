@@ -1,46 +1,39 @@
-"""Benchmark of the linear-head ops (lm_head + loss, no [N, V] logits) against eager PyTorch and Liger.
+"""The linear-head ops: lm_head + loss without the [N, V] logits.
 
-    python -m rlhf_fast.bench.bench_fused_linear [--quick] [--device cpu|cuda] [--shape NxHxV --dtype D] [--out DIR]
-                                       [--ops logprobs,sft,policy] [--chunk-size C ...] [--deadline-s S]
-    python -m rlhf_fast.bench.bench_fused_linear --summarize bench/results/*-fused_linear.json
+    python -m rlhf_fast.bench --ops linear_logprobs,linear_sft,linear_policy_loss [--chunk-size C ...]
 
-Each op is a scalar loss L of hidden [N, H] and the head weight [V, H]; every row is forward +
-backward w.r.t. both (what a training step does):
-  logprobs  L = sum(g * logp) with logp = token_logprobs(hidden @ W.T, labels), g a random upstream
-  sft       L = mean of -logp (cross-entropy)
-  policy    GRPO / DAPO: policy loss with clip 0.2, a k3 KL to ref_logp with coefficient 0.04,
-            token-mean over a [B, T = 1024] mask (about 1/4 padding), per-sequence advantages [B]
-
+Ops (hidden [N, H], lm_head weight [V, H]; forward, and forward + backward w.r.t. both):
+  linear_logprobs     logp = linear_token_logprobs(hidden, weight, labels); backward of sum(g * logp)
+  linear_sft          mean -logp (cross-entropy), every label valid
+  linear_policy_loss  fused_linear_policy_loss: the loss of bench_policy_loss.py on a [B, T = 1024]
+                      layout (T = N when N is not a multiple of 1024)
 Implementations:
-  eager          rlhf_fast.reference.<op> on hidden @ W.T: plain PyTorch, logits materialised
-  fused-logits   rlhf_fast.<op> (token_logprobs / sft_loss / fused_policy_loss) on hidden @ W.T
-  linear         rlhf_fast.linear_token_logprobs / linear_sft_loss / fused_linear_policy_loss
-  linear-c<C>    the same with chunk_size=C (--chunk-size, repeatable): the memory / time trade
-  liger          Liger-Kernel, CUDA only: liger_fused_linear_cross_entropy (sft) with its default
-                 bf16 weight-gradient accumulation; LigerFusedLinearGRPOLoss (policy, loss_type
-                 "dapo", compiled=False: its [B, T] loss math is negligible next to the matmuls)
-  liger-fp32acc  sft: Liger's FLCE with accum_dtype=float32, the weight-gradient precision of ours
-When ``import liger_kernel`` fails the liger rows say "skipped: <reason>".
-
-Every implementation is verified first against an oracle on the same input values (float64 on
-CPU, float32 on CUDA, run as two passes over row chunks so that it fits): the loss and the
-gradients of hidden and weight. Ours must be within 2x eager's own error (in the same dtype) or
-is FAILED and not timed; a baseline outside it is timed and flagged. Then: median / p10 / p90
-time (CUDA: events; CPU: the implementations of an op run in turn, round after round, so that a
-shared machine's load falls on all of them alike), peak memory beyond the inputs (CUDA: allocator peak; CPU: RSS high-water mark in a fresh
-process), ``x floor`` = time over the matmul floor 6 N H V / (measured rate of hidden @ W.T in
-the dtype), and ratios to eager and Liger from the same run.
+  eager          the reference on hidden @ weight.T: plain PyTorch, logits materialised
+  compile        torch.compile of it
+  backend=<b>    rlhf_fast.linear_token_logprobs / linear_sft_loss / fused_linear_policy_loss with
+                 the token kernels of backend b
+  fused-logits   rlhf_fast.token_logprobs / sft_loss / fused_policy_loss on hidden @ weight.T
+  auto-bf16acc   the linear ops with accum_dtype=None (bf16/fp16 inputs): the weight gradient summed
+                 in its own dtype, as Liger's default, instead of float32 (half that sum's memory)
+  auto-c<C>      the linear ops with chunk_size=C (the driver's --chunk-size, repeatable): the
+                 memory / time trade of the chunk
+  liger          Liger-Kernel (CUDA): liger_fused_linear_cross_entropy (sft; its default bf16 sum of the
+                 weight gradient over chunks), LigerFusedLinearGRPOLoss (policy, loss_type "dapo" =
+                 token-mean, torch.compile'd chunks as by default); it has no per-token log-prob form
+  liger-fp32acc  liger_fused_linear_cross_entropy with accum_dtype=float32, as our weight gradient
+  cce, cce-compile  Cut Cross-Entropy's linear_cross_entropy (impl "cce", CUDA; impl
+                 "torch_compile", any device): logp = -loss with reduction="none", sft = the mean
+"x liger" is Liger's time over this one (same op and mode). The oracle is the reference in
+float64 (CPU) / float32 (CUDA), two passes over row chunks so that it fits. The work is the three
+matmuls of forward + backward, 6 N H V FLOPs (2 N H V forward), set against the measured rate of
+hidden @ weight.T at the same shape and dtype (the "6NHV floor"). For the policy loss N counts the
+tokens of the mask only (right padding leaves about 2/3 of the batch): the rest have no loss and
+no gradient, and our op skips them; eager and Liger compute all rows.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import signal
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -48,446 +41,291 @@ import rlhf_fast
 from rlhf_fast import reference
 
 from . import harness
+from .bench_policy_loss import POLICY
+from .case import Case, Check, Impl, backend_impls, cce_problem, liger_problem, tolerance
 
-BENCH = "fused_linear"
-OPS = ("sft", "policy", "logprobs")
-BASE_IMPLS = ("eager", "linear", "liger", "liger-fp32acc", "fused-logits")
-KEY_FIELDS = ("dtype", "shape", "op", "impl")
-SEQ_LEN = 1024  # T of the policy op's [B, T] layout
-POLICY = dict(clip_eps=0.2, kl_coef=0.04, kl_estimator="k3", agg="token-mean")
+SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+SEQ_LEN = 1024
 CHUNK_ROWS = 2048  # rows per oracle chunk
-SHAPES = {  # (device, quick) -> [(dtype, N, H, V)]; the first is the headline
-    ("cuda", True): [("bfloat16", 16384, 4096, 128256)],
-    ("cuda", False): [("bfloat16", 16384, 4096, 128256), ("bfloat16", 8192, 3584, 152064)],
-    ("cpu", True): [("float32", 1024, 512, 32000)],
-    ("cpu", False): [("float32", 4096, 512, 32000)],
-}
-
-
-# --------------------------------------------------------------------------- inputs
+KINDS = {"linear_logprobs": "logprobs", "linear_sft": "sft", "linear_policy_loss": "policy"}
 
 
 @dataclass
 class Inputs:
-    hidden: torch.Tensor  # [N, H] leaf requiring grad
-    weight: torch.Tensor  # [V, H] leaf requiring grad
+    hidden: list[torch.Tensor]  # copies of [N, H], leaves requiring grad
+    weight: list[torch.Tensor]  # copies of [V, H], leaves requiring grad
     labels: torch.Tensor  # [N] int64 in [0, V)
-    g: torch.Tensor  # [N] float32 upstream gradient of logp (logprobs op)
+    g: torch.Tensor  # [N] float32 upstream gradient of logp (linear_logprobs)
     mask: torch.Tensor  # [B, T] bool, right padding
     old_logp: torch.Tensor  # [B, T] float32
     ref_logp: torch.Tensor  # [B, T] float32
     advantages: torch.Tensor  # [B] float32
 
     @property
-    def bt(self):
-        return self.mask.shape
+    def bt(self) -> tuple[int, int]:
+        return tuple(self.mask.shape)
+
+    def clear(self) -> None:
+        for t in self.hidden + self.weight:
+            t.grad = None
 
 
-def make_inputs(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device, seed: int = 0) -> Inputs:
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.randn(n, hidden_size, generator=gen, device=device).to(dtype)
-    # Logits of spread ~2.5, as a trained LM's; the weight is the largest input: made in place.
-    weight = torch.randn(vocab, hidden_size, generator=gen, device=device).mul_(2.5 / hidden_size**0.5).to(dtype)
-    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)
-    g = torch.randn(n, generator=gen, device=device)
-    seq = SEQ_LEN if n % SEQ_LEN == 0 else n
-    b = n // seq
-    lengths = torch.randint(seq // 2, seq + 1, (b, 1), generator=gen, device=device)
-    mask = torch.arange(seq, device=device) < lengths
-    with torch.no_grad():  # behaviour and reference policies near the current one: some ratios clip
-        logp = rlhf_fast.linear_token_logprobs(hidden, weight, labels).view(b, seq)
-    old_logp = logp + 0.2 * torch.randn(b, seq, generator=gen, device=device)
-    ref_logp = logp + 0.2 * torch.randn(b, seq, generator=gen, device=device)
-    advantages = torch.randn(b, generator=gen, device=device)
-    return Inputs(hidden.requires_grad_(), weight.requires_grad_(), labels, g, mask, old_logp, ref_logp, advantages)
+def _eager(kind):
+    if kind == "logprobs":
+        return lambda h, w, x: reference.linear_token_logprobs(h, w, x.labels)
+    if kind == "sft":
+        return lambda h, w, x: reference.linear_sft_loss(h, w, x.labels)
+    return lambda h, w, x: reference.fused_linear_policy_loss(
+        h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp, **POLICY
+    )[0]
 
 
-# --------------------------------------------------------------------------- implementations
+def _compiled(kind):
+    # Compile a function of tensors only (the inputs object would be guarded field by field).
+    if kind == "logprobs":
+        graph = torch.compile(lambda h, w, labels: reference.linear_token_logprobs(h, w, labels), dynamic=False)
+        return lambda h, w, x: graph(h, w, x.labels)
+    if kind == "sft":
+        graph = torch.compile(lambda h, w, labels: reference.linear_sft_loss(h, w, labels), dynamic=False)
+        return lambda h, w, x: graph(h, w, x.labels)
+
+    def policy(h, w, labels, old_logp, advantages, mask, ref_logp):
+        return reference.fused_linear_policy_loss(h, w, labels, old_logp, advantages, mask, ref_logp=ref_logp, **POLICY)[0]
+
+    graph = torch.compile(policy, dynamic=False)
+    return lambda h, w, x: graph(h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, x.ref_logp)
 
 
-def liger_unavailable() -> str | None:
-    try:
-        for module in ("liger_kernel.chunked_loss", "liger_kernel.transformers.functional"):
-            importlib.import_module(module)
-    except Exception as error:  # not installed, or a broken install: a reason, not a crash
-        return f"liger_kernel cannot be imported: {type(error).__name__}: {error}"
-    return None
+def _ours(kind, backend, accum_dtype=torch.float32, chunk_size=None):
+    opts = dict(backend=backend, accum_dtype=accum_dtype, chunk_size=chunk_size)
+    if kind == "logprobs":
+        return lambda h, w, x: rlhf_fast.linear_token_logprobs(h, w, x.labels, **opts)
+    if kind == "sft":
+        return lambda h, w, x: rlhf_fast.linear_sft_loss(h, w, x.labels, **opts)
+    return lambda h, w, x: rlhf_fast.fused_linear_policy_loss(
+        h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp,
+        **opts, **POLICY,
+    )[0]  # fmt: skip
 
 
-def unavailable(op: str, impl: str, device: torch.device) -> str | None:
-    if impl.startswith("liger"):
-        if device.type != "cuda":
-            return "Liger's kernels run on CUDA"
-        if op == "logprobs" or (op == "policy" and impl == "liger-fp32acc"):
-            return f"Liger has no {impl} form of {op}"
-        return liger_unavailable()
-    return None
+def _fused_logits(kind):
+    if kind == "logprobs":
+        return lambda h, w, x: rlhf_fast.token_logprobs(h @ w.T, x.labels)
+    if kind == "sft":
+        return lambda h, w, x: rlhf_fast.sft_loss(h @ w.T, x.labels)
+    return lambda h, w, x: rlhf_fast.fused_policy_loss(
+        (h @ w.T).view(*x.bt, -1), x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp, **POLICY
+    )[0]
 
 
-def _policy_args(x: Inputs):
-    return x.labels.view(x.bt), x.old_logp, x.advantages, x.mask
-
-
-def implementation(op: str, impl: str):
-    """inputs -> scalar loss tensor (differentiable w.r.t. x.hidden and x.weight)."""
-    if impl == "eager" or impl == "fused-logits":
-        lib = reference if impl == "eager" else rlhf_fast
-        if op == "logprobs":
-            return lambda x: (lib.token_logprobs(x.hidden @ x.weight.T, x.labels) * x.g).sum()
-        if op == "sft":
-            return lambda x: lib.sft_loss(x.hidden @ x.weight.T, x.labels)
-        return lambda x: lib.fused_policy_loss(
-            (x.hidden @ x.weight.T).view(*x.bt, -1), *_policy_args(x), ref_logp=x.ref_logp, **POLICY
-        )[0]
-    if impl == "linear" or impl.startswith("linear-c"):
-        chunk = int(impl.removeprefix("linear-c")) if impl.startswith("linear-c") else None
-        if op == "logprobs":
-            return lambda x: (rlhf_fast.linear_token_logprobs(x.hidden, x.weight, x.labels, chunk_size=chunk) * x.g).sum()
-        if op == "sft":
-            return lambda x: rlhf_fast.linear_sft_loss(x.hidden, x.weight, x.labels, chunk_size=chunk)
-        return lambda x: rlhf_fast.fused_linear_policy_loss(
-            x.hidden.view(*x.bt, -1), x.weight, *_policy_args(x), ref_logp=x.ref_logp, chunk_size=chunk, **POLICY
-        )[0]
-    if impl.startswith("liger") and op == "sft":
+def _liger(kind, accum_dtype=None):
+    if kind == "sft":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        accum = torch.float32 if impl == "liger-fp32acc" else None
-        return lambda x: liger_fused_linear_cross_entropy(x.hidden, x.weight, x.labels, accum_dtype=accum)
-    if impl == "liger" and op == "policy":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        return lambda h, w, x: liger_fused_linear_cross_entropy(h, w, x.labels, accum_dtype=accum_dtype)
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        grpo = LigerFusedLinearGRPOLoss(
-            beta=POLICY["kl_coef"], epsilon_low=POLICY["clip_eps"], epsilon_high=POLICY["clip_eps"],
-            loss_type="dapo", use_ref_model=True, compiled=False,
-        )  # fmt: skip
+    grpo = LigerFusedLinearGRPOLoss(
+        beta=POLICY["kl_coef"], epsilon_low=POLICY["clip_eps"], epsilon_high=POLICY["clip_eps"],
+        loss_type="dapo", use_ref_model=True,  # compiled=True: Liger's default, what its users get
+    )  # fmt: skip
 
-        def liger_policy(x):
-            labels, old_logp, advantages, mask = _policy_args(x)
-            out = grpo(x.hidden.view(*x.bt, -1), x.weight, labels, mask.float(), advantages,
-                       ref_per_token_logps=x.ref_logp, old_per_token_logps=old_logp)  # fmt: skip
-            return out[0] if isinstance(out, tuple) else out
+    def policy(h, w, x):
+        out = grpo(h.view(*x.bt, -1), w, x.labels.view(x.bt), x.mask.float(), x.advantages,
+                   ref_per_token_logps=x.ref_logp, old_per_token_logps=x.old_logp)  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out
 
-        return liger_policy
-    raise ValueError(f"no implementation {impl!r} of {op!r}")
+    return policy
+
+
+def _cce(kind, impl):
+    from cut_cross_entropy import linear_cross_entropy
+
+    if kind == "logprobs":
+        return lambda h, w, x: -linear_cross_entropy(h, w, x.labels, reduction="none", impl=impl)
+    return lambda h, w, x: linear_cross_entropy(h, w, x.labels, reduction="mean", impl=impl)
 
 
 class Step:
-    """One measured forward + backward; gradients dropped first so that backward writes them fresh."""
+    """One call on copy i: the forward under no_grad, or forward + backward (of sum(g * logp) for logprobs)."""
 
-    def __init__(self, fn, inputs: Inputs):
-        self.fn, self.inputs = fn, inputs
+    def __init__(self, fn, x: Inputs, mode: str):
+        self.fn, self.x, self.mode = fn, x, mode
 
-    def __call__(self, i: int = 0):
-        self.clear()
-        self.fn(self.inputs).backward()
+    def __call__(self, i: int):
+        k = i % len(self.x.hidden)
+        h, w = self.x.hidden[k], self.x.weight[k]
+        if self.mode == "fwd":
+            with torch.no_grad():
+                return self.fn(h, w, self.x)
+        h.grad = w.grad = None
+        out = self.fn(h, w, self.x)
+        out.backward(self.x.g.to(out.dtype) if out.dim() else None)
+        return None
 
     def clear(self) -> None:
-        self.inputs.hidden.grad = self.inputs.weight.grad = None
+        self.x.clear()
 
 
-def memory_step(op: str, impl: str, n: int, hidden_size: int, vocab: int, dtype: str, device: str = "cpu"):
-    """Factory for harness.cpu_peak_mb: a fresh process builds the inputs and the step."""
-    return Step(implementation(op, impl), make_inputs(n, hidden_size, vocab, getattr(torch, dtype), device))
+class LinearCase(Case):
+    op = "linear_logprobs"
+    ratio_to = ("eager", "compile", "liger")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kind = KINDS[self.op]
+        self._tflops: float | None = None
+        self.rows_needed = self.dims["N"]  # the policy loss: the mask's tokens (make_inputs)
+
+    @property
+    def nhv(self) -> tuple[int, int, int]:
+        return self.dims["N"], self.dims["H"], self.dims["V"]
+
+    def input_bytes(self):
+        n, h, v = self.nhv
+        return (n * h + v * h) * self.dtype.itemsize + n * 12
+
+    def implementations(self):
+        kind, dev = self.kind, self.device
+        impls = [Impl("eager", make=lambda: _eager(kind)), Impl("compile", make=lambda: _compiled(kind), slow=True)]
+        impls += backend_impls("token_logprobs", dev, self.dtype, lambda name: _ours(kind, name))
+        impls.append(Impl("fused-logits", make=lambda: _fused_logits(kind), ours=True))
+        if self.dtype.itemsize == 2:  # like for like with Liger's default: the weight gradient summed in bf16
+            short = SHORT_DTYPE[self.dtype]
+            impls.append(Impl(f"auto-{short}acc", make=lambda: _ours(kind, "auto", accum_dtype=None), ours=True))
+        for c in self.chunk_sizes:
+            impls.append(Impl(f"auto-c{c}", make=lambda c=c: _ours(kind, "auto", chunk_size=c), ours=True))
+        reason = liger_problem(dev) or ("Liger-Kernel has no per-token log-prob form of the fused linear head"
+                                        if kind == "logprobs" else None)  # fmt: skip
+        impls.append(Impl("liger", skip=reason) if reason else Impl("liger", make=lambda: _liger(kind)))
+        if kind == "sft":  # like for like with our float32 weight-gradient sum
+            fp32 = "liger-fp32acc"
+            impls.append(Impl(fp32, skip=reason) if reason else Impl(fp32, make=lambda: _liger(kind, torch.float32)))
+        for name, impl in (("cce", "cce"), ("cce-compile", "torch_compile")):
+            reason = cce_problem(dev, impl) or ("Cut Cross-Entropy has no policy loss" if kind == "policy" else None)
+            impls.append(Impl(name, skip=reason) if reason else Impl(name, make=lambda impl=impl: _cce(kind, impl)))
+        return impls
+
+    def make_inputs(self, copies):
+        n, h, v = self.nhv
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        hidden = torch.randn(n, h, generator=gen, device=dev).to(self.dtype)
+        # Logits of spread ~2.5, as a trained LM's.
+        weight = torch.randn(v, h, generator=gen, device=dev).mul_(2.5 / h**0.5).to(self.dtype)
+        labels = torch.randint(0, v, (n,), generator=gen, device=dev)
+        g = torch.randn(n, generator=gen, device=dev)
+        t = SEQ_LEN if n % SEQ_LEN == 0 else n
+        b = n // t
+        lengths = torch.randint(max(1, t // 4), t + 1, (b, 1), generator=gen, device=dev)
+        mask = torch.arange(t, device=dev) < lengths
+        if self.kind == "policy":
+            self.rows_needed = int(mask.sum())
+        with torch.no_grad():
+            logp = rlhf_fast.linear_token_logprobs(hidden, weight, labels).view(b, t)
+        old_logp = logp + 0.2 * torch.randn(b, t, generator=gen, device=dev)
+        ref_logp = logp + 0.2 * torch.randn(b, t, generator=gen, device=dev)
+        advantages = torch.randn(b, generator=gen, device=dev)
+        hs = [hidden] + [hidden.clone() for _ in range(copies - 1)]
+        ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+        return Inputs([t.requires_grad_() for t in hs], [t.requires_grad_() for t in ws], labels, g, mask, old_logp,
+                      ref_logp, advantages)  # fmt: skip
+
+    def _per_token_loss(self, x: Inputs, logp: torch.Tensor) -> torch.Tensor:
+        if self.kind == "logprobs":
+            return (logp * x.g.to(logp.dtype)).sum()
+        if self.kind == "sft":
+            return -logp.mean()
+        cast = lambda t: t.to(logp.dtype)  # noqa: E731
+        return reference.policy_loss(
+            logp.view(x.bt), cast(x.old_logp), cast(x.advantages), x.mask, ref_logp=cast(x.ref_logp), **POLICY
+        )[0]
+
+    def oracle(self, x: Inputs):
+        """(forward value, grad hidden, grad weight): float64 on CPU, float32 on CUDA, in row chunks."""
+        dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        h, w = x.hidden[0].detach().to(dtype), x.weight[0].detach().to(dtype)
+        labels = x.labels if self.kind != "policy" else torch.where(x.mask.view(-1), x.labels, reference.IGNORE_INDEX)
+        chunks = [(s, min(s + CHUNK_ROWS, h.shape[0])) for s in range(0, h.shape[0], CHUNK_ROWS)]
+        with torch.no_grad():
+            logp = torch.cat([reference.token_logprobs(h[s:e] @ w.T, labels[s:e]) for s, e in chunks])
+        logp.requires_grad_()
+        loss = self._per_token_loss(x, logp)
+        (g_logp,) = torch.autograd.grad(loss, logp)
+        grad_h, w = torch.empty_like(h), w.requires_grad_()
+        for s, e in chunks:
+            hc = h[s:e].clone().requires_grad_()
+            (reference.token_logprobs(hc @ w.T, labels[s:e]) * g_logp[s:e]).sum().backward()
+            grad_h[s:e] = hc.grad
+        value = logp.detach() if self.kind == "logprobs" else loss.detach()
+        return value, grad_h, w.grad
+
+    def check(self, impl, fn, x: Inputs, expected, eager, with_grad):
+        value, grad_h, grad_w = expected
+        result = Check()
+        name = "logp" if self.kind == "logprobs" else "loss"
+        # Eager itself is held to its logits' dtype (it rounds them to it); everyone else to 2x eager.
+        rounded_to = self.dtype if impl.name == "eager" else None
+        with torch.no_grad():
+            out = fn(x.hidden[0], x.weight[0], x)
+        result.add(name, harness.rel_err(out, value), tolerance(name, out, eager, rounded_to), "fwd")
+        if with_grad:
+            step = Step(fn, x, "fwd+bwd")
+            step(0)
+            for key, got, exp in (("grad_hidden", x.hidden[0].grad, grad_h), ("grad_weight", x.weight[0].grad, grad_w)):
+                result.add(key, harness.rel_err(got, exp), tolerance(key, got, eager, rounded_to), "bwd")
+            step.clear()
+        return result
+
+    def step(self, fn, inputs, mode):
+        return Step(fn, inputs, mode)
+
+    def work(self, mode):
+        _, h, v = self.nhv
+        n, e = self.rows_needed, self.dtype.itemsize
+        if mode == "fwd":
+            return (n * h + v * h) * e, 2.0 * n * h * v
+        return 3 * (n * h + v * h) * e, 6.0 * n * h * v
+
+    def flop_ceiling_tflops(self):
+        """Rate of hidden @ weight.T at this shape and dtype: what the three matmuls can reach."""
+        if self._tflops is None:
+            n, h, v = self.nhv
+            gen = torch.Generator(device=self.device).manual_seed(1)
+            a = torch.randn(n, h, generator=gen, device=self.device).to(self.dtype)
+            b = torch.randn(v, h, generator=gen, device=self.device).to(self.dtype)
+            out = torch.empty(n, v, dtype=self.dtype, device=self.device)
+            timing = harness.time_step(
+                lambda i: torch.mm(a, b.t(), out=out), self.device, warmup=2, min_reps=5, budget_s=0.3
+            )
+            self._tflops = 2.0 * n * h * v / (timing.median_ms * 1e-3) / 1e12
+            del a, b, out
+        return self._tflops
 
 
-# --------------------------------------------------------------------------- oracle and verification
+class LinearSFTCase(LinearCase):
+    op = "linear_sft"
 
 
-def per_token_loss(op: str, x: Inputs, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-    """The op's loss as a function of the per-token logp and entropy [N] (the reference formulas)."""
-    if op == "logprobs":
-        return (logp * x.g.to(logp.dtype)).sum()
-    if op == "sft":
-        return -logp.mean()
-    cast = lambda t: t.to(logp.dtype)  # noqa: E731
-    loss, _ = reference.policy_loss(
-        logp.view(x.bt), cast(x.old_logp), cast(x.advantages), x.mask, ref_logp=cast(x.ref_logp), **POLICY
-    )
-    return loss
+class LinearPolicyCase(LinearCase):
+    op = "linear_policy_loss"
 
 
-def oracle(op: str, x: Inputs):
-    """(loss, grad hidden, grad weight) in float64 (CPU) / float32 (CUDA) on the inputs' values.
-
-    Pass 1 gets logp and entropy chunk by chunk; autograd of the loss in those gives the per-token
-    upstream gradients; pass 2 recomputes each chunk's logits with grad and back-propagates them.
-    """
-    dtype = torch.float64 if x.hidden.device.type == "cpu" else torch.float32
-    h, w = x.hidden.detach().to(dtype), x.weight.detach().to(dtype)
-    labels = x.labels if op != "policy" else torch.where(x.mask.view(-1), x.labels, -100)
-    chunks = [(s, min(s + CHUNK_ROWS, h.shape[0])) for s in range(0, h.shape[0], CHUNK_ROWS)]
-    with torch.no_grad():
-        parts = [reference.token_logprobs(h[s:e] @ w.T, labels[s:e], return_entropy=True) for s, e in chunks]
-    logp = torch.cat([p[0] for p in parts]).requires_grad_()
-    entropy = torch.cat([p[1] for p in parts]).requires_grad_()
-    loss = per_token_loss(op, x, logp, entropy)
-    g_logp, g_entropy = torch.autograd.grad(loss, (logp, entropy), allow_unused=True, materialize_grads=True)
-    grad_h, w = torch.empty_like(h), w.requires_grad_()
-    for s, e in chunks:
-        hc = h[s:e].clone().requires_grad_()
-        lp, ent = reference.token_logprobs(hc @ w.T, labels[s:e], return_entropy=True)
-        ((lp * g_logp[s:e]).sum() + (ent * g_entropy[s:e]).sum()).backward()
-        grad_h[s:e] = hc.grad
-    return loss.detach(), grad_h, w.grad
+def _nhv(n, h, v, *tags):
+    return ({"N": n, "H": h, "V": v}, tags)
 
 
-def errors(fn, x: Inputs, expected) -> dict:
-    """Norm-wise relative errors of the loss and both gradients against the oracle."""
-    step = Step(fn, x)
-    step.clear()
-    loss = fn(x)
-    loss.backward()
-    got = (loss.detach(), x.hidden.grad, x.weight.grad)
-    names = ("err_loss", "err_grad_hidden", "err_grad_weight")
-    result = {name: harness.rel_err(a, b) for name, a, b in zip(names, got, expected)}
-    step.clear()
-    return result
-
-
-def tolerance_basis(op: str, x: Inputs, expected, device: torch.device) -> tuple[str | None, dict | None]:
-    """Errors of eager PyTorch in the inputs' dtype, which set every tolerance (measured even when
-    eager is not timed). If eager cannot run (out of memory), those of fused-logits: the same
-    dtype's roundings with the logits materialised once."""
-    for impl in ("eager", "fused-logits"):
-        try:
-            return impl, errors(implementation(op, impl), x, expected)
-        except Exception as error:
-            print(f"{op}: {impl} could not run for the tolerance ({type(error).__name__}: {error})", flush=True)
-        finally:
-            Step(None, x).clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return None, None
-
-
-def tolerance_problem(report: dict, eager: dict | None, dtype: torch.dtype) -> str | None:
-    """Each error within max(2x eager's, the dtype's floor); None when all are."""
-    floor = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-3
-    problems = []
-    for name, err in report.items():
-        tol = max(2 * eager[name], floor) if eager else floor
-        if not err <= tol:
-            problems.append(f"{name.removeprefix('err_')} rel err {err:.3g} > {tol:.3g}")
-    return "; ".join(problems) or None
-
-
-# --------------------------------------------------------------------------- one case
-
-
-def matmul_floor_ms(x: Inputs, device: torch.device) -> tuple[float, float]:
-    """(floor ms = 6 N H V / rate, rate TFLOP/s) with the rate of hidden @ W.T in the inputs' dtype."""
-    h, w = x.hidden.detach(), x.weight.detach()
-    out = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=device)
-    timing = harness.time_step(lambda i: torch.mm(h, w.t(), out=out), device, warmup=2, min_reps=5, budget_s=0.5)
-    flops = 2 * h.shape[0] * h.shape[1] * w.shape[0]
-    return 3 * timing.median_ms, flops / (timing.median_ms * 1e-3) / 1e12
-
-
-def time_round_robin(steps, args) -> list[harness.Timing]:
-    """CPU: the steps of one op timed in turn, one run of each per round, so that a change in the
-    machine's load (a shared CPU) falls on all of them alike. One warm-up round first; the round
-    count fills about budget_s per step, at least min_reps."""
-    for step in steps:
-        step()
-    start = time.perf_counter()
-    for step in steps:
-        step()
-    per_round = time.perf_counter() - start
-    rounds = max(args.min_reps, min(100, int(args.budget_s * len(steps) / max(per_round, 1e-6))))
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(rounds):
-        for k, step in enumerate(steps):
-            start = time.perf_counter()
-            step()
-            times[k].append((time.perf_counter() - start) * 1e3)
-    for step in steps:
-        step.clear()
-    return [harness.summarize_times(t) for t in times]
-
-
-def run_case(dtype_name, n, hidden_size, vocab, device, args, env, deadline, save):
-    dtype = getattr(torch, dtype_name)
-    x = make_inputs(n, hidden_size, vocab, dtype, device)
-    floor_ms, tflops = matmul_floor_ms(x, device)
-    print(f"[{n} x {hidden_size}] @ [{hidden_size} x {vocab}] {dtype_name}: {tflops:.1f} TFLOP/s, "
-          f"6NHV floor {floor_ms:.1f} ms", flush=True)  # fmt: skip
-    rows = []
-    for op in args.ops:
-        expected = oracle(op, x)
-        basis, eager_report = tolerance_basis(op, x, expected, device)
-        pending = []  # CPU: (row, step) of the verified implementations, timed together below
-        for impl in args.impls:
-            base = dict(env, bench=BENCH, dtype=dtype_name, shape=[n, hidden_size, vocab], op=op, impl=impl,
-                        floor_ms=floor_ms, mm_tflops=tflops, tolerance_from=basis)  # fmt: skip
-            reason = unavailable(op, impl, device)
-            if reason is None and deadline is not None and time.monotonic() > deadline:
-                reason = f"time budget spent (--deadline-s {args.deadline_s})"
-            if reason is not None:
-                rows.append(dict(base, status=f"skipped: {reason}", **harness.as_dict(None)))
-                continue
-            report = {}
-            try:
-                fn = implementation(op, impl)
-                report = eager_report if impl == basis else errors(fn, x, expected)
-                problem = tolerance_problem(report, eager_report, dtype)
-                ours = impl.startswith("linear") or impl == "fused-logits"
-                if problem and ours:
-                    rows.append(dict(base, status=f"FAILED: {problem}", **report, **harness.as_dict(None)))
-                    continue
-                step = Step(fn, x)
-                row = dict(base, status="ok" if not problem else f"ok, outside tolerance: {problem}", **report)
-                if device.type == "cuda":
-                    timing = harness.time_step(step, device, warmup=1, min_reps=args.min_reps, budget_s=args.budget_s)
-                    row.update(peak_mb=harness.cuda_peak_mb(step, device), **harness.as_dict(timing))
-                else:
-                    pending.append((row, step))
-                rows.append(row)
-            except Exception as error:  # one implementation's failure is a row, not the end of the run
-                text = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-                oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower()
-                rows.append(dict(base, status=("OOM: " if oom else "FAILED: ") + text, **report, **harness.as_dict(None)))
-            finally:
-                Step(None, x).clear()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            save(rows)
-        if pending:
-            timings = time_round_robin([step for _, step in pending], args)
-            for (row, _), timing in zip(pending, timings):
-                row.update(harness.as_dict(timing))
-        del expected, pending
-    del x
-    if device.type == "cpu" and not args.no_memory:
-        measure_cpu_memory(rows, args)
-    add_ratios(rows)
-    save(rows)
-    return rows
-
-
-def measure_cpu_memory(rows, args) -> None:
-    todo = [r for r in rows if r["status"].startswith("ok")]
-    kwargs = [dict(op=r["op"], impl=r["impl"], n=r["shape"][0], hidden_size=r["shape"][1], vocab=r["shape"][2],
-                   dtype=r["dtype"]) for r in todo]  # fmt: skip
-    peaks = harness.cpu_peak_mb("bench.bench_fused_linear:memory_step", kwargs, workers=args.memory_workers)
-    for r, peak in zip(todo, peaks):
-        r["peak_mb" if not isinstance(peak, str) else "peak_mb_error"] = peak
-
-
-def add_ratios(rows) -> None:
-    """x floor; time and memory against eager and Liger of the same op and run (> 1: we are faster)."""
-    ok = {(r["op"], r["impl"]): r for r in rows if r["status"].startswith("ok")}
-    for r in rows:
-        if not r["status"].startswith("ok"):
-            continue
-        r["x_floor"] = r["median_ms"] / r["floor_ms"]
-        for name, impl in (("eager", "eager"), ("liger", "liger"), ("liger_fp32acc", "liger-fp32acc")):
-            other = ok.get((r["op"], impl))
-            if other is None:
-                continue
-            r[f"speedup_vs_{name}"] = other["median_ms"] / r["median_ms"]
-            if r.get("peak_mb") and other.get("peak_mb"):
-                r[f"mem_vs_{name}"] = r["peak_mb"] / other["peak_mb"]
-
-
-# --------------------------------------------------------------------------- reporting
-
-COLUMNS = [
-    ("op", lambda r: r["op"]),
-    ("impl", lambda r: r["impl"]),
-    ("median ms", lambda r: harness.fmt(r.get("median_ms"), ".1f")),
-    ("p10-p90 ms", lambda r: "-" if r.get("p10_ms") is None else f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}"),
-    ("x floor", lambda r: harness.fmt(r.get("x_floor"), ".2f")),
-    ("peak MiB", lambda r: harness.fmt(r.get("peak_mb"), ".0f")),
-    ("mem/eager", lambda r: harness.fmt(r.get("mem_vs_eager"), ".3f")),
-    ("speedup/eager", lambda r: harness.fmt(r.get("speedup_vs_eager"), ".2f")),
-    ("speedup/liger", lambda r: harness.fmt(r.get("speedup_vs_liger"), ".2f")),
-    ("mem/liger", lambda r: harness.fmt(r.get("mem_vs_liger"), ".2f")),
-    ("err grad W", lambda r: harness.fmt(r.get("err_grad_weight"), ".2g")),
-    ("status", lambda r: r["status"] if len(r["status"]) <= 40 else r["status"][:37] + "..."),
-]
-
-
-def format_case(rows) -> str:
-    r = rows[0]
-    n, hidden_size, vocab = r["shape"]
-    head = (f"### {r['device']} {r['dtype']} N={n} H={hidden_size} V={vocab} on {r['device_name']} (torch {r['torch']}, "
-            f"triton {r['triton']}, commit {r['commit']}); matmul {r['mm_tflops']:.1f} TFLOP/s, 6NHV floor "
-            f"{r['floor_ms']:.1f} ms")  # fmt: skip
-    shown = [r for r in rows if not r["status"].startswith("skipped")]
-    lines = [head, "", harness.markdown_table(shown, COLUMNS) if shown else "(no rows ran)"]
-    notes = dict.fromkeys(f"{r['op']} {r['impl']}: {r['status']}" for r in rows if r["status"] != "ok")
-    return "\n".join(lines + [f"- {note}" for note in notes])
-
-
-def summarize(paths) -> str:
-    rows = harness.load_rows([p for p in paths if Path(p).is_file()])
-    if not rows:
-        return f"no rows in: {', '.join(map(str, paths)) or 'no files'}"
-    out = []
-    for shape_key in dict.fromkeys((r["device"], r["dtype"], tuple(r["shape"])) for r in rows):
-        case = [r for r in rows if (r["device"], r["dtype"], tuple(r["shape"])) == shape_key]
-        newest = max(r["timestamp"] for r in case)
-        case = [r for r in case if r["timestamp"] == newest]
-        case.sort(key=lambda r: (OPS.index(r["op"]) if r["op"] in OPS else 9, r["impl"]))
-        out.append(format_case(case))
-    return "## fused linear summary\n" + "\n\n".join(out)
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        n, hidden_size, vocab = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 4096x512x32000 (N x H x V), got {text!r}") from None
-    return n, hidden_size, vocab
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="the headline shape only")
-    p.add_argument("--shape", type=parse_shape, action="append", help="NxHxV, repeatable; replaces the default shapes")
-    p.add_argument("--dtype", help="dtype of --shape cases (default float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--impls", default=",".join(BASE_IMPLS), help=f"comma-separated subset of {','.join(BASE_IMPLS)}")
-    p.add_argument("--chunk-size", type=int, action="append", default=[], help="also time linear with this chunk_size")
-    p.add_argument("--out", action="append", help="results directory, repeatable (default bench/results)")
-    p.add_argument("--budget-s", type=float, default=None, help="timing budget per row (default 1 cpu, 0.5 cuda)")
-    p.add_argument("--min-reps", type=int, default=3)
-    p.add_argument("--no-memory", action="store_true", help="CPU: skip the fresh-process peak-memory probes")
-    p.add_argument("--memory-workers", type=int, default=1)
-    p.add_argument("--deadline-s", type=float, help="start no new implementation after this many seconds")
-    p.add_argument("--summarize", nargs="*", metavar="JSON", help="print the tables of results files and exit")
-    args = p.parse_args(argv)
-    if args.summarize is not None:
-        print(summarize(args.summarize))
-        return 0
-    args.ops = [op for op in args.ops.split(",") if op]
-    args.impls = [impl for impl in args.impls.split(",") if impl] + [f"linear-c{c}" for c in args.chunk_size]
-    if unknown := [op for op in args.ops if op not in OPS]:
-        raise SystemExit(f"--ops takes a subset of {OPS}; got {unknown}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    args.budget_s = args.budget_s or (0.5 if device.type == "cuda" else 1.0)
-    dtype_default = "bfloat16" if device.type == "cuda" else "float32"
-    cases = [(args.dtype or dtype_default, *s) for s in args.shape] if args.shape else SHAPES[device.type, args.quick]
-    out_dirs = args.out or [str(harness.RESULTS_DIR)]
-    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    env = harness.environment(device)
-    failed = False
-
-    def save(rows):
-        for out in out_dirs:
-            harness.write_results(rows, out, bench=BENCH, key_fields=KEY_FIELDS)
-
-    for dtype_name, n, hidden_size, vocab in cases:
-        rows = run_case(dtype_name, n, hidden_size, vocab, device, args, env, deadline, save)
-        failed |= any(r["status"].startswith("FAILED") for r in rows)
-        print("\n" + format_case(rows) + "\n", flush=True)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+VOCABS = (32000, 128256, 151936)
+_TABLE = {
+    "tiny": [_nhv(32, 64, 1000, "headline")],
+    ("cpu", True): [_nhv(256, 512, 32000, "headline")],
+    ("cpu", False): [_nhv(1024, 1024, 32000, "headline")] + [_nhv(256, 512, v, "sweep-vocab") for v in VOCABS],
+    ("cuda", True): [_nhv(16384, 4096, 128256, "headline", "sweep-tokens")],
+    ("cuda", False): [_nhv(16384, 4096, 128256, "headline", "sweep-tokens")]
+    + [_nhv(4096, 4096, v, "sweep-vocab") for v in VOCABS]
+    + [_nhv(n, 4096, 128256, "sweep-tokens") for n in (1024, 4096)],
+}
+SHAPES = {op: _TABLE for op in KINDS}
+CASES = {"linear_logprobs": LinearCase, "linear_sft": LinearSFTCase, "linear_policy_loss": LinearPolicyCase}
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}

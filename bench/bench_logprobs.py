@@ -1,17 +1,8 @@
-"""Benchmark of token_logprobs: the fused backends against PyTorch baselines, forward and forward+backward.
+"""token_logprobs: the fused backends against PyTorch baselines, logits [N x V].
 
-    python -m rlhf_fast.bench.bench_logprobs [--quick] [--device cpu|cuda] [--out DIR] [--shape NxV --dtype D]
-    python -m rlhf_fast.bench.bench_logprobs --summarize bench/results/*-logprobs.json   (headline figures)
+    python -m rlhf_fast.bench --ops logprobs,logprobs_entropy [--quick] [--shapes ...]
 
-For each (dtype, [N x V]) and each row family ("logp"; "logp+entropy" with return_entropy=True),
-every implementation is
-1. verified against the float64 reference on the same input values: logp (and entropy) on all
-   rows, the logits gradient on a sample of rows; a wrong result is FAILED and is not timed;
-2. timed, forward alone (under no_grad) and forward+backward: median, p10, p90;
-3. measured for peak memory beyond its inputs (outputs, gradient, intermediates);
-and compared with eager PyTorch measured in the same run.
-
-Implementations:
+Ops "logprobs" (logp alone) and "logprobs_entropy" (return_entropy=True). Implementations:
   backend=<name>  rlhf_fast.token_logprobs(..., backend=name) for each backend that can serve the
                   device and dtype; the others are listed with the registry's reason
   eager           rlhf_fast.reference.token_logprobs: the readable spec, eager PyTorch
@@ -19,12 +10,20 @@ Implementations:
   eager-upcast    reference.token_logprobs_upcast: logits.float(), log_softmax, gather (logp only)
   trl-selective   reference.selective_log_softmax, TRL's formulation (logp only; it loops over
                   rows for bfloat16/float16)
+  inplace         ours, auto backend, inplace_backward=True: forward+backward only, the gradient
+                  written over the logits
+  liger           Liger-Kernel's cross entropy with reduction="none", logp = -loss (logp only; CUDA,
+                  when installed)
+Liger and inplace write the logits' gradient into the logits, so each runs on a private copy.
+
+Verification against the float64 reference on the same input values: logp (and entropy) on all
+rows, the logits gradient on a sample of rows. Forward outputs are held to FWD_TOL (an output in
+bf16/fp16 to that dtype's epsilon), the gradient to 2x PyTorch's own error when it computes the
+same gradient in the logits' dtype.
 
 Bytes an op must move (e = element size of the logits): forward N*V*e (one read of the logits);
-forward+backward 3*N*V*e (forward read, backward read, gradient write). GB/s is that count over the
-median time, whatever an implementation really moves. frac_copy is GB/s over the measured device
-copy bandwidth, and floor_ms = bytes / copy bandwidth: the time of a kernel that moves only those
-bytes at copy speed (for forward+backward the "three-pass floor").
+forward+backward 3*N*V*e (forward read, backward read, gradient write): the "three-pass floor"
+at copy speed is the suite's ceiling for these ops.
 
 Labels are all valid (no ignore_index) and the temperature is 1, because eager-upcast and
 trl-selective support neither; tests/test_token_logprobs.py covers both.
@@ -32,14 +31,8 @@ trl-selective support neither; tests/test_token_logprobs.py covers both.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import gc
-import signal
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -48,10 +41,9 @@ from rlhf_fast import reference
 from rlhf_fast.backends.registry import BACKENDS, can_serve
 
 from . import harness
+from .case import Case, Check, Impl, liger_problem
 
-BENCH = "logprobs"
-FAMILIES = ("logp", "logp+entropy")
-MODES = ("fwd", "fwd+bwd")
+FAMILIES = ("logp", "logp+entropy")  # the outputs: logp alone, or (logp, entropy)
 LOGP_ONLY = ("eager-upcast", "trl-selective")
 # Measured in this order (eager first: every ratio needs it), so a run cut short by --deadline-s
 # keeps the fused backends and the torch.compile comparison; trl-selective's row loop is slow.
@@ -63,21 +55,7 @@ IMPLS = (
     + tuple(f"backend={name}" for name in BACKENDS if name not in _FIRST)
     + LOGP_ONLY
 )
-KEY_FIELDS = ("dtype", "shape", "impl", "family", "mode")
 
-# (device, quick) -> [(dtype, N, V)]. The first case is the headline one, measured first so that
-# a run cut short by --deadline-s still has it.
-SHAPES = {
-    ("cpu", False): [("float32", 1024, 32000), ("float32", 4096, 32000)],
-    ("cpu", True): [("float32", 512, 32000)],
-    ("cuda", False): [("bfloat16", 16384, 128256), ("bfloat16", 4096, 128256), ("bfloat16", 8192, 151936)],
-    ("cuda", True): [("bfloat16", 16384, 128256), ("float32", 4096, 128256)],
-}
-HEADLINE = ("cuda", "bfloat16", (16384, 128256))
-
-# Verification. Forward outputs: the tests' tolerance vs the float64 reference (norm-wise relative
-# error), or the output dtype's epsilon for a baseline whose output is bf16/fp16. Gradient: 2x
-# PyTorch's own error when it computes the same gradient in the logits' dtype, never below FWD_TOL.
 FWD_TOL = 2e-5
 VERIFY_ROWS = 256  # rows whose logits gradient is checked: the first, the last, and a spread between
 CHUNK_ELEMENTS = 2**24  # the float64 reference runs in row chunks of this many elements (128 MiB each)
@@ -125,6 +103,17 @@ def implementation(impl: str, family: str):
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
 
+def _liger_logp():
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    def logp(logits, labels):
+        out = liger_cross_entropy(logits, labels, reduction="none")
+        loss = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+        return -loss
+
+    return logp
+
+
 # --------------------------------------------------------------------------- inputs and steps
 
 
@@ -147,7 +136,7 @@ def make_inputs(n: int, vocab: int, dtype: torch.dtype, device: torch.device, co
 
 
 class Step:
-    """One measured call on copy ``i``: the forward under no_grad, or forward + backward.
+    """One measured call on copy ``i % copies``: the forward under no_grad, or forward + backward.
 
     The backward receives g_logp (and g_entropy), cast once to each output's dtype; the logits'
     gradient is dropped before each run so that backward writes it fresh instead of accumulating.
@@ -163,7 +152,7 @@ class Step:
         return self._grads[k, dtype]
 
     def __call__(self, i: int):
-        x = self.inputs.xs[i]
+        x = self.inputs.xs[i % len(self.inputs.xs)]  # a private copy may hold fewer copies
         if self.mode == "fwd":
             with torch.no_grad():
                 return self.fn(x, self.inputs.labels)
@@ -179,7 +168,7 @@ class Step:
 
 
 def memory_step(impl: str, family: str, mode: str, n: int, vocab: int, dtype: str, device: str = "cpu"):
-    """Factory for harness.cpu_peak_mb: a fresh process builds one copy of the inputs and the step."""
+    """A step built from plain values, for a fresh process measuring peak memory (tests/test_token_logprobs.py)."""
     inputs = make_inputs(n, vocab, getattr(torch, dtype), torch.device(device))
     return Step(implementation(impl, family), inputs, mode)
 
@@ -279,279 +268,109 @@ def verify(fn, inputs: Inputs, expected: Expected, family: str, with_grad: bool)
     return report
 
 
-# --------------------------------------------------------------------------- one case
+# --------------------------------------------------------------------------- the suite's cases
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+class LogprobsCase(Case):
+    op = "logprobs"
+    family = "logp"
+    compile_in_quick = ("cpu", "cuda")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._private: dict[str, Inputs] = {}
+
+    def input_bytes(self):
+        return self.dims["N"] * self.dims["V"] * self.dtype.itemsize
+
+    def implementations(self):
+        impls = []
+        for name in impl_names(self.family):
+            build = lambda name=name: implementation(name, self.family)  # noqa: E731
+            if name.startswith("backend="):
+                reason = unavailable(name, self.device, self.dtype)
+                impls.append(Impl(name, skip=reason, ours=True) if reason else Impl(name, make=build, ours=True))
+            else:
+                impls.append(Impl(name, make=build, slow=name in ("compile", "trl-selective")))
+        inplace = functools.partial(rlhf_fast.token_logprobs, return_entropy=self.family != "logp", inplace_backward=True)
+        impls.append(Impl("inplace", make=lambda: inplace, ours=True, modes=("fwd+bwd",)))
+        if self.family == "logp":
+            reason = liger_problem(self.device)
+            impls.append(Impl("liger", skip=reason) if reason else Impl("liger", make=_liger_logp))
+        return impls
+
+    def make_inputs(self, copies):
+        return make_inputs(self.dims["N"], self.dims["V"], self.dtype, self.device, copies)
+
+    def oracle(self, inputs):
+        return expected_values(inputs, [self.family])
+
+    def inputs_for(self, impl, inputs):
+        if impl.name not in ("liger", "inplace"):
+            return inputs
+        if impl.name not in self._private:
+            x = inputs.xs[0].detach().clone().requires_grad_()
+            self._private[impl.name] = Inputs([x], inputs.labels, inputs.g_logp, inputs.g_entropy)
+        return self._private[impl.name]
+
+    def check(self, impl, fn, inputs, expected, eager, with_grad):
+        report = verify(fn, inputs, expected, self.family, with_grad)
+        result = Check()
+        result.add("logp", report["err_logp"], report["tol_fwd"], "fwd")
+        if "err_entropy" in report:
+            result.add("entropy", report["err_entropy"], report["tol_fwd"], "fwd")
+        if with_grad:
+            result.add("grad", report["err_grad"], report["tol_grad"], "bwd")
+        return result
+
+    def step(self, fn, inputs, mode):
+        return Step(fn, inputs, mode)
+
+    def work(self, mode):
+        logits = self.dims["N"] * self.dims["V"] * self.dtype.itemsize
+        return (logits if mode == "fwd" else 3 * logits), 0.0
 
 
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class LogprobsEntropyCase(LogprobsCase):
+    op = "logprobs_entropy"
+    family = "logp+entropy"
+    compile_in_quick = ("cpu",)
 
 
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _nv(n, v, *tags):
+    return ({"N": n, "V": v}, tags)
 
 
-def run_case(dtype_name: str, n: int, vocab: int, device: torch.device, args, env: dict, copy_gbps, deadline, save):
-    """Verify, time and measure every implementation on one (dtype, [N x V]); returns the rows.
-
-    ``save(rows)`` is called after each implementation, so a run that is killed keeps its rows.
-    """
-    dtype = getattr(torch, dtype_name)
-    torch._dynamo.reset()  # each case compiles afresh (dynamic=False), within the recompile limit
-    logits_bytes = n * vocab * dtype.itemsize
-    copies = harness.input_copies(logits_bytes, device, max_copies=args.max_copies)
-    inputs = make_inputs(n, vocab, dtype, device, copies)
-    expected = expected_values(inputs, args.families)
-    with_grad = "fwd+bwd" in args.modes
-    rows = []
-    for family in args.families:
-        for impl in impl_names(family):
-            if impl not in args.impls:
-                continue
-            base = dict(env, bench=BENCH, dtype=dtype_name, shape=[n, vocab], impl=impl, family=family, copies=copies)
-
-            def row(mode, status, timing=None, report=None, **extra):
-                bytes_moved = logits_bytes * (1 if mode == "fwd" else 3)
-                fields = dict(base, mode=mode, status=status, verified=status == "ok", **harness.as_dict(timing))
-                fields.update({k: v for k, v in (report or {}).items() if k not in ("problem", "grad_problem")})
-                fields.update(bytes=bytes_moved, copy_gbps=copy_gbps, **extra)
-                fields["floor_ms"] = bytes_moved / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
-                fields["gbps"] = harness.gbps(bytes_moved, timing.median_ms) if timing and status == "ok" else None
-                fields["frac_copy"] = fields["gbps"] / copy_gbps if fields["gbps"] and copy_gbps else None
-                return fields
-
-            reason = unavailable(impl, device, dtype)
-            if reason is None and deadline is not None and time.monotonic() > deadline:
-                reason = f"time budget spent (--deadline-s {args.deadline_s})"
-            if reason is not None:
-                rows += [row(mode, f"skipped: {reason}") for mode in args.modes]
-                continue
-            report = None
-            done = set()
-            try:
-                fn = implementation(impl, family)
-                report = verify(fn, inputs, expected, family, with_grad)
-                for mode in args.modes:
-                    problem = report["problem"] or (report["grad_problem"] if mode == "fwd+bwd" else None)
-                    if problem:
-                        rows.append(row(mode, f"FAILED: {problem}", report=report))
-                        done.add(mode)
-                        continue
-                    step = Step(fn, inputs, mode)
-                    timing = harness.time_step(
-                        step, device, copies=copies, warmup=1, min_reps=args.min_reps, budget_s=args.budget_s
-                    )
-                    peak = harness.cuda_peak_mb(step, device) if device.type == "cuda" else None
-                    step.clear()
-                    rows.append(row(mode, "ok", timing, report, peak_mb=peak))
-                    done.add(mode)
-            except Exception as error:  # one implementation's failure is a row, not the end of the run
-                if _is_oom(error):
-                    status = f"OOM: {_short(error, 160)}"
-                elif impl == "compile":
-                    status = f"skipped: torch.compile failed: {_short(error)}"
-                else:
-                    status = f"FAILED: {_short(error)}"
-                rows += [row(mode, status, report=report) for mode in args.modes if mode not in done]
-            finally:
-                inputs_clear(inputs)
-                _release(device)
-            add_ratios(rows)
-            save(rows)
-    del inputs, expected
-    _release(device)
-    if device.type == "cpu" and not args.no_memory:
-        measure_cpu_memory(rows, args)
-    save(rows)
-    return rows
-
-
-def inputs_clear(inputs: Inputs) -> None:
-    for x in inputs.xs:
-        x.grad = None
-
-
-def measure_cpu_memory(rows, args) -> None:
-    """Peak RSS growth of each verified row, each in a fresh process (torch has no CPU allocator stats)."""
-    todo = [r for r in rows if r["status"] == "ok"]
-    kwargs = [
-        dict(impl=r["impl"], family=r["family"], mode=r["mode"], n=r["shape"][0], vocab=r["shape"][1], dtype=r["dtype"])
-        for r in todo
-    ]
-    peaks = harness.cpu_peak_mb(f"{__package__}.bench_logprobs:memory_step", kwargs, workers=args.memory_workers)
-    for r, peak in zip(todo, peaks):
-        if isinstance(peak, str):
-            r["peak_mb_error"] = peak
-        else:
-            r["peak_mb"] = peak
-
-
-def add_ratios(rows) -> None:
-    """ratio_vs_X = X's median / this median (> 1: faster than X), same family, mode and run."""
-    medians = {(r["family"], r["mode"], r["impl"]): r["median_ms"] for r in rows if r["status"] == "ok"}
-    for r in rows:
-        for name, impl in (("ratio_vs_eager", "eager"), ("ratio_vs_compile", "compile")):
-            other = medians.get((r["family"], r["mode"], impl))
-            r[name] = other / r["median_ms"] if other and r["status"] == "ok" else None
-
-
-# --------------------------------------------------------------------------- reporting
-
-COLUMNS = [
-    ("family", lambda r: r["family"]),
-    ("impl", lambda r: r["impl"]),
-    ("mode", lambda r: r["mode"]),
-    ("median ms", lambda r: harness.fmt(r["median_ms"], ".3f")),
-    ("p10-p90 ms", lambda r: "-" if r["p10_ms"] is None else f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"),
-    ("x eager", lambda r: harness.fmt(r.get("ratio_vs_eager"), ".2f")),
-    ("x compile", lambda r: harness.fmt(r.get("ratio_vs_compile"), ".2f")),
-    ("GB/s", lambda r: harness.fmt(r.get("gbps"), ".0f" if (r.get("gbps") or 0) >= 100 else ".2g")),
-    ("of copy", lambda r: "-" if r.get("frac_copy") is None else f"{100 * r['frac_copy']:.0f}%"),
-    ("peak MiB", lambda r: harness.fmt(r.get("peak_mb"), ".0f")),
-    ("status", lambda r: r["status"] if len(r["status"]) <= 40 else r["status"][:37] + "..."),
+VOCABS = (32000, 128256, 151936)  # Llama 2, Llama 3, Qwen 2.5
+TINY = [
+    _nv(32, 1000, "headline", "sweep-vocab", "sweep-tokens"),
+    _nv(32, 3000, "sweep-vocab"),
+    _nv(128, 1000, "sweep-tokens"),
 ]
-
-
-def case_header(rows) -> str:
-    r = rows[0]
-    n, vocab = r["shape"]
-    line = f"### {r['device']} {r['dtype']} [{n} x {vocab}] on {r['device_name']} (torch {r['torch']}, triton {r['triton']}, commit {r['commit']}"
-    if r["device"] == "cpu":
-        line += f", {r['cpu_threads']} threads, load {harness.fmt(r.get('load_avg_1m'), '.1f')} at start)"
-    else:
-        line += ")"
-    copy = r.get("copy_gbps")
-    if copy:
-        logits_bytes = r["bytes"] if r["mode"] == "fwd" else r["bytes"] / 3
-        line += (
-            f"\ncopy bandwidth {copy:.0f} GB/s; floors at copy speed: fwd {logits_bytes / copy / 1e6:.3f} ms,"
-            f" fwd+bwd (three-pass) {3 * logits_bytes / copy / 1e6:.3f} ms; input copies rotated: {r['copies']}"
-        )
-    return line
-
-
-def format_case(rows) -> str:
-    shown = [r for r in rows if not r["status"].startswith("skipped")]
-    lines = [case_header(rows), "", harness.markdown_table(shown, COLUMNS) if shown else "(no rows ran)"]
-    notes = {}  # every status that is not "ok", in full, once per impl
-    for r in rows:
-        if r["status"] != "ok":
-            notes.setdefault(f"{r['impl']}: {r['status']}", None)
-    lines += [f"- {note}" for note in notes]
-    return "\n".join(lines)
-
-
-def summarize(paths, device: str, dtype: str, shape) -> str:
-    """The headline case from results files: its rows from the newest run that measured it."""
-    rows = [
-        r
-        for r in harness.load_rows([path for path in paths if Path(path).is_file()])
-        if r["device"] == device and r["dtype"] == dtype and tuple(r["shape"]) == tuple(shape)
-    ]
-    if not rows:
-        return f"no {device} {dtype} [{shape[0]} x {shape[1]}] rows in: {', '.join(map(str, paths)) or 'no files'}"
-    newest = max(r["timestamp"] for r in rows)  # one timestamp per run: the run's start
-    rows = [r for r in rows if r["timestamp"] == newest]
-    order = {impl: i for i, impl in enumerate(IMPLS)}
-    rows.sort(key=lambda r: (FAMILIES.index(r["family"]), order.get(r["impl"], 99), MODES.index(r["mode"])))
-    return "## summary\n" + format_case(rows)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        n, vocab = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 4096x32000 (N x V), got {text!r}") from None
-    return n, vocab
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="the headline shapes only (see SHAPES)")
-    p.add_argument("--shape", type=parse_shape, action="append", help="NxV, repeatable; replaces the default shapes")
-    p.add_argument("--dtype", help="dtype of --shape cases (default float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--out", action="append", help="results directory, repeatable (default bench/results)")
-    p.add_argument("--budget-s", type=float, default=None, help="timing budget per measurement (default 1 cpu, 0.5 cuda)")
-    p.add_argument("--min-reps", type=int, default=5, help="timed runs even when one run exceeds the budget")
-    p.add_argument("--max-copies", type=int, default=8, help="most input copies rotated to defeat the cache")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--memory-workers", type=int, default=2, help="CPU: fresh processes measuring memory at once")
-    p.add_argument("--deadline-s", type=float, help="start no new implementation after this many seconds")
-    p.add_argument("--summarize", nargs="*", metavar="JSON", help="print the headline table of results files and exit")
-    p.add_argument("--summary-case", default="cuda:bfloat16:16384x128256", help="device:dtype:NxV for --summarize")
-    return p
-
-
-def _subset(text: str, allowed, what: str) -> list[str]:
-    chosen = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in chosen if item not in allowed]
-    if unknown or not chosen:
-        raise SystemExit(f"--{what} takes a comma-separated subset of {','.join(allowed)}; got {text!r}")
-    return chosen
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.summarize is not None:
-        device, dtype, shape = args.summary_case.split(":")
-        print(summarize(args.summarize, device, dtype, parse_shape(shape)))
-        return 0
-    args.impls = _subset(args.impls, IMPLS, "impls")
-    args.families = _subset(args.families, FAMILIES, "families")
-    args.modes = _subset(args.modes, MODES, "modes")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    if args.budget_s is None:
-        args.budget_s = 0.5 if device.type == "cuda" else 1.0
-    if args.shape:
-        dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-        cases = [(dtype, n, vocab) for n, vocab in args.shape]
-    else:
-        cases = SHAPES[device.type, args.quick]
-    out_dirs = args.out or [str(harness.RESULTS_DIR)]
-    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
-    # SIGTERM (from `timeout`) exits cleanly; the rows of every finished implementation are saved.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-    env = harness.environment(device)
-    copy_gbps = harness.copy_bandwidth_gbps(device)
-    print(f"{env['device_name']}: copy bandwidth {copy_gbps:.0f} GB/s (read + write)", flush=True)
-    failed, saved = False, []
-
-    def save(rows):
-        if rows:
-            for out in out_dirs:
-                harness.write_results(rows, out, bench=BENCH, key_fields=KEY_FIELDS)
-            saved.append(True)
-
-    try:
-        for dtype_name, n, vocab in cases:
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"\n### {dtype_name} [{n} x {vocab}]: not run, time budget spent (--deadline-s {args.deadline_s})")
-                continue
-            rows = run_case(dtype_name, n, vocab, device, args, env, copy_gbps, deadline, save)
-            failed |= any(r["status"].startswith("FAILED") for r in rows)
-            print("\n" + format_case(rows) + "\n", flush=True)
-    finally:
-        if saved:
-            paths = {str(harness.results_path(out, BENCH, env["device_name"], env["date"])) for out in out_dirs}
-            print("results: " + ", ".join(sorted(paths)), flush=True)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+CPU_QUICK = [_nv(512, 32000, "headline", "sweep-tokens")] + [_nv(128, v, "sweep-vocab") for v in VOCABS] + [
+    _nv(n, 32000, "sweep-tokens") for n in (128, 1024)
+]
+CPU_FULL = [_nv(4096, 32000, "headline", "sweep-tokens")] + [_nv(1024, v, "sweep-vocab") for v in VOCABS] + [
+    _nv(n, 32000, "sweep-tokens") for n in (256, 1024)
+]
+CUDA = [_nv(16384, 128256, "headline", "sweep-tokens")] + [_nv(4096, v, "sweep-vocab") for v in VOCABS] + [
+    _nv(n, 128256, "sweep-tokens") for n in (1024, 4096, 32768)
+]
+SHAPES = {
+    "logprobs": {
+        "tiny": TINY,
+        ("cpu", True): CPU_QUICK,
+        ("cpu", False): CPU_FULL,
+        ("cuda", True): CUDA,
+        ("cuda", False): CUDA,
+    },
+    "logprobs_entropy": {
+        "tiny": TINY[:1],
+        ("cpu", True): CPU_QUICK[:1],
+        ("cpu", False): CPU_FULL,
+        ("cuda", True): CUDA[:1],
+        ("cuda", False): CUDA,
+    },
+}
+CASES = {"logprobs": LogprobsCase, "logprobs_entropy": LogprobsEntropyCase}
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}

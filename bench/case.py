@@ -3,12 +3,14 @@
 A case builds its inputs, lists its implementations (ours, the PyTorch baselines, peers such as
 Liger-Kernel or Cut Cross-Entropy, each with the reason when it cannot run here), computes the
 oracle, checks an implementation against it, builds the measured step and counts the work of one
-call (bytes it must move, FLOPs it must do). ``bench/suite.py`` drives every case the same way.
+call (bytes it must move, FLOPs it must do). ``bench/suite.py``, the one driver, runs every case
+the same way.
 
-Family modules define the cases: ``suite_logprobs.py`` (token log-probs, with and without
-entropy), ``bench_policy_loss.py``, ``suite_fused_linear.py``, ``bench_advantages.py``,
-``bench_pairwise.py``. ``TensorCase`` below serves the ops whose inputs are a few small tensors
-(the oracle is then the eager implementation run in float64 on the same values).
+Family modules define the cases and nothing else: ``bench_logprobs.py`` (token log-probs, with
+and without entropy), ``bench_policy_loss.py``, ``bench_fused_linear.py`` (the lm_head-fused
+ops), ``bench_advantages.py``, ``bench_pairwise.py``. ``TensorCase`` below serves the ops whose
+inputs are a few small tensors (the oracle is then the eager implementation run in float64 on
+the same values).
 """
 
 from __future__ import annotations
@@ -144,8 +146,10 @@ class Case:
     # is seconds on a CPU but can be a minute of gpu_check.sh's budget on a GPU.
     compile_in_quick: tuple[str, ...] = ()
 
-    def __init__(self, dims: dict[str, int], dtype: torch.dtype, device: torch.device, tags: Sequence[str] = ()):
+    def __init__(self, dims: dict[str, int], dtype: torch.dtype, device: torch.device, tags: Sequence[str] = (),
+                 chunk_sizes: Sequence[int] = ()):  # fmt: skip
         self.dims, self.dtype, self.device, self.tags = dict(dims), dtype, torch.device(device), tuple(tags)
+        self.chunk_sizes = tuple(chunk_sizes)  # --chunk-size: extra rows of the ops that take a chunk_size
 
     @property
     def label(self) -> str:

@@ -4,10 +4,10 @@
     python -m rlhf_fast.bench.report --summary [--device cuda]   print the highlights and headline tables
     python -m rlhf_fast.bench.report --readme [README.md]        refresh the README's benchmark section
 
-bench/suite.py calls ``write_report`` at the end of every run: <out>/<date>-<device>.md, built from
-all the rows of <out>/<date>-<device>-suite.json (the day's runs, newest measurement of each key),
-with plots <out>/plots/<date>-<device>-<op>-<sweep>.png: time and peak memory against the vocabulary
-or the token count, forward and forward+backward, one line per implementation.
+The driver (bench/suite.py) calls ``write_report`` at the end of every run: <out>/<date>-<device>.md,
+built from all the rows of <out>/<date>-<device>-suite.json (the day's runs, newest measurement of
+each key), with plots <out>/plots/<date>-<device>-<op>-<sweep>.png: time and peak memory against
+the vocabulary or the token count, forward and forward+backward, one line per implementation.
 """
 
 from __future__ import annotations
@@ -402,24 +402,6 @@ def compact_table(rows: list[dict]) -> str:
     return harness.markdown_table(out, columns) + "\n\n" + note if out else "(no rows)"
 
 
-def _gpu_logprobs_fallback(results_dir: Path) -> str | None:
-    """The newest GPU token_logprobs table of bench_logprobs.py, for a README whose suite never ran on a GPU."""
-    from . import bench_logprobs as bl
-
-    best = None
-    for path in sorted(results_dir.glob("*-logprobs.json")):
-        rows = [r for r in harness.load_rows([path]) if r["device"] == "cuda"]
-        if rows and (best is None or max(r["timestamp"] for r in rows) > best[0]):
-            best = (max(r["timestamp"] for r in rows), path, rows)
-    if best is None:
-        return None
-    _, path, rows = best
-    r = next(r for r in rows if r["timestamp"] == best[0])
-    text = bl.summarize([path], "cuda", r["dtype"], tuple(r["shape"])).removeprefix("## summary\n").removeprefix("### ")
-    return (f"**GPU: {r['device_name']}, {r['date']}** (token_logprobs only, from `bench/bench_logprobs.py` in "
-            f"`bench/gpu_check.sh`; the full suite has not run on a GPU yet; `{path.name}`)\n\n{text}")  # fmt: skip
-
-
 def readme_section(results_dir: Path | str, readme_dir: Path | str) -> str:
     results_dir, readme_dir = Path(results_dir), Path(readme_dir)
     latest = latest_days(results_dir)
@@ -427,8 +409,7 @@ def readme_section(results_dir: Path | str, readme_dir: Path | str) -> str:
     for kind, label in (("cuda", "GPU"), ("cpu", "CPU")):
         if kind not in latest:
             if kind == "cuda":
-                fallback = _gpu_logprobs_fallback(results_dir)
-                parts.append(fallback or "**GPU**: no GPU measurement yet (`bash bench/gpu_check.sh` on a CUDA machine).")
+                parts.append("**GPU**: no GPU measurement yet (`bash bench/gpu_check.sh` on a CUDA machine).")
             continue
         name, date, rows = latest[kind]
         slug = harness.device_slug(name)

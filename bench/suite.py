@@ -1,4 +1,4 @@
-"""The benchmark suite: every op family, every backend and baseline, forward and forward+backward.
+"""The benchmark driver: every op family, every backend and baseline, forward and forward+backward.
 
     python -m rlhf_fast.bench [--quick] [--device cpu|cuda] [--ops OPS] [--shapes SHAPES] [--impls PATTERNS]
     rlhf-fast bench ...                 (the same command)
@@ -6,9 +6,9 @@
 
 Ops: logprobs, logprobs_entropy (token_logprobs), policy_loss (fused_policy_loss), linear_logprobs,
 linear_sft, linear_policy_loss (the lm_head fused with the loss), gae, ppo_advantages,
-group_advantages, pairwise (reward-model loss). Each family's module documents its implementations
-and the work it counts: suite_logprobs.py, bench_policy_loss.py, suite_fused_linear.py,
-bench_advantages.py, bench_pairwise.py.
+group_advantages, pairwise (reward-model loss). One family module per op family defines its cases
+(shapes, implementations, oracle, the work it counts) and nothing else: bench_logprobs.py,
+bench_policy_loss.py, bench_fused_linear.py, bench_advantages.py, bench_pairwise.py.
 
 For every case (op, shape, dtype) and implementation:
 1. verified against the oracle on the same input values (float64 reference; see each family):
@@ -18,20 +18,24 @@ For every case (op, shape, dtype) and implementation:
    implementations of a case in turn, round after round, so that the load of a shared machine
    falls on all alike. Median and p10-p90 over the runs; inputs rotate over enough copies to span
    twice the last-level cache (harness.input_copies);
-3. measured for peak memory beyond its inputs (CUDA: allocator peak; CPU: RSS high-water mark);
+3. measured for peak memory beyond its inputs (CUDA: allocator peak; CPU: RSS high-water mark, in
+   this process after timing, or with --memory-workers N each in a fresh process);
 4. set against the device: achieved bandwidth (bytes the op must move / time) over the measured
    copy bandwidth, or FLOP rate over the measured matmul rate for the linear-head ops; and against
    eager PyTorch (and torch.compile, or the family's other baselines) measured in the same run.
 
 Rows go to <out>/<date>-<device>-suite.json (rows of the same day and key are replaced) and are
 appended to <out>/suite.csv (every run); the Markdown report <out>/<date>-<device>.md with PNG
-plots under <out>/plots/ is rebuilt from the day's rows (bench/report.py).
+plots under <out>/plots/ is rebuilt from the day's rows (bench/report.py). --tables also prints
+each case's table as soon as it is measured; `python -m rlhf_fast.bench.report --summary` prints
+the headline tables of the newest results.
 
 --quick: the headline shape of every op and small vocabulary / token sweeps, fewer repeats;
 torch.compile runs on the headline cases of the log-prob ops only (on a GPU, token_logprobs
 only: a compile there costs a large share of gpu_check.sh's budget), and TRL's row loop and
 torch.compile are left out of sweep cases. --shapes tiny: toy shapes, a few runs per measurement
-(the CI test's smoke run).
+(the CI test's smoke run). --chunk-size C (repeatable): the linear-head ops also time chunk_size=C
+(rows "auto-c<C>"), the memory / time trade of the chunk.
 """
 
 from __future__ import annotations
@@ -48,12 +52,20 @@ import torch
 
 from rlhf_fast.extras import require
 
-from . import bench_advantages, bench_pairwise, bench_policy_loss, harness, report, suite_fused_linear, suite_logprobs
+from . import (
+    bench_advantages,
+    bench_fused_linear,
+    bench_logprobs,
+    bench_pairwise,
+    bench_policy_loss,
+    harness,
+    report,
+)
 from .case import MODES, TAGS, Case, Impl, timed
 
 BENCH = "suite"
 KEY_FIELDS = ("op", "dtype", "shape", "impl", "mode")
-FAMILIES = (suite_logprobs, bench_policy_loss, suite_fused_linear, bench_advantages, bench_pairwise)
+FAMILIES = (bench_logprobs, bench_policy_loss, bench_fused_linear, bench_advantages, bench_pairwise)
 OPS: dict[str, object] = {op: module for module in FAMILIES for op in module.CASES}
 # Run order: headline cases first, those with targets still to measure on a GPU before those already
 # measured (token_logprobs), so that a run cut short by --deadline-s still has them; then the sweeps.
@@ -120,7 +132,7 @@ def build_cases(args, device: torch.device) -> list[Case]:
                 raise SystemExit(f"--shapes: {op} takes {'x'.join(names)}, got {'x'.join(map(str, values))}")
         for dims, row_tags in chosen.items():
             ordered = tuple(t for t in TAGS + ("custom",) if t in row_tags)
-            cases.append(module.CASES[op](dict(dims), dtype, device, ordered))
+            cases.append(module.CASES[op](dict(dims), dtype, device, ordered, chunk_sizes=args.chunk_size))
     rank = {op: i for i, op in enumerate(PRIORITY)}
     cases.sort(key=lambda c: ("headline" not in c.tags, rank.get(c.op, 99)))
     return cases
@@ -284,15 +296,36 @@ def run_case(case: Case, args, env: dict, copy_gbps: float, deadline: float | No
             if timing is None:
                 continue
             r.update(harness.as_dict(timing), **row_rates(r, timing, copy_gbps, ceiling))
-            if not args.no_memory:
+            if not args.no_memory and not args.memory_workers:
                 peak = harness.rss_peak_mb(step, warmup=False)
                 r["peak_mb" if not isinstance(peak, str) else "peak_mb_error"] = peak
             step.clear()
+    del inputs, expected, pending
+    _release(device, collect=copies * case.input_bytes() > 2**26)  # large inputs: free them now
+    if device.type == "cpu" and not args.no_memory and args.memory_workers:
+        fresh_process_peaks(case, rows, args.memory_workers)
     add_ratios(rows, case)
     case.annotate(rows)
-    del inputs, expected
-    _release(device, collect=copies * case.input_bytes() > 2**26)  # large inputs: free them now
     return rows
+
+
+def memory_step(op: str, dims: dict, dtype: str, impl: str, mode: str, chunk_sizes=(), device: str = "cpu"):
+    """One case's step rebuilt from plain values, for a fresh process (--memory-workers; harness.cpu_peak_mb)."""
+    case = OPS[op].CASES[op](dims, getattr(torch, dtype), torch.device(device), chunk_sizes=chunk_sizes)
+    chosen = next(i for i in case.implementations() if i.name == impl)
+    inputs = case.make_inputs(1)
+    case.oracle(inputs)  # a step may take the oracle's upstream gradient (policy_loss's token_logprobs rows)
+    return case.step(chosen.make(), case.inputs_for(chosen, inputs), mode)
+
+
+def fresh_process_peaks(case: Case, rows: list[dict], workers: int) -> None:
+    """CPU, --memory-workers: the peak RSS growth of each timed row, each in a fresh process, ``workers`` at once."""
+    todo = [r for r in rows if timed(r)]
+    kwargs = [dict(op=case.op, dims=case.dims, dtype=r["dtype"], impl=r["impl"], mode=r["mode"],
+                   chunk_sizes=case.chunk_sizes) for r in todo]  # fmt: skip
+    peaks = harness.cpu_peak_mb(f"{__package__}.suite:memory_step", kwargs, workers=workers)
+    for r, peak in zip(todo, peaks):
+        r["peak_mb" if not isinstance(peak, str) else "peak_mb_error"] = peak
 
 
 def row_rates(r: dict, timing: harness.Timing, copy_gbps: float, ceiling: float | None) -> dict:
@@ -351,10 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-reps", type=int, help="timed runs even when one run exceeds the budget (default 5, quick 3)")
     p.add_argument("--max-reps", type=int, default=100)
     p.add_argument("--max-copies", type=int, default=8, help="most input copies rotated to defeat the cache")
+    p.add_argument("--chunk-size", type=int, action="append", default=[],
+                   help="linear-head ops: also time chunk_size=C (row auto-c<C>); repeatable")  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-workers", type=int, help="CPU: measure each row's peak memory in a fresh process, "
+                   "this many at once (default: in this process, after timing)")  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="write the rows only (no Markdown report, no plots)")
     p.add_argument("--deadline-s", type=float, help="start no new implementation after this many seconds")
     p.add_argument("--list", action="store_true", help="print the cases and implementations, run nothing")
+    p.add_argument("--tables", action="store_true", help="print each case's table as soon as it is measured")
     return p
 
 
@@ -387,6 +425,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    out_dirs = [Path(p) for p in (args.out or [default_out()])]
     tiny = bool(args.shapes) and "tiny" in args.shapes.split(",")
     # A tiny run is a smoke test of the whole pipeline: a few runs per measurement.
     args.budget_s = args.budget_s if args.budget_s is not None else (0.01 if tiny else 0.3 if args.quick else 1.0)
@@ -395,7 +434,6 @@ def main(argv=None) -> int:
     if args.list:
         list_cases(cases, args)
         return 0
-    out_dirs = [Path(p) for p in (args.out or [default_out()])]
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     # SIGTERM (from `timeout`) exits through the finally below: rows, CSV and report are written.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -421,6 +459,9 @@ def main(argv=None) -> int:
                              verified=False, median_ms=None) for mode in args.modes]  # fmt: skip
                 _release(device)
             all_rows += rows
+            if args.tables:
+                for label, dtype, rs in report.cases_of(rows, case.op):
+                    print(f"\n{report.case_heading(label, dtype, rs)}\n\n{report.case_table(rs)}\n", flush=True)
             if all_rows:
                 for out in out_dirs:
                     harness.write_results(all_rows, out, bench=BENCH, key_fields=KEY_FIELDS)

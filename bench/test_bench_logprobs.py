@@ -4,7 +4,7 @@
 
 Each entry first checks its result against the float64 reference on the same inputs, so a fast
 wrong implementation fails instead of reporting a time. The full comparison (GPU shapes, bandwidth,
-memory, torch.compile) is bench/bench_logprobs.py.
+memory, torch.compile) is the driver's: python -m rlhf_fast.bench --ops logprobs,logprobs_entropy.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rlhf_fast.bench import bench_logprobs as bl
+from rlhf_fast.bench.case import MODES
 from rlhf_fast.backends.registry import BACKENDS
 
 SHAPES = [(64, 32000), (256, 4096)]
@@ -20,7 +21,7 @@ IMPLS = ["eager"] + [f"backend={name}" for name in BACKENDS]
 DEVICE = torch.device("cpu")
 
 
-@pytest.mark.parametrize("mode", bl.MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", bl.FAMILIES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

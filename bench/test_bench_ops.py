@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from rlhf_fast.bench.bench_advantages import GAECase, GroupAdvantagesCase, PPOAdvantagesCase
+from rlhf_fast.bench.bench_fused_linear import LinearCase, LinearPolicyCase
 from rlhf_fast.bench.bench_pairwise import PairwiseCase
 from rlhf_fast.bench.bench_policy_loss import PolicyLossCase
-from rlhf_fast.bench.suite_fused_linear import LinearCase, LinearPolicyCase
 
 DEVICE = torch.device("cpu")
 CASES = {

@@ -1,4 +1,4 @@
-"""The benchmark suite (bench/suite.py): end to end on toy shapes, and its verify-before-timing rule.
+"""The benchmark driver (bench/suite.py): end to end on toy shapes, and its verify-before-timing rule.
 
 The end-to-end test runs ``rlhf-fast bench --quick --shapes tiny`` in a subprocess and checks that the rows, the
 CSV, the Markdown report and the plots are written and that every row names its device.
@@ -74,7 +74,8 @@ def test_quick_tiny_run_writes_report_plots_and_device_rows(tmp_path):
 
 def _args(**overrides) -> Namespace:
     args = dict(modes=["fwd", "fwd+bwd"], impls=None, skip_impls=["compile"], quick=False, min_reps=2, max_reps=3,
-                budget_s=0.0, max_copies=1, no_memory=True, deadline_s=None)  # fmt: skip
+                budget_s=0.0, max_copies=1, no_memory=True, memory_workers=None, deadline_s=None,
+                chunk_size=[])  # fmt: skip
     args.update(overrides)
     return Namespace(**args)
 
