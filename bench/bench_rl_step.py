@@ -1,7 +1,7 @@
 """One RL step, fused ops vs the same loop on plain PyTorch ops: same model, same batch.
 
-    python -m rlhf_fast.bench.bench_rl_step [--device cpu|cuda] [--vocab V] [--hidden H] [--layers L]
-                                  [--batch B] [--prompt-len P] [--new-tokens R] [--repeats N] [--out DIR]
+    python -m rlhf_fast.bench --rl-step [--device cpu|cuda] [--vocab V] [--hidden H] [--layers L]
+                              [--batch B] [--prompt-len P] [--new-tokens R] [--repeats N] [--out DIR]
 
 The policy is a Llama built from a config (vocab V, hidden H, L layers); the step is GRPO-style
 (group advantages, k3 KL to a frozen reference as a loss term, clip 0.2, token-mean), run by the
@@ -15,16 +15,13 @@ trainer's own steps (``rlhf_fast.train.rl.steps``) with ``RLTrainer``. Timed sep
             logits (the hook a user would use)
 
 Tokens per second count every token of the batch (prompt + response) that goes through the model.
-Peak memory: CUDA allocator peak during the phase (CPU: not measured). Results are merged into
-``bench/results/<date>-<device>-rl_step.json``.
+Peak memory: CUDA allocator peak during the phase (CPU: not measured). The driver (bench/suite.py,
+``--rl-step``) merges the rows into ``<out>/<date>-<device>-rl_step.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -34,6 +31,9 @@ from . import harness
 
 BENCH = "rl_step"
 KEY_FIELDS = ("impl", "vocab", "hidden", "layers", "batch", "response_len")
+# The sizes the driver's options leave open, by device: (CUDA, CPU).
+SIZES = {"vocab": (128256, 32000), "hidden": (1024, 256), "batch": (64, 16), "new_tokens": (256, 32)}
+
 
 class IdTokenizer:
     """A tokenizer over V ids whose text is the ids themselves ("5 17 9"): no vocabulary file needed."""
@@ -174,35 +174,3 @@ def summarize(rows: list[dict]) -> list[dict]:
     fused["update_speedup_vs_eager"] = eager["update_s"] / fused["update_s"]
     fused["logprobs_speedup_vs_eager"] = eager["logprobs_s"] / fused["logprobs_s"]
     return out
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vocab", type=int, default=None, help="default: 128256 on CUDA, 32000 on CPU")
-    parser.add_argument("--hidden", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=None, help="sequences (groups of 4); default 64 on CUDA, 16 on CPU")
-    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default: the batch)")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.vocab = args.vocab or (128256 if cuda else 32000)
-    args.hidden = args.hidden or (1024 if cuda else 256)
-    args.batch = args.batch or (64 if cuda else 16)
-    args.new_tokens = args.new_tokens or (256 if cuda else 32)
-    rows = summarize(run(args))
-    path = harness.write_results(rows, args.out, bench=BENCH, key_fields=KEY_FIELDS)
-    for r in rows:
-        mem = "" if r["update_peak_mb"] is None else f"  update peak {r['update_peak_mb']:.0f} MiB  logprobs peak {r['logprobs_peak_mb']:.0f} MiB"
-        print(f"{r['impl']:<6} rollout {r['rollout_tokens_per_s']:>9.0f} tok/s (generate {r['generate_s']:.2f}s + logprobs {r['logprobs_s']:.3f}s)"
-              f"  update {r['update_tokens_per_s']:>9.0f} tok/s ({r['update_s']:.3f}s){mem}")
-    print(f"update speedup fused vs eager: {rows[0]['update_speedup_vs_eager']:.2f}x   results: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,8 @@ Family modules define the cases and nothing else: ``bench_logprobs.py`` (token l
 and without entropy), ``bench_policy_loss.py``, ``bench_fused_linear.py`` (the lm_head-fused
 ops), ``bench_advantages.py``, ``bench_pairwise.py``. ``TensorCase`` below serves the ops whose
 inputs are a few small tensors (the oracle is then the eager implementation run in float64 on
-the same values).
+the same values). The end-to-end RL step (``bench_rl_step.py``) is no case: the driver's
+``--rl-step`` mode runs it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine (H100, no network): build rlhf_fast._C for sm_90, run the GPU
-# tests and the quick benchmark suite (python -m rlhf_fast.bench --quick), and print the headline figures LAST.
+# tests, one RL step end to end (python -m rlhf_fast.bench --rl-step) and the quick benchmark suite
+# (python -m rlhf_fast.bench --quick), and print the headline figures LAST.
 #
 #   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; under 8 minutes)
 #
@@ -85,7 +86,7 @@ if ((${#liger_wheels[@]})); then
   step liger 60 $((BENCH_MIN_S + 80)) python -m pip install --no-index --no-deps "${liger_wheels[@]}"
 fi
 # One RL step (rollout and update) with the fused ops vs the same loop on plain PyTorch, vocab 128256.
-step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python -m rlhf_fast.bench.bench_rl_step --device cuda --repeats 2 --out "$LOG_DIR/results"
+step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python -m rlhf_fast.bench --rl-step --device cuda --repeats 2 --out "$LOG_DIR/results"
 
 # The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
 # ends on its own and writes its rows, report and plots (it also writes rows after each case, and

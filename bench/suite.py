@@ -3,6 +3,7 @@
     python -m rlhf_fast.bench [--quick] [--device cpu|cuda] [--ops OPS] [--shapes SHAPES] [--impls PATTERNS]
     rlhf-fast bench ...                 (the same command)
     python -m rlhf_fast.bench --list              (the cases and implementations it would run, and why some can't)
+    python -m rlhf_fast.bench --rl-step [--vocab V ...]   (one RL step end to end; bench_rl_step.py)
 
 Ops: logprobs, logprobs_entropy (token_logprobs), policy_loss (fused_policy_loss), linear_logprobs,
 linear_sft, linear_policy_loss (the lm_head fused with the loss), gae, ppo_advantages,
@@ -36,6 +37,10 @@ only: a compile there costs a large share of gpu_check.sh's budget), and TRL's r
 torch.compile are left out of sweep cases. --shapes tiny: toy shapes, a few runs per measurement
 (the CI test's smoke run). --chunk-size C (repeatable): the linear-head ops also time chunk_size=C
 (rows "auto-c<C>"), the memory / time trade of the chunk.
+
+--rl-step: instead of the cases, one RL step (rollout and update of a small Llama, GRPO) with the
+fused ops against the same loop on plain PyTorch (bench_rl_step.py); rows in
+<out>/<date>-<device>-rl_step.json. Only --device, --out and the options of its group apply.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from . import (
     bench_logprobs,
     bench_pairwise,
     bench_policy_loss,
+    bench_rl_step,
     harness,
     report,
 )
@@ -393,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-s", type=float, help="start no new implementation after this many seconds")
     p.add_argument("--list", action="store_true", help="print the cases and implementations, run nothing")
     p.add_argument("--tables", action="store_true", help="print each case's table as soon as it is measured")
+    rl = p.add_argument_group("one RL step end to end (bench_rl_step.py); defaults on CUDA / on a CPU")
+    rl.add_argument("--rl-step", action="store_true", help="run the RL step instead of the cases")
+    rl.add_argument("--vocab", type=int, help="default 128256 / 32000")
+    rl.add_argument("--hidden", type=int, help="default 1024 / 256")
+    rl.add_argument("--layers", type=int, default=2)
+    rl.add_argument("--batch", type=int, help="sequences (groups of 4); default 64 / 16")
+    rl.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default: the batch)")
+    rl.add_argument("--prompt-len", type=int, default=64)
+    rl.add_argument("--new-tokens", type=int, help="default 256 / 32")
+    rl.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round")
     return p
 
 
@@ -408,6 +424,22 @@ def list_cases(cases: list[Case], args) -> None:
                 print(f"    {impl.name:34s} skipped: {impl.skip}")
             elif selected(case, impl, args):
                 print(f"    {impl.name:34s} {'/'.join(m for m in args.modes if m in case.modes and m in impl.modes)}")
+
+
+def run_rl_step(args, out_dirs: list[Path]) -> int:
+    """--rl-step: bench_rl_step.py's fused and eager rows (medians over the repeats), written to every --out."""
+    for name, (on_cuda, on_cpu) in bench_rl_step.SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if args.device == "cuda" else on_cpu)
+    rows = bench_rl_step.summarize(bench_rl_step.run(args))
+    paths = [harness.write_results(rows, out, bench=bench_rl_step.BENCH, key_fields=bench_rl_step.KEY_FIELDS)
+             for out in out_dirs]  # fmt: skip
+    for r in rows:
+        mem = "" if r["update_peak_mb"] is None else f"  update peak {r['update_peak_mb']:.0f} MiB  logprobs peak {r['logprobs_peak_mb']:.0f} MiB"
+        print(f"{r['impl']:<6} rollout {r['rollout_tokens_per_s']:>9.0f} tok/s (generate {r['generate_s']:.2f}s + logprobs {r['logprobs_s']:.3f}s)"
+              f"  update {r['update_tokens_per_s']:>9.0f} tok/s ({r['update_s']:.3f}s){mem}")  # fmt: skip
+    print(f"update speedup fused vs eager: {rows[0]['update_speedup_vs_eager']:.2f}x   results: {', '.join(map(str, paths))}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -426,6 +458,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     out_dirs = [Path(p) for p in (args.out or [default_out()])]
+    if args.rl_step:
+        return run_rl_step(args, out_dirs)
     tiny = bool(args.shapes) and "tiny" in args.shapes.split(",")
     # A tiny run is a smoke test of the whole pipeline: a few runs per measurement.
     args.budget_s = args.budget_s if args.budget_s is not None else (0.01 if tiny else 0.3 if args.quick else 1.0)
