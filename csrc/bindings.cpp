@@ -141,7 +141,7 @@ void bind_params(py::module_& m) {
     ParamsClass<P>(m, "KlRewardsParams", "KL-penalised rewards [B, T]; estimator from KL_ESTIMATOR_CODES.")
         .RLHF_FAST_FIELD(logp).RLHF_FAST_FIELD(ref_logp).RLHF_FAST_FIELD(scores).RLHF_FAST_FIELD(mask)
         .RLHF_FAST_FIELD(rewards).RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(beta)
-        .RLHF_FAST_FIELD(estimator);
+        .RLHF_FAST_FIELD(estimator).RLHF_FAST_FIELD(kl_clamp);
   }
   {
     using P = rlhf_fast::GaeForwardParams;
@@ -163,7 +163,8 @@ void bind_params(py::module_& m) {
     ParamsClass<P>(m, "WhitenParams", "Masked whitening over the batch [B, T]; out may equal x; moments: a [B, 3] "
                    "float32 workspace on CUDA, 0 on the host.")
         .RLHF_FAST_FIELD(x).RLHF_FAST_FIELD(mask).RLHF_FAST_FIELD(out).RLHF_FAST_FIELD(moments)
-        .RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(shift_mean).RLHF_FAST_FIELD(eps);
+        .RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(shift_mean).RLHF_FAST_FIELD(unbiased)
+        .RLHF_FAST_FIELD(eps);
   }
   {
     using P = rlhf_fast::PpoAdvantagesParams;
@@ -172,8 +173,8 @@ void bind_params(py::module_& m) {
         .RLHF_FAST_FIELD(logp).RLHF_FAST_FIELD(ref_logp).RLHF_FAST_FIELD(scores).RLHF_FAST_FIELD(values)
         .RLHF_FAST_FIELD(mask).RLHF_FAST_FIELD(rewards).RLHF_FAST_FIELD(advantages).RLHF_FAST_FIELD(returns)
         .RLHF_FAST_FIELD(moments).RLHF_FAST_FIELD(rows).RLHF_FAST_FIELD(tokens).RLHF_FAST_FIELD(beta)
-        .RLHF_FAST_FIELD(estimator).RLHF_FAST_FIELD(gamma).RLHF_FAST_FIELD(lam).RLHF_FAST_FIELD(whiten)
-        .RLHF_FAST_FIELD(whiten_eps);
+        .RLHF_FAST_FIELD(estimator).RLHF_FAST_FIELD(kl_clamp).RLHF_FAST_FIELD(gamma).RLHF_FAST_FIELD(lam)
+        .RLHF_FAST_FIELD(whiten).RLHF_FAST_FIELD(whiten_unbiased).RLHF_FAST_FIELD(whiten_eps);
   }
   {
     using P = rlhf_fast::GroupAdvantagesParams;

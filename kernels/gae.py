@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rewards import ESTIMATOR_CODE, _kl_rewards_chunk, block_t
+from .rewards import ESTIMATOR_CODE, _kl_rewards_chunk, block_t, clamp_value
 from .whiten import _merge_moments, whiten_apply
 
 
@@ -55,6 +55,7 @@ def _gae_fwd_kernel(
     gamma,  # discount
     gamma_lam,  # gamma * lam
     beta,  # KL coefficient, used only FROM_KL
+    kl_clamp,  # the KL is clamped to [-kl_clamp, kl_clamp] (inf: no clamp), used only FROM_KL
     FROM_KL: tl.constexpr,  # compute the rewards from logp, ref_logp, scores (and store them)
     ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 abs
     WITH_MOMENTS: tl.constexpr,  # also write the advantages' row moments, for whitening
@@ -80,7 +81,7 @@ def _gae_fwd_kernel(
         values = tl.load(values_ptr + base + t, mask=valid, other=0.0)
         if FROM_KL:
             rewards, seen = _kl_rewards_chunk(
-                logp_ptr + base, ref_logp_ptr + base, t, valid, seen, score, beta, ESTIMATOR
+                logp_ptr + base, ref_logp_ptr + base, t, valid, seen, score, beta, kl_clamp, ESTIMATOR
             )
             tl.store(rewards_ptr + base + t, rewards, mask=in_row)
         else:
@@ -149,7 +150,7 @@ def _gae_bwd_kernel(
 
 
 def _launch_forward(rewards, logp, ref_logp, scores, values, mask, advantages, returns, moments,
-                    gamma, lam, beta, estimator):  # fmt: skip
+                    gamma, lam, beta, estimator, kl_clamp=None):  # fmt: skip
     B, T = values.shape
     from_kl = logp is not None
     _gae_fwd_kernel[(B,)](
@@ -158,7 +159,7 @@ def _launch_forward(rewards, logp, ref_logp, scores, values, mask, advantages, r
         scores if from_kl else rewards,
         values, mask.view(torch.uint8), advantages, returns,
         moments if moments is not None else advantages,  # placeholder, never written
-        T, float(gamma), float(gamma) * float(lam), float(beta),
+        T, float(gamma), float(gamma) * float(lam), float(beta), clamp_value(kl_clamp),
         FROM_KL=from_kl, ESTIMATOR=ESTIMATOR_CODE[estimator], WITH_MOMENTS=moments is not None,
         BLOCK_T=block_t(T), num_warps=4,
     )  # fmt: skip
@@ -184,8 +185,9 @@ def gae_backward(grad_advantages, grad_returns, mask, grad_rewards, grad_values,
 
 
 def ppo_advantages_forward(
-    logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-):
+    logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten,
+    kl_clamp=None, unbiased=True,
+):  # fmt: skip
     """Rewards, advantages and returns in one pass over [B, T]; whitening in a second launch that
     reads only the advantages (see Provider.ppo_advantages_forward)."""
     B, T = values.shape
@@ -193,6 +195,6 @@ def ppo_advantages_forward(
         return
     moments = torch.empty(B, 3, dtype=torch.float32, device=values.device) if whiten else None
     _launch_forward(rewards, logp, ref_logp, scores, values, mask, advantages, returns, moments,
-                    gamma, lam, beta, estimator)  # fmt: skip
+                    gamma, lam, beta, estimator, kl_clamp)  # fmt: skip
     if whiten:
-        whiten_apply(advantages, mask, moments, advantages, True)
+        whiten_apply(advantages, mask, moments, advantages, True, unbiased)

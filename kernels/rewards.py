@@ -4,12 +4,14 @@ Shapes: logp, ref_logp, rewards [B, T] float32 contiguous, mask [B, T] bool (rea
 scores [B] float32. The reference is ``rlhf_fast.reference.kl_penalized_rewards``; the provider
 contract is ``Provider.kl_rewards_forward`` in ``rlhf_fast/backends/base.py``. One program walks
 one row right to left in chunks of BLOCK_T, so the first valid token it meets is the row's last
-and gets the score. Moves 13 bytes per token (2 reads of 4, the mask byte, 1 write of 4).
+and gets the score; the KL is clamped to [-kl_clamp, kl_clamp] when one is given. Moves 13 bytes per token (2 reads of 4, the mask byte, 1 write of 4).
 
 ``_kl`` and ``_kl_rewards_chunk`` are shared with the fused PPO advantage kernel (kernels/gae.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -46,6 +48,13 @@ def _kl(logp, ref_logp, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
+def _clamp(kl, limit):
+    """kl clamped to [-limit, limit] by compare-select: NaN stays NaN, limit = inf changes nothing."""
+    kl = tl.where(kl > limit, limit, kl)
+    return tl.where(kl < -limit, -limit, kl)
+
+
+@triton.jit
 def _kl_rewards_chunk(
     logp_ptr,  # [B, T] float32 (already offset to the row)
     ref_logp_ptr,  # [B, T] float32 (already offset to the row)
@@ -54,13 +63,14 @@ def _kl_rewards_chunk(
     seen,  # int32: valid tokens of this row right of this chunk
     score,  # float32: scores[row]
     beta,  # KL coefficient
+    kl_clamp,  # the KL is clamped to [-kl_clamp, kl_clamp]; inf: no clamp
     ESTIMATOR: tl.constexpr,
 ):
     """Rewards of one reversed chunk (0 where not valid) and the updated count of valid tokens seen."""
     # Masked positions are not even read: whatever they hold (NaN, inf) cannot reach a result.
     logp = tl.load(logp_ptr + t, mask=valid, other=0.0)
     ref_logp = tl.load(ref_logp_ptr + t, mask=valid, other=0.0)
-    rewards = -beta * _kl(logp, ref_logp, ESTIMATOR)
+    rewards = -beta * _clamp(_kl(logp, ref_logp, ESTIMATOR), kl_clamp)
     # Walking right to left, the row's last valid token is the first one met: the running count
     # (inclusive) is 1 there and nothing was seen in earlier chunks.
     count = tl.cumsum(valid.to(tl.int32), 0) + seen
@@ -77,6 +87,7 @@ def _kl_rewards_kernel(
     rewards_ptr,  # [B, T] float32 out
     T,  # tokens per row
     beta,  # KL coefficient
+    kl_clamp,  # the KL is clamped to [-kl_clamp, kl_clamp]; inf: no clamp
     ESTIMATOR: tl.constexpr,  # 0 k1, 1 k2, 2 k3, 3 abs
     BLOCK_T: tl.constexpr,  # tokens per chunk (power of two)
 ):
@@ -90,7 +101,7 @@ def _kl_rewards_kernel(
         in_row = t >= 0
         valid = (tl.load(mask_ptr + base + t, mask=in_row, other=0) != 0) & in_row
         rewards, seen = _kl_rewards_chunk(
-            logp_ptr + base, ref_logp_ptr + base, t, valid, seen, score, beta, ESTIMATOR
+            logp_ptr + base, ref_logp_ptr + base, t, valid, seen, score, beta, kl_clamp, ESTIMATOR
         )
         tl.store(rewards_ptr + base + t, rewards, mask=in_row)
 
@@ -100,12 +111,17 @@ def block_t(T: int) -> int:
     return min(1024, triton.next_power_of_2(max(T, 1)))
 
 
-def kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator):
+def clamp_value(kl_clamp) -> float:
+    """The kernels' kl_clamp argument: the clamp, or inf for none."""
+    return math.inf if kl_clamp is None else float(kl_clamp)
+
+
+def kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp=None):
     """Write rewards [B, T] (see Provider.kl_rewards_forward)."""
     B, T = logp.shape
     if B == 0 or T == 0:
         return
     _kl_rewards_kernel[(B,)](
-        logp, ref_logp, scores, mask.view(torch.uint8), rewards, T, float(beta),
+        logp, ref_logp, scores, mask.view(torch.uint8), rewards, T, float(beta), clamp_value(kl_clamp),
         ESTIMATOR=ESTIMATOR_CODE[estimator], BLOCK_T=block_t(T), num_warps=4,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Triton kernels of masked whitening: (x - mean) / sqrt(var + 1e-8) over the valid tokens of a [B, T] batch.
+"""Triton kernels of masked whitening: (x - mean) / sqrt(var + 1e-8) over the valid tokens of a [B, T] batch,
+var the unbiased (M2 / (n - 1)) or biased (M2 / n) variance.
 
 Shapes: x, out [B, T] float32 contiguous, mask [B, T] bool (read as uint8). The reference is
 ``rlhf_fast.reference.whiten``; the contract is ``Provider.whiten_forward``. Two launches, no host
@@ -69,6 +70,7 @@ def _whiten_apply_kernel(
     rows_per_program,  # rows whitened by each program
     eps,  # added to the variance
     SHIFT_MEAN: tl.constexpr,  # False adds the mean back
+    UNBIASED: tl.constexpr,  # variance = M2 / (n - 1), else M2 / n (both divisors floored at 1)
     BLOCK_B: tl.constexpr,  # rows of moments merged per step (power of two)
     BLOCK_T: tl.constexpr,  # tokens per chunk (power of two)
 ):
@@ -91,7 +93,11 @@ def _whiten_apply_kernel(
         mean_b = tl.load(moments_ptr + r * 3 + 1, mask=r < B, other=0.0)
         m2_b = tl.load(moments_ptr + r * 3 + 2, mask=r < B, other=0.0)
         m2 += tl.sum(m2_b + n_b * (mean_b - mean) * (mean_b - mean), 0)
-    std = tl.sqrt(m2 / tl.maximum(n - 1.0, 1.0) + eps)
+    if UNBIASED:
+        dof = tl.maximum(n - 1.0, 1.0)
+    else:
+        dof = tl.maximum(n, 1.0)
+    std = tl.sqrt(m2 / dof + eps)
 
     for i in range(0, rows_per_program):
         row = tl.program_id(0) * rows_per_program + i
@@ -108,23 +114,23 @@ def _whiten_apply_kernel(
             tl.store(out_ptr + base + t, tl.where(valid, y, 0.0), mask=in_row)
 
 
-def whiten_apply(x, mask, moments, out, shift_mean):
+def whiten_apply(x, mask, moments, out, shift_mean, unbiased=True):
     """Launch step 2: whiten x [B, T] into out with the per-row moments [B, 3]."""
     B, T = x.shape
     rows_per_program = triton.cdiv(B, MAX_APPLY_PROGRAMS)
     grid = (triton.cdiv(B, rows_per_program),)
     _whiten_apply_kernel[grid](
         x, mask.view(torch.uint8), moments, out, B, T, rows_per_program, WHITEN_EPS,
-        SHIFT_MEAN=bool(shift_mean), BLOCK_B=min(1024, triton.next_power_of_2(B)), BLOCK_T=block_t(T),
+        SHIFT_MEAN=bool(shift_mean), UNBIASED=bool(unbiased), BLOCK_B=min(1024, triton.next_power_of_2(B)), BLOCK_T=block_t(T),
         num_warps=4,
     )  # fmt: skip
 
 
-def whiten_forward(x, mask, out, shift_mean):
+def whiten_forward(x, mask, out, shift_mean, unbiased=True):
     """Write out = reference.whiten(x, mask, shift_mean) (see Provider.whiten_forward)."""
     B, T = x.shape
     if B == 0 or T == 0:
         return
     moments = torch.empty(B, 3, dtype=torch.float32, device=x.device)
     _row_moments_kernel[(B,)](x, mask.view(torch.uint8), moments, T, BLOCK_T=block_t(T), num_warps=4)
-    whiten_apply(x, mask, moments, out, shift_mean)
+    whiten_apply(x, mask, moments, out, shift_mean, unbiased)

@@ -150,16 +150,21 @@ def kl_penalized_rewards(
     *,
     beta: float,
     estimator: str = "k1",
+    kl_clamp: float | None = None,
 ) -> torch.Tensor:
     """Per-token PPO rewards: a KL penalty on every response token, the sequence score on the last.
 
     logp, ref_logp, mask: [B, T]; scores: [B]. Returns rewards [B, T]:
-    1. kl = kl_penalty(logp, ref_logp) on valid tokens, 0 elsewhere.
+    1. kl = kl_penalty(logp, ref_logp) on valid tokens, 0 elsewhere; clamped to
+       [-kl_clamp, kl_clamp] when kl_clamp is set (verl's apply_kl_penalty with low_var_kl clamps
+       k3 at 10, OpenRLHF's compute_approx_kl every estimator), so a clamped token has no gradient.
     2. rewards = -beta * kl.
     3. rewards[b, last valid token of b] += scores[b]; a row with no valid token stays all zeros.
     """
     mask = mask.bool()
     kl = kl_penalty(torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0), estimator=estimator)
+    if kl_clamp is not None:
+        kl = kl.clamp(-kl_clamp, kl_clamp)
     rewards = torch.where(mask, -beta * kl, 0.0)
     last = last_valid_index(mask)
     at_last = torch.arange(mask.shape[-1], device=mask.device) == last.unsqueeze(-1)
@@ -309,12 +314,13 @@ def gae_scan_backward(
     return grad_rewards, grad_values
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True) -> torch.Tensor:
     """Masked whitening over all valid tokens of the batch. [B, T] -> [B, T]
 
     1. mean = sum(x m) / n over the n valid tokens.
-    2. var = sum((x - mean)^2 m) / (n - 1), the unbiased variance (n - 1 floored at 1: with n <= 1
-       the numerator is 0 anyway).
+    2. var = sum((x - mean)^2 m) / (n - 1), the unbiased variance (verl's masked_whiten, TRL), or
+       / n with ``unbiased=False``, the biased one (OpenRLHF's advantage normalisation); the
+       divisor is floored at 1 (with n <= 1 the numerator is 0 anyway).
     3. out = (x - mean) / sqrt(var + 1e-8), plus mean again when ``shift_mean`` is False.
     4. out = 0 at masked positions (and everywhere when n = 0).
     """
@@ -323,7 +329,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> t
     n = mask.sum()
     mean = x.sum() / n.clamp(min=1)
     centered = torch.where(mask, x - mean, 0.0)
-    var = (centered * centered).sum() / (n - 1).clamp(min=1)
+    var = (centered * centered).sum() / (n - 1 if unbiased else n).clamp(min=1)
     out = centered / torch.sqrt(var + WHITEN_EPS)
     if not shift_mean:
         out = out + mean

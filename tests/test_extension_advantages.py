@@ -39,15 +39,20 @@ def bt_case(rows, tokens, pattern="mixed"):
 
 
 def calls(case, estimator="k3", gamma=0.99, lam=0.9, whiten=True):
-    """(method, inputs, number of outputs, options) of every [B, T] provider method."""
+    """(method, inputs, number of outputs, options) of every [B, T] provider method; the options
+    end with kl_clamp and (whitening) unbiased where a call sets them, the clamp biting at 0.5."""
     mask, logp, ref_logp, scores, values, rewards, (grad_a, grad_r) = case
     return [
         ("kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, estimator)),
+        ("kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, estimator, 0.5)),
         ("gae_forward", (rewards, values, mask), 2, (gamma, lam)),
         ("gae_backward", (grad_a, grad_r, mask), 2, (gamma, lam)),
         ("whiten_forward", (values, mask), 1, (True,)),
         ("whiten_forward", (values, mask), 1, (False,)),
+        ("whiten_forward", (values, mask), 1, (True, False)),
         ("ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3, (0.1, estimator, gamma, lam, whiten)),
+        ("ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3,
+         (0.1, estimator, gamma, lam, whiten, 0.5, False)),
     ]
 
 
@@ -102,16 +107,18 @@ def test_group_advantages_match_torch(name, mode, group_size):
     assert rel_err(got, want) < TOL, f"rel err {rel_err(got, want):.3g}"
 
 
-def test_host_fused_ppo_equals_its_steps():
+@pytest.mark.parametrize("kl_clamp,unbiased", [(None, True), (0.5, False)])
+def test_host_fused_ppo_equals_its_steps(kl_clamp, unbiased):
     """The host's fused pass runs the same per-token functions as its three steps: bitwise equal."""
     prov, _ = provider_on("host", torch.float32)
     mask, logp, ref_logp, scores, values, _, _ = bt_case(9, 777)
     fused = [torch.full(mask.shape, math.nan) for _ in range(3)]
-    prov.ppo_advantages_forward(logp, ref_logp, scores, values, mask, *fused, 0.2, "k3", 0.97, 0.9, True)
+    prov.ppo_advantages_forward(logp, ref_logp, scores, values, mask, *fused, 0.2, "k3", 0.97, 0.9, True, kl_clamp,
+                                unbiased)  # fmt: skip
     rewards, advantages, returns = (torch.full(mask.shape, math.nan) for _ in range(3))
-    prov.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, 0.2, "k3")
+    prov.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, 0.2, "k3", kl_clamp)
     prov.gae_forward(rewards, values, mask, advantages, returns, 0.97, 0.9)
-    prov.whiten_forward(advantages, mask, advantages, True)  # in place
+    prov.whiten_forward(advantages, mask, advantages, True, unbiased)  # in place
     for a, b in zip(fused, (rewards, advantages, returns)):
         assert torch.equal(a, b)
 
@@ -128,7 +135,7 @@ def test_host_thread_count_does_not_change_results():
             logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
             mask=mask.data_ptr(), rewards=outs[0].data_ptr(), advantages=outs[1].data_ptr(),
             returns=outs[2].data_ptr(), moments=0, rows=40, tokens=3001, beta=0.1, estimator=kl_estimator_code("k2"),
-            gamma=1.0, lam=0.95, whiten=True, whiten_eps=reference.WHITEN_EPS,
+            kl_clamp=0.5, gamma=1.0, lam=0.95, whiten=True, whiten_unbiased=False, whiten_eps=reference.WHITEN_EPS,
         )  # fmt: skip
         extension().host.ppo_advantages_forward(p, num_threads=threads)
         results.append(torch.stack(outs))
@@ -143,7 +150,7 @@ def test_host_rejects_unknown_codes_and_layouts():
     mask = torch.ones(2, 3, dtype=torch.bool)
     kl = extension().KlRewardsParams(
         logp=x.data_ptr(), ref_logp=x.data_ptr(), scores=x.data_ptr(), mask=mask.data_ptr(), rewards=x.data_ptr(),
-        rows=2, tokens=3, beta=0.1, estimator=7,
+        rows=2, tokens=3, beta=0.1, estimator=7, kl_clamp=math.inf,
     )  # fmt: skip
     with pytest.raises(ValueError, match="unknown KL estimator code 7"):
         extension().host.kl_rewards_forward(kl, num_threads=1)

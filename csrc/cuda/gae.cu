@@ -54,6 +54,7 @@ struct GaeForwardArgs {
   float gamma;            // discount
   float gamma_lam;        // fl(gamma * lam)
   float neg_beta;         // fl(-beta) (kFromKl)
+  float kl_clamp;         // fl(kl_clamp), +inf for none (kFromKl)
 };
 
 __device__ __forceinline__ AffineMap shfl_up(const AffineMap& m, int delta) {
@@ -123,7 +124,8 @@ __global__ void __launch_bounds__(kThreads, 1) gae_forward_kernel(const GaeForwa
       value[j] = valid[j] ? values[t] : 0.0f;
       if (kFromKl) {
         reward[j] = token_reward<kEstimator>(valid[j], valid[j] ? p.logp[base + t] : 0.0f,
-                                             valid[j] ? p.ref_logp[base + t] : 0.0f, p.neg_beta, t == last, score);
+                                             valid[j] ? p.ref_logp[base + t] : 0.0f, p.neg_beta, p.kl_clamp,
+                                             t == last, score);
         if (t >= 0) p.rewards_out[base + t] = reward[j];
       } else {
         reward[j] = valid[j] ? p.rewards[base + t] : 0.0f;
@@ -246,6 +248,7 @@ void ppo_advantages_forward_cuda(const PpoAdvantagesParams& p, void* stream) {
   args.gamma = static_cast<float>(p.gamma);
   args.gamma_lam = gamma_lam_of(p.gamma, p.lam);
   args.neg_beta = static_cast<float>(-p.beta);
+  args.kl_clamp = static_cast<float>(p.kl_clamp);
   const unsigned grid = cuda_common::row_grid(p.rows, "ppo_advantages_forward");
   RLHF_FAST_KL_SWITCH(p.estimator, kEstimator, [&] {
     RLHF_FAST_BOOL_SWITCH(p.whiten, kMoments, [&] {
@@ -255,7 +258,8 @@ void ppo_advantages_forward_cuda(const PpoAdvantagesParams& p, void* stream) {
   });
   check(cudaGetLastError(), "ppo_advantages_forward");
   if (p.whiten) {
-    const WhitenParams w{p.advantages, p.mask, p.advantages, p.moments, p.rows, p.tokens, true, p.whiten_eps};
+    const WhitenParams w{p.advantages, p.mask, p.advantages, p.moments, p.rows, p.tokens,
+                         /*shift_mean=*/true, p.whiten_unbiased, p.whiten_eps};
     whiten_apply_cuda(w, stream);
   }
 }

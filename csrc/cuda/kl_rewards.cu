@@ -31,10 +31,11 @@ __global__ void __launch_bounds__(kThreads) kl_rewards_kernel(const KlRewardsPar
   const int64_t last = cuda_common::last_valid_token<kThreads, kSearchItems>(mask, tokens, scratch);
   const float score = last >= 0 ? p.scores[row] : 0.0f;
   const float neg_beta = static_cast<float>(-p.beta);
+  const float kl_clamp = static_cast<float>(p.kl_clamp);
   for (int64_t t = threadIdx.x; t < tokens; t += kThreads) {
     const bool valid = mask[t] != 0;
     rewards[t] = token_reward<kEstimator>(valid, valid ? logp[t] : 0.0f, valid ? ref_logp[t] : 0.0f, neg_beta,
-                                          t == last, score);
+                                          kl_clamp, t == last, score);
   }
 }
 

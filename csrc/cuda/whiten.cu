@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, kApplyBlocksPerSm) whiten_apply_kern
     m2 += batch_spread(moments[3 * b], moments[3 * b + 1], moments[3 * b + 2], mean);
   }
   m2 = cuda_common::block_reduce<kThreads>(m2, cuda_common::Sum{}, scratch);
-  const WhitenStats stats = whiten_stats(n, mean, m2, p.eps);
+  const WhitenStats stats = whiten_stats(n, mean, m2, p.unbiased, p.eps);
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t base = row * p.tokens;

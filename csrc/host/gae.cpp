@@ -51,6 +51,7 @@ template <int kEstimator>
 void ppo_rows(const PpoAdvantagesParams& p, Moments<double>* row_moments, int64_t begin, int64_t end) {
   const int64_t tokens = p.tokens;
   const float neg_beta = static_cast<float>(-p.beta);
+  const float kl_clamp = static_cast<float>(p.kl_clamp);
   const float gamma = static_cast<float>(p.gamma);
   const float gamma_lam = gamma_lam_of(p.gamma, p.lam);
   for (int64_t row = begin; row < end; ++row) {
@@ -62,7 +63,7 @@ void ppo_rows(const PpoAdvantagesParams& p, Moments<double>* row_moments, int64_
     const int64_t last = last_valid_token(mask, tokens);
     const float score = last >= 0 ? p.scores[row] : 0.0f;
     for (int64_t t = 0; t < tokens; ++t) {
-      rewards[t] = token_reward<kEstimator>(mask[t] != 0, logp[t], ref_logp[t], neg_beta, t == last, score);
+      rewards[t] = token_reward<kEstimator>(mask[t] != 0, logp[t], ref_logp[t], neg_beta, kl_clamp, t == last, score);
     }
     gae_row(rewards, p.values + base, mask, p.advantages + base, p.returns + base, tokens, gamma, gamma_lam);
     if (p.whiten) row_moments[row] = row_moments_host(p.advantages + base, mask, tokens);
@@ -103,7 +104,8 @@ void ppo_advantages_forward_host(const PpoAdvantagesParams& p, int num_threads) 
     });
   });
   if (p.whiten) {
-    const WhitenParams w{p.advantages, p.mask, p.advantages, nullptr, p.rows, p.tokens, true, p.whiten_eps};
+    const WhitenParams w{p.advantages, p.mask, p.advantages, nullptr, p.rows, p.tokens,
+                         /*shift_mean=*/true, p.whiten_unbiased, p.whiten_eps};
     whiten_apply_host(w, row_moments.data(), num_threads);
   }
 }

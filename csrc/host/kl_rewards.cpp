@@ -13,6 +13,7 @@ template <int kEstimator>
 void kl_rewards_rows(const KlRewardsParams& p, int64_t begin, int64_t end) {
   const int64_t tokens = p.tokens;
   const float neg_beta = static_cast<float>(-p.beta);
+  const float kl_clamp = static_cast<float>(p.kl_clamp);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * tokens;
     const float* logp = p.logp + base;
@@ -22,7 +23,7 @@ void kl_rewards_rows(const KlRewardsParams& p, int64_t begin, int64_t end) {
     const int64_t last = last_valid_token(mask, tokens);
     const float score = last >= 0 ? p.scores[row] : 0.0f;
     for (int64_t t = 0; t < tokens; ++t) {
-      rewards[t] = token_reward<kEstimator>(mask[t] != 0, logp[t], ref_logp[t], neg_beta, t == last, score);
+      rewards[t] = token_reward<kEstimator>(mask[t] != 0, logp[t], ref_logp[t], neg_beta, kl_clamp, t == last, score);
     }
   }
 }

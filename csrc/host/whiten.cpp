@@ -40,7 +40,7 @@ void whiten_apply_host(const WhitenParams& p, const Moments<double>* row_moments
   for (int64_t b = 0; b < p.rows; ++b) {
     m2 += batch_spread(row_moments[b].n, row_moments[b].mean, row_moments[b].m2, mean);
   }
-  const WhitenStats stats = whiten_stats(n, mean, m2, p.eps);
+  const WhitenStats stats = whiten_stats(n, mean, m2, p.unbiased, p.eps);
 
   RLHF_FAST_BOOL_SWITCH(p.shift_mean, kShiftMean, [&] {
     parallel_rows(p.rows, p.tokens, num_threads, [&](int64_t begin, int64_t end) {

@@ -115,9 +115,12 @@ class Provider:
         rewards: torch.Tensor,
         beta: float,
         estimator: str,
+        kl_clamp: float | None = None,
     ) -> None:
         """Write rewards [B, T] = -beta * kl_penalty(logp, ref_logp) on valid tokens, 0 elsewhere,
-        plus scores[b] at the last valid token of row b (an empty row stays all zeros)."""
+        plus scores[b] at the last valid token of row b (an empty row stays all zeros). With
+        ``kl_clamp`` (a finite float > 0) the KL is clamped to [-kl_clamp, kl_clamp] first
+        (reference.kl_penalized_rewards); a NaN KL stays NaN."""
         raise NotImplementedError
 
     def gae_forward(
@@ -149,9 +152,12 @@ class Provider:
         left-to-right adjoint scan of reference.gae_scan_backward. grad_* inputs are [B, T]."""
         raise NotImplementedError
 
-    def whiten_forward(self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, shift_mean: bool) -> None:
-        """Write out [B, T] = reference.whiten(x, mask, shift_mean): one mean and unbiased variance
-        over all valid tokens of the batch, no host synchronisation. ``out`` may be ``x`` itself."""
+    def whiten_forward(
+        self, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, shift_mean: bool, unbiased: bool = True
+    ) -> None:
+        """Write out [B, T] = reference.whiten(x, mask, shift_mean, unbiased): one mean and variance
+        (sum of squares / (n - 1), or / n when not ``unbiased``) over all valid tokens of the
+        batch, no host synchronisation. ``out`` may be ``x`` itself."""
         raise NotImplementedError
 
     def ppo_advantages_forward(
@@ -169,14 +175,17 @@ class Provider:
         gamma: float,
         lam: float,
         whiten: bool,
+        kl_clamp: float | None = None,
+        unbiased: bool = True,
     ) -> None:
-        """The PPO advantage pipeline, fused where the provider can: write the KL-penalised rewards,
-        the GAE advantages (whitened over the batch when ``whiten``) and the returns (computed from
+        """The PPO advantage pipeline, fused where the provider can: write the KL-penalised rewards
+        (KL clamped to [-kl_clamp, kl_clamp] when given), the GAE advantages (whitened over the
+        batch when ``whiten``, with the unbiased or biased variance) and the returns (computed from
         the advantages before whitening). This default runs the three steps one after the other."""
-        self.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator)
+        self.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp)
         self.gae_forward(rewards, values, mask, advantages, returns, gamma, lam)
         if whiten:
-            self.whiten_forward(advantages, mask, advantages, True)
+            self.whiten_forward(advantages, mask, advantages, True, unbiased)
 
     def group_advantages_forward(
         self, scores: torch.Tensor, out: torch.Tensor, group_size: int, mode: str, eps: float

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from types import ModuleType
 
@@ -115,6 +116,11 @@ def kl_estimator_code(estimator: str) -> int:
     return extension().KL_ESTIMATOR_CODES[estimator]
 
 
+def kl_clamp_value(kl_clamp: float | None) -> float:
+    """The params structs' kl_clamp: the clamp, or +inf for none (clamping at inf changes nothing)."""
+    return math.inf if kl_clamp is None else float(kl_clamp)
+
+
 def group_mode_code(mode: str) -> int:
     return extension().GROUP_MODE_CODES[mode]
 
@@ -189,14 +195,14 @@ class ExtensionProvider(Provider):
 
     # [B, T] ops (csrc/{host,cuda}/{kl_rewards,gae,whiten,group_advantages}): a row per thread or block.
 
-    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp=None):
         check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, rewards=rewards)
         if mask.numel() == 0:
             return
         p = extension().KlRewardsParams(
             logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), mask=mask.data_ptr(),
             rewards=rewards.data_ptr(), rows=mask.shape[0], tokens=mask.shape[1], beta=float(beta),
-            estimator=kl_estimator_code(estimator),
+            estimator=kl_estimator_code(estimator), kl_clamp=kl_clamp_value(kl_clamp),
         )  # fmt: skip
         self._launch(self._kernels().kl_rewards_forward, mask.device, p)
 
@@ -223,21 +229,22 @@ class ExtensionProvider(Provider):
         )  # fmt: skip
         self._launch(self._kernels().gae_backward, mask.device, p)
 
-    def whiten_forward(self, x, mask, out, shift_mean):
+    def whiten_forward(self, x, mask, out, shift_mean, unbiased=True):
         check_bt_layout(mask, x=x, out=out)
         if mask.numel() == 0:
             return
         moments = self._whiten_workspace(mask, needed=True)
         p = extension().WhitenParams(
             x=x.data_ptr(), mask=mask.data_ptr(), out=out.data_ptr(), moments=_ptr(moments), rows=mask.shape[0],
-            tokens=mask.shape[1], shift_mean=bool(shift_mean), eps=reference.WHITEN_EPS,
+            tokens=mask.shape[1], shift_mean=bool(shift_mean), unbiased=bool(unbiased), eps=reference.WHITEN_EPS,
         )  # fmt: skip
         self._launch(self._kernels().whiten_forward, mask.device, p)
         del moments  # alive until the launch is enqueued; the allocator orders its reuse on the stream
 
     def ppo_advantages_forward(
-        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-    ):
+        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten,
+        kl_clamp=None, unbiased=True,
+    ):  # fmt: skip
         check_bt_layout(mask, scores, logp=logp, ref_logp=ref_logp, values=values, rewards=rewards,
                         advantages=advantages, returns=returns)
         if mask.numel() == 0:
@@ -247,8 +254,9 @@ class ExtensionProvider(Provider):
             logp=logp.data_ptr(), ref_logp=ref_logp.data_ptr(), scores=scores.data_ptr(), values=values.data_ptr(),
             mask=mask.data_ptr(), rewards=rewards.data_ptr(), advantages=advantages.data_ptr(),
             returns=returns.data_ptr(), moments=_ptr(moments), rows=mask.shape[0], tokens=mask.shape[1],
-            beta=float(beta), estimator=kl_estimator_code(estimator), gamma=float(gamma), lam=float(lam),
-            whiten=bool(whiten), whiten_eps=reference.WHITEN_EPS,
+            beta=float(beta), estimator=kl_estimator_code(estimator), kl_clamp=kl_clamp_value(kl_clamp),
+            gamma=float(gamma), lam=float(lam), whiten=bool(whiten), whiten_unbiased=bool(unbiased),
+            whiten_eps=reference.WHITEN_EPS,
         )  # fmt: skip
         self._launch(self._kernels().ppo_advantages_forward, mask.device, p)
         del moments

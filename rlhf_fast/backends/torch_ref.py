@@ -109,8 +109,10 @@ class TorchProvider(Provider):
     # [B, T] ops: the reference formulas in float32, GAE as the vectorised affine scan
     # (reference.gae_scan) rather than the loop over T.
 
-    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp=None):
         kl = kl_values(torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0), estimator)
+        if kl_clamp is not None:
+            kl = kl.clamp(-kl_clamp, kl_clamp)
         out = torch.where(mask, -beta * kl, 0.0)
         last = reference.last_valid_index(mask)
         at_last = torch.arange(mask.shape[-1], device=mask.device) == last.unsqueeze(-1)
@@ -126,8 +128,8 @@ class TorchProvider(Provider):
         grad_rewards.copy_(g_r)
         grad_values.copy_(g_v)
 
-    def whiten_forward(self, x, mask, out, shift_mean):
-        out.copy_(reference.whiten(x, mask, shift_mean=shift_mean))
+    def whiten_forward(self, x, mask, out, shift_mean, unbiased=True):
+        out.copy_(reference.whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased))
 
     def group_advantages_forward(self, scores, out, group_size, mode, eps):
         # Centre each group on its first member: identical scores then give exactly 0.

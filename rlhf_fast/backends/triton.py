@@ -75,10 +75,10 @@ class TritonProvider(Provider):
             logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
         )
 
-    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator):
+    def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp=None):
         from rlhf_fast.kernels.rewards import kl_rewards_forward
 
-        kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator)
+        kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp)
 
     def gae_forward(self, rewards, values, mask, advantages, returns, gamma, lam):
         from rlhf_fast.kernels.gae import gae_forward
@@ -90,19 +90,21 @@ class TritonProvider(Provider):
 
         gae_backward(grad_advantages, grad_returns, mask, grad_rewards, grad_values, gamma, lam)
 
-    def whiten_forward(self, x, mask, out, shift_mean):
+    def whiten_forward(self, x, mask, out, shift_mean, unbiased=True):
         from rlhf_fast.kernels.whiten import whiten_forward
 
-        whiten_forward(x, mask, out, shift_mean)
+        whiten_forward(x, mask, out, shift_mean, unbiased)
 
     def ppo_advantages_forward(
-        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-    ):
+        self, logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten,
+        kl_clamp=None, unbiased=True,
+    ):  # fmt: skip
         from rlhf_fast.kernels.gae import ppo_advantages_forward
 
         ppo_advantages_forward(
-            logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-        )
+            logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten,
+            kl_clamp, unbiased,
+        )  # fmt: skip
 
     def group_advantages_forward(self, scores, out, group_size, mode, eps):
         from rlhf_fast.kernels.group_advantages import group_advantages_forward

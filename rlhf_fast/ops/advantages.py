@@ -17,7 +17,7 @@ from ..backends import registry
 from ..choices import GROUP_MODES, INDEXED_GROUP_MODES, KL_ESTIMATORS
 from ..reference import WHITEN_EPS
 from .indexed_groups import indexed_group_advantages
-from .kl import kl_penalized_rewards
+from .kl import check_kl_clamp, kl_penalized_rewards
 
 
 def _bt(name: str, value, like: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -136,55 +136,61 @@ def gae(
 
 
 @torch.library.custom_op("rlhf_fast::whiten", mutates_args=())
-def _whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, backend: str) -> torch.Tensor:
+def _whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, backend: str) -> torch.Tensor:
     """[B, T] float32, bool mask -> whitened [B, T] float32 (reference.whiten)."""
     out = torch.empty_like(x)
     if x.numel() > 0:
-        _resolve(backend, x, "whiten").whiten_forward(x, mask, out, shift_mean)
+        _resolve(backend, x, "whiten").whiten_forward(x, mask, out, shift_mean, unbiased)
     return out
 
 
 @_whiten_op.register_fake
-def _(x, mask, shift_mean, backend):
+def _(x, mask, shift_mean, unbiased, backend):
     return torch.empty_like(x)
 
 
 def _whiten_setup(ctx, inputs, output):
-    x, mask, shift_mean, _ = inputs
+    x, mask, shift_mean, unbiased, _ = inputs
     ctx.save_for_backward(x, mask)
-    ctx.shift_mean = shift_mean
+    ctx.options = (shift_mean, unbiased)
 
 
 def _whiten_backward(ctx, grad):
-    # Over the n valid tokens, c = x - mean, s = sqrt(var + eps), var = sum(c^2) / (n - 1), y = c / s:
-    #   d c_j / d x_i = 1[i == j] - 1/n,   d s / d x_i = c_i / ((n - 1) s)   (as sum(c) = 0)
-    # so  grad x_i = g_i / s - sum(g) / (n s) - c_i sum(g c) / ((n - 1) s^3),
-    # plus sum(g) / n when the mean is added back (shift_mean False).
+    # Over the n valid tokens, c = x - mean, s = sqrt(var + eps), var = sum(c^2) / k, y = c / s, with
+    # k = n - 1 (unbiased) or k = n (biased), floored at 1, a constant of x:
+    #   d c_j / d x_i = 1[i == j] - 1/n,   d s / d x_i = c_i / (k s)   (as sum(c) = 0)
+    # so  grad x_i = g_i / s - sum(g) / (n s) - c_i sum(g c) / (k s^3),
+    # plus sum(g) / n when the mean is added back (shift_mean False). The biased form differs only
+    # in k: at n = 1, c = 0 and both give g / s - g / s = 0.
     x, mask = ctx.saved_tensors
+    shift_mean, unbiased = ctx.options
     g = torch.where(mask, grad, 0.0)
     n = mask.sum()
-    n1, dof = n.clamp(min=1), (n - 1).clamp(min=1)
+    n1, dof = n.clamp(min=1), (n - 1 if unbiased else n).clamp(min=1)
     xm = torch.where(mask, x, 0.0)
     c = torch.where(mask, xm - xm.sum() / n1, 0.0)
     s = torch.sqrt((c * c).sum() / dof + WHITEN_EPS)
     g_sum = g.sum()
     grad_x = g / s - g_sum / (n1 * s) - c * ((g * c).sum() / (dof * s**3))
-    if not ctx.shift_mean:
+    if not shift_mean:
         grad_x = grad_x + g_sum / n1
-    return torch.where(mask, grad_x, 0.0), None, None, None
+    return torch.where(mask, grad_x, 0.0), None, None, None, None
 
 
 _whiten_op.register_autograd(_whiten_backward, setup_context=_whiten_setup)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, backend: str = "auto") -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True, backend: str = "auto"
+) -> torch.Tensor:
     """Masked whitening over all valid tokens of the batch: (x - mean) / sqrt(var + 1e-8).
 
     Args:
         x: [B, T] float (typically advantages).
-        mask: [B, T] bool or 0/1; only valid tokens enter the mean and the unbiased variance
-            (n - 1 in the denominator, floored at 1).
+        mask: [B, T] bool or 0/1; only valid tokens enter the mean and the variance.
         shift_mean: False adds the mean back (rescale without centring).
+        unbiased: divide the sum of squares by n - 1 (verl's masked_whiten, TRL), or by n with
+            False (OpenRLHF's advantage normalisation); either divisor is floored at 1.
         backend: "auto", "triton", "cuda", "host" or "torch".
 
     Returns:
@@ -194,7 +200,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, back
     _bt("x", x)
     mask = check.mask("mask", mask, shape=x.shape, like=("x", x))
     registry.check_backend_name(backend)
-    return _whiten_op(_f32(x), mask.contiguous(), bool(shift_mean), backend)
+    return _whiten_op(_f32(x), mask.contiguous(), bool(shift_mean), bool(unbiased), backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +343,8 @@ def _ppo_advantages_op(
     gamma: float,
     lam: float,
     whiten: bool,
+    kl_clamp: float | None,
+    unbiased: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T] float32 x3, [B] float32, bool mask -> advantages, returns, rewards [B, T] float32."""
@@ -344,13 +352,14 @@ def _ppo_advantages_op(
     if logp.numel() > 0:
         prov = _resolve(backend, logp, "ppo_advantages")
         prov.ppo_advantages_forward(
-            logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten
-        )
+            logp, ref_logp, scores, values, mask, rewards, advantages, returns, beta, estimator, gamma, lam, whiten,
+            kl_clamp, unbiased,
+        )  # fmt: skip
     return advantages, returns, rewards
 
 
 @_ppo_advantages_op.register_fake
-def _(logp, ref_logp, scores, values, mask, beta, estimator, gamma, lam, whiten, backend):
+def _(logp, ref_logp, scores, values, mask, beta, estimator, gamma, lam, whiten, kl_clamp, unbiased, backend):
     return tuple(torch.empty_like(logp) for _ in range(3))
 
 
@@ -366,15 +375,18 @@ def ppo_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten: bool = True,
+    kl_clamp: float | None = None,
+    unbiased: bool = True,
     backend: str = "auto",
 ) -> PPOAdvantages:
     """The PPO advantage pipeline in one pass where the backend fuses it (Triton: two launches).
 
-    Equal to ``rewards = kl_penalized_rewards(logp, ref_logp, scores, mask, beta, estimator)``,
-    ``advantages, returns = gae(rewards, values, mask, gamma, lam)`` and, with ``whiten``,
-    ``advantages = whiten(advantages, mask)``; see those for the arguments. When no input needs a
-    gradient (the usual rollout case) one fused op runs; otherwise the differentiable steps are
-    composed, with the same result.
+    Equal to ``rewards = kl_penalized_rewards(logp, ref_logp, scores, mask, beta, estimator,
+    kl_clamp)``, ``advantages, returns = gae(rewards, values, mask, gamma, lam)`` and, with
+    ``whiten``, ``advantages = whiten(advantages, mask, unbiased=unbiased)``; see those for the
+    arguments (``unbiased`` is the whitening's variance: False for OpenRLHF's biased one). When no
+    input needs a gradient (the usual rollout case) one fused op runs; otherwise the
+    differentiable steps are composed, with the same result.
 
     Returns:
         PPOAdvantages(advantages, returns, rewards), each [B, T] float32.
@@ -388,16 +400,18 @@ def ppo_advantages(
     check.choice("estimator", estimator, KL_ESTIMATORS)
     gamma = check.number("gamma", gamma, low=0.0, high=1.0)
     lam = check.number("lam", lam, low=0.0, high=1.0)
+    kl_clamp = check_kl_clamp(kl_clamp)
     registry.check_backend_name(backend)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (logp, ref_logp, scores, values))
     if needs_grad:
-        rewards = kl_penalized_rewards(logp, ref_logp, scores, mask, beta=beta, estimator=estimator, backend=backend)
+        rewards = kl_penalized_rewards(logp, ref_logp, scores, mask, beta=beta, estimator=estimator,
+                                       kl_clamp=kl_clamp, backend=backend)  # fmt: skip
         advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
         if whiten:
-            advantages = _whiten_op(advantages, mask.contiguous(), True, backend)
+            advantages = _whiten_op(advantages, mask.contiguous(), True, bool(unbiased), backend)
         return PPOAdvantages(advantages, returns, rewards)
     outputs = _ppo_advantages_op(
         _f32(logp), _f32(ref_logp), _f32(scores), _f32(values), mask.contiguous(),
-        beta, estimator, gamma, lam, bool(whiten), backend,
+        beta, estimator, gamma, lam, bool(whiten), kl_clamp, bool(unbiased), backend,
     )  # fmt: skip
     return PPOAdvantages(*outputs)

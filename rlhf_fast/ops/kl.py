@@ -36,34 +36,40 @@ def _kl_rewards_op(
     mask: torch.Tensor,
     beta: float,
     estimator: str,
+    kl_clamp: float | None,
     backend: str,
 ) -> torch.Tensor:
     """[B, T] float32 x2, [B] float32, [B, T] bool -> rewards [B, T] float32."""
     rewards = torch.empty_like(logp)
     if logp.numel() > 0:
         prov = registry.resolve(backend, logp.device, logp.dtype, op="kl_rewards")
-        prov.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator)
+        prov.kl_rewards_forward(logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp)
     return rewards
 
 
 @_kl_rewards_op.register_fake
-def _(logp, ref_logp, scores, mask, beta, estimator, backend):
+def _(logp, ref_logp, scores, mask, beta, estimator, kl_clamp, backend):
     return torch.empty_like(logp)
 
 
 def _kl_rewards_setup(ctx, inputs, output):
-    logp, ref_logp, scores, mask, beta, estimator, _ = inputs
+    logp, ref_logp, scores, mask, beta, estimator, kl_clamp, _ = inputs
     ctx.save_for_backward(logp, ref_logp, mask)
-    ctx.options = (beta, estimator)
+    ctx.options = (beta, estimator, kl_clamp)
 
 
 def _kl_rewards_backward(ctx, grad):
-    # rewards = -beta kl(logp, ref) on valid tokens + scores[b] at the last valid token.
+    # rewards = -beta clamp(kl(logp, ref), -c, c) on valid tokens + scores[b] at the last valid
+    # token. The clamp passes the gradient where -c <= kl <= c (torch.clamp's rule), 0 elsewhere.
     logp, ref_logp, mask = ctx.saved_tensors
-    beta, estimator = ctx.options
+    beta, estimator, kl_clamp = ctx.options
     grad = torch.where(mask, grad, 0.0)
     safe_logp, safe_ref = torch.where(mask, logp, 0.0), torch.where(mask, ref_logp, 0.0)
-    grad_logp = torch.where(mask, -beta * grad * kl_grad(safe_logp, safe_ref, estimator), 0.0)
+    kl_slope = kl_grad(safe_logp, safe_ref, estimator)
+    if kl_clamp is not None:
+        kl = kl_values(safe_logp, safe_ref, estimator)
+        kl_slope = torch.where((kl >= -kl_clamp) & (kl <= kl_clamp), kl_slope, 0.0)
+    grad_logp = torch.where(mask, -beta * grad * kl_slope, 0.0)
     positions = torch.arange(mask.shape[-1], device=mask.device)
     last = torch.where(mask, positions, -1).amax(dim=-1, keepdim=True) if mask.shape[-1] else None
     if last is None:
@@ -71,7 +77,7 @@ def _kl_rewards_backward(ctx, grad):
     else:
         at_last = grad.gather(-1, last.clamp(min=0)).squeeze(-1)
         grad_scores = torch.where(last.squeeze(-1) >= 0, at_last, 0.0)
-    return grad_logp, -grad_logp, grad_scores, None, None, None, None
+    return grad_logp, -grad_logp, grad_scores, None, None, None, None, None
 
 
 _kl_rewards_op.register_autograd(_kl_rewards_backward, setup_context=_kl_rewards_setup)
@@ -85,6 +91,7 @@ def kl_penalized_rewards(
     *,
     beta: float,
     estimator: str = "k1",
+    kl_clamp: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-token PPO rewards: -beta * kl_penalty(logp, ref_logp) on the response tokens, with the
@@ -98,6 +105,9 @@ def kl_penalized_rewards(
             holes). Values of logp, ref_logp at masked positions (NaN included) are ignored.
         beta: KL coefficient, >= 0.
         estimator: "k1", "k2", "k3" or "abs" (see ``kl_penalty``).
+        kl_clamp: None, or a finite c > 0: the per-token KL is clamped to [-c, c] before -beta
+            scales it, and a clamped token passes no gradient (verl's apply_kl_penalty with
+            kl_penalty="low_var_kl" clamps k3 at 10; OpenRLHF's compute_approx_kl clamps at 10).
         backend: "auto", "triton", "cuda", "host" or "torch".
 
     Returns:
@@ -112,6 +122,7 @@ def kl_penalized_rewards(
     mask = check.mask("mask", mask, shape=logp.shape, like=("logp", logp))
     beta = check.number("beta", beta, low=0.0)
     check.choice("estimator", estimator, KL_ESTIMATORS)
+    kl_clamp = check_kl_clamp(kl_clamp)
     registry.check_backend_name(backend)
     return _kl_rewards_op(
         logp.float().contiguous(),
@@ -120,5 +131,11 @@ def kl_penalized_rewards(
         mask.contiguous(),
         beta,
         estimator,
+        kl_clamp,
         backend,
     )
+
+
+def check_kl_clamp(kl_clamp: float | None) -> float | None:
+    """None, or the clamp of the rewards' KL as a float > 0 and finite."""
+    return None if kl_clamp is None else check.positive_finite("kl_clamp", kl_clamp)

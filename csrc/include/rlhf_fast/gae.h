@@ -65,9 +65,11 @@ struct PpoAdvantagesParams {
   int64_t tokens;         // T >= 1
   double beta;            // KL coefficient
   int estimator;          // KlEstimator
+  double kl_clamp;        // the KL is clamped to [-kl_clamp, kl_clamp]; +inf: no clamp (kl_rewards.h)
   double gamma;
   double lam;
   bool whiten;            // whiten the advantages (shift_mean = true)
+  bool whiten_unbiased;   // the whitening's variance: M2 / (n - 1), else M2 / n (whiten.h)
   double whiten_eps;      // reference.WHITEN_EPS
 };
 

@@ -3,7 +3,8 @@
 // Spec: rlhf_fast.reference.kl_penalized_rewards (k3 as rlhf_fast.ops.kl.k3_of, the float32-
 // accurate form); contract: rlhf_fast.backends.base.Provider.kl_rewards_forward. Letters: B rows,
 // T tokens. With d = logp - ref_logp:
-//     rewards[b, t] = valid ? -beta kl(d) : 0,   plus scores[b] at the row's last valid token.
+//     rewards[b, t] = valid ? -beta clamp(kl(d), -kl_clamp, kl_clamp) : 0,
+//                     plus scores[b] at the row's last valid token.
 // Masked inputs are replaced by 0 before any arithmetic (selects, never products with 0), so a
 // NaN or inf there cannot reach a result. The fused PPO pass (gae.h) uses the same token_reward.
 #pragma once
@@ -35,6 +36,7 @@ struct KlRewardsParams {
   int64_t tokens;         // T >= 1
   double beta;            // KL coefficient >= 0
   int estimator;          // KlEstimator
+  double kl_clamp;        // the KL is clamped to [-kl_clamp, kl_clamp]; +inf: no clamp (clamp_kl)
 };
 
 // k3(x) = e^x - 1 - x >= 0, x = ref_logp - logp. As written, float32 loses every digit once |x| <
@@ -68,11 +70,21 @@ RLHF_FAST_HD float kl_value(float logp, float ref_logp) {
   return fabsf(d);
 }
 
-// One token's reward: -beta kl on a valid token (0 elsewhere), plus the row's score at its last
-// valid token. neg_beta = fl(-beta), as PyTorch rounds the scalar of `-beta * kl`.
+// kl clamped to [-limit, limit] (verl's low_var_kl and OpenRLHF clamp at 10). Compare-selects, not
+// fminf/fmaxf, which would turn a NaN into the bound: NaN stays NaN, as in torch.clamp; limit =
+// +inf changes nothing.
+RLHF_FAST_HD float clamp_kl(float kl, float limit) {
+  kl = kl > limit ? limit : kl;
+  return kl < -limit ? -limit : kl;
+}
+
+// One token's reward: -beta clamp(kl) on a valid token (0 elsewhere), plus the row's score at its
+// last valid token. neg_beta = fl(-beta), as PyTorch rounds the scalar of `-beta * kl`; kl_clamp =
+// fl(params.kl_clamp), +inf for none.
 template <int kEstimator>
-RLHF_FAST_HD float token_reward(bool valid, float logp, float ref_logp, float neg_beta, bool at_last, float score) {
-  const float kl = kl_value<kEstimator>(valid ? logp : 0.0f, valid ? ref_logp : 0.0f);
+RLHF_FAST_HD float token_reward(bool valid, float logp, float ref_logp, float neg_beta, float kl_clamp, bool at_last,
+                                float score) {
+  const float kl = clamp_kl(kl_value<kEstimator>(valid ? logp : 0.0f, valid ? ref_logp : 0.0f), kl_clamp);
   const float reward = valid ? neg_beta * kl : 0.0f;
   return valid && at_last ? reward + score : reward;
 }

@@ -3,8 +3,8 @@
 //
 // Spec: rlhf_fast.reference.whiten; contract: rlhf_fast.backends.base.Provider.whiten_forward.
 //     out = (x - mean) / sqrt(var + eps)  (+ mean when not shift_mean)  on valid tokens, 0 elsewhere,
-// with the mean and the unbiased variance (n - 1 floored at 1) of the n valid x. Two steps, no host
-// synchronisation:
+// with the mean and the variance of the n valid x: M2 / (n - 1) (unbiased) or M2 / n (biased), the
+// divisor floored at 1. Two steps, no host synchronisation:
 // 1. per row, Moments (count, mean, M2 = sum (x - mean)^2) of its valid x;
 // 2. the batch moments from the B triples (mean = sum n_b mean_b / n, then
 //    M2 = sum M2_b + n_b (mean_b - mean)^2: no E[x^2] - mean^2 cancellation), in double, and the
@@ -26,6 +26,7 @@ struct WhitenParams {
   int64_t rows;           // B >= 1
   int64_t tokens;         // T >= 1
   bool shift_mean;        // false adds the mean back
+  bool unbiased;          // variance M2 / (n - 1), else M2 / n
   double eps;             // added to the variance (reference.WHITEN_EPS)
 };
 
@@ -66,8 +67,9 @@ struct WhitenStats {
   float mean, std;
 };
 
-RLHF_FAST_HD WhitenStats whiten_stats(double n, double mean, double m2, double eps) {
-  const double dof = n - 1.0 > 1.0 ? n - 1.0 : 1.0;
+RLHF_FAST_HD WhitenStats whiten_stats(double n, double mean, double m2, bool unbiased, double eps) {
+  const double k = unbiased ? n - 1.0 : n;
+  const double dof = k > 1.0 ? k : 1.0;
   return WhitenStats{static_cast<float>(mean), static_cast<float>(sqrt(m2 / dof + eps))};
 }
 
