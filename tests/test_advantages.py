@@ -137,13 +137,13 @@ def test_reference_scan_equals_loop():
 # ---------------------------------------------------------------------------------------------
 
 
-def check_whiten(x, mask, shift_mean, backend):
+def check_whiten(x, mask, shift_mean, backend, unbiased=True):
     g = torch.randn_like(x)
     ref_x = torch.where(mask, x, 0).double().requires_grad_(True)
-    want = reference.whiten(ref_x, mask, shift_mean=shift_mean)
+    want = reference.whiten(ref_x, mask, shift_mean=shift_mean, unbiased=unbiased)
     (want * g.double()).sum().backward()
     got_x = x.clone().requires_grad_(True)
-    got = rlhf_fast.whiten(got_x, mask, shift_mean=shift_mean, backend=backend)
+    got = rlhf_fast.whiten(got_x, mask, shift_mean=shift_mean, unbiased=unbiased, backend=backend)
     (got * g).sum().backward()
     assert got.dtype == torch.float32
     assert rel_err(got, want) < TOL, f"whiten: {rel_err(got, want):.3g}"
@@ -154,25 +154,51 @@ def check_whiten(x, mask, shift_mean, backend):
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("pattern", MASK_PATTERNS)
 @pytest.mark.parametrize("shift_mean", [True, False])
-def test_whiten_matches_reference(backend, device, pattern, shift_mean):
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_whiten_matches_reference(backend, device, pattern, shift_mean, unbiased):
     require(backend, device, torch.float32, "whiten")
     mask = random_mask(6, 45, pattern, device)
     x = poison(torch.randn(6, 45, device=device) * 3 + 20, mask)  # a large mean: no E[x^2] - mean^2
-    check_whiten(x, mask, shift_mean, backend)
+    check_whiten(x, mask, shift_mean, backend, unbiased)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_whiten_degenerate_counts(backend, device):
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_whiten_degenerate_counts(backend, device, unbiased):
     require(backend, device, torch.float32, "whiten")
     x = torch.randn(3, 5, device=device)
     none = torch.zeros(3, 5, dtype=torch.bool, device=device)
-    assert (rlhf_fast.whiten(poison(x, none), none, backend=backend) == 0).all()
+    assert (rlhf_fast.whiten(poison(x, none), none, unbiased=unbiased, backend=backend) == 0).all()
+    for shift_mean in (True, False):  # n = 0: values and gradients all 0
+        check_whiten(poison(x, none), none, shift_mean, backend, unbiased)
     one = none.clone()
     one[1, 2] = True
-    out = rlhf_fast.whiten(poison(x, one), one, shift_mean=False, backend=backend)
+    out = rlhf_fast.whiten(poison(x, one), one, shift_mean=False, unbiased=unbiased, backend=backend)
     assert out[1, 2] == x[1, 2] and (out[~one] == 0).all()  # n = 1: centred value 0, mean added back
+    for shift_mean in (True, False):  # n = 1: gradient 0, or g with the mean added back
+        check_whiten(poison(x, one), one, shift_mean, backend, unbiased)
     many = torch.ones(40, 1500, dtype=torch.bool, device=device)  # 2 chunks per row, merged moments
-    check_whiten(torch.randn(40, 1500, device=device), many, True, backend)
+    check_whiten(torch.randn(40, 1500, device=device), many, True, backend, unbiased)
+
+
+def test_whiten_equals_openrlhf_and_verl():
+    """unbiased=False is OpenRLHF's advantage normalisation (experience_maker, biased variance,
+    var.clamp(min=1e-8).rsqrt()); the default is verl's masked_whiten (masked_var with the Bessel
+    correction, rsqrt(var + 1e-8)); both written as the peers write them, on the valid tokens."""
+    mask = random_mask(8, 33, "right")
+    mask[:, 0] = True
+    adv = torch.randn(8, 33, dtype=torch.float64) * 2 + 0.5
+    num_actions = mask.sum()
+    mean = (adv * mask).sum() / num_actions
+    var = ((adv - mean).pow(2) * mask).sum() / num_actions
+    openrlhf = (adv - mean) * var.clamp(min=1e-8).rsqrt()
+    got = rlhf_fast.whiten(adv.float(), mask, unbiased=False)
+    assert rel_err(got[mask], openrlhf[mask]) < TOL
+
+    verl_var = var * (num_actions / (num_actions - 1))  # masked_var(unbiased=True)
+    verl = (adv - mean) * torch.rsqrt(verl_var + 1e-8)
+    assert rel_err(rlhf_fast.whiten(adv.float(), mask)[mask], verl[mask]) < TOL
+    assert not torch.allclose(got[mask].double(), verl[mask], rtol=1e-4)  # the two differ by sqrt(n / (n - 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,35 +254,48 @@ def test_rloo_is_leave_one_out():
 # ---------------------------------------------------------------------------------------------
 
 
+# (kl_clamp, unbiased): the defaults, and OpenRLHF's (every KL clamped, biased whitening) with a
+# clamp that bites: |logp - ref_logp| reaches 5 below.
+PPO_OPTIONS = [pytest.param(None, True, id="default"), pytest.param(1.0, False, id="clamp-biased")]
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 @pytest.mark.parametrize("whiten", [True, False])
-def test_ppo_advantages_matches_reference(backend, device, estimator, whiten):
+@pytest.mark.parametrize("kl_clamp,unbiased", PPO_OPTIONS)
+def test_ppo_advantages_matches_reference(backend, device, estimator, whiten, kl_clamp, unbiased):
     require(backend, device, torch.float32, "ppo_advantages")
     mask = random_mask(7, 40, "mixed", device)
     logp = poison(-torch.rand(7, 40, device=device) * 5, mask)
     ref_logp = poison(-torch.rand(7, 40, device=device) * 5, mask)
     values = poison(torch.randn(7, 40, device=device), mask)
     scores = torch.randn(7, device=device)
-    got = rlhf_fast.ppo_advantages(logp, ref_logp, scores, values, mask, beta=0.05, estimator=estimator,
-                                   gamma=0.99, lam=0.9, whiten=whiten, backend=backend)  # fmt: skip
-    d = lambda t: torch.where(mask, t, 0).double()  # noqa: E731
-    rewards = reference.kl_penalized_rewards(d(logp), d(ref_logp), scores.double(), mask, beta=0.05, estimator=estimator)
-    adv, ret = reference.gae(rewards, d(values), mask, gamma=0.99, lam=0.9)
+    options = dict(beta=0.05, estimator=estimator, gamma=0.99, lam=0.9, whiten=whiten, kl_clamp=kl_clamp,
+                   unbiased=unbiased, backend=backend)  # fmt: skip
+    got = rlhf_fast.ppo_advantages(logp, ref_logp, scores, values, mask, **options)
+    d = lambda t: torch.where(mask, t, 0).double().requires_grad_(True)  # noqa: E731
+    ref_inputs = d(logp), d(ref_logp), scores.double().requires_grad_(True), d(values)
+    rewards = reference.kl_penalized_rewards(*ref_inputs[:3], mask, beta=0.05, estimator=estimator, kl_clamp=kl_clamp)
+    adv, ret = reference.gae(rewards, ref_inputs[3], mask, gamma=0.99, lam=0.9)
     if whiten:
-        adv = reference.whiten(adv, mask)
+        adv = reference.whiten(adv, mask, unbiased=unbiased)
     for name, a, b in zip(("advantages", "returns", "rewards"), got, (adv, ret, rewards)):
         assert rel_err(a, b) < TOL, f"{name}: {rel_err(a, b):.3g}"
         assert torch.isfinite(a).all() and (a[~mask] == 0).all(), name
 
-    # With a gradient to carry, the same result comes from the differentiable composition.
-    v = values.clone().requires_grad_(True)
-    composed = rlhf_fast.ppo_advantages(logp, ref_logp, scores, v, mask, beta=0.05, estimator=estimator,
-                                        gamma=0.99, lam=0.9, whiten=whiten, backend=backend)  # fmt: skip
-    composed.advantages.sum().backward()
+    # With a gradient to carry, the same result comes from the differentiable composition, and
+    # its gradients (through the clamp and the whitening) are the reference's.
+    inputs = [t.clone().requires_grad_(True) for t in (logp, ref_logp, scores, values)]
+    composed = rlhf_fast.ppo_advantages(*inputs[:3], inputs[3], mask, **options)
     for a, b in zip(composed, got):
         assert rel_err(a, b) < TOL
-    assert torch.isfinite(v.grad).all() and (v.grad[~mask] == 0).all()
+    g = torch.randn(2, 7, 40, device=device)
+    (composed.advantages * g[0] + composed.returns * g[1]).sum().backward()
+    (adv * g[0].double() + ret * g[1].double()).sum().backward()
+    for name, a, b in zip(("logp", "ref_logp", "scores", "values"), inputs, ref_inputs):
+        assert torch.isfinite(a.grad).all(), name
+        assert rel_err(a.grad, b.grad) < 1e-4, f"grad {name}: {rel_err(a.grad, b.grad):.3g}"
+        assert a is inputs[2] or (a.grad[~mask] == 0).all(), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,9 +321,13 @@ def test_triton_kernels_write_every_output():
         (rewards.kl_rewards_forward, "kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, "k3")),
         (gae.gae_forward, "gae_forward", (logp, values, mask), 2, (0.95, 0.9)),
         (gae.gae_backward, "gae_backward", (grad_a, grad_r, mask), 2, (0.95, 0.9)),
+        (rewards.kl_rewards_forward, "kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, "k1", 0.5)),
         (gae.ppo_advantages_forward, "ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3,
          (0.1, "k2", 1.0, 0.9, True)),
+        (gae.ppo_advantages_forward, "ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3,
+         (0.1, "k3", 1.0, 0.9, True, 0.5, False)),
         (whiten.whiten_forward, "whiten_forward", (values, mask), 1, (False,)),
+        (whiten.whiten_forward, "whiten_forward", (values, mask), 1, (True, False)),
     ]  # fmt: skip
     for kernel, method, inputs, n_out, options in cases:
         got, want = ([torch.full((B, T), math.nan) for _ in range(n_out)] for _ in range(2))
@@ -333,6 +376,8 @@ def test_auto_falls_back_to_torch_and_explicit_says_why(monkeypatch):
         (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:, 0], v, m, beta=-1.0), ValueError, "beta must be a finite number >= 0"),
         (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:2, 0], v, m, beta=0.1), ValueError, r"scores must have shape \(4,\)"),
         (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:, 0], v, m, beta=0.1, estimator="k4"), ValueError, "estimator must be one of"),
+        (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:, 0], v, m, beta=0.1, kl_clamp=0.0), ValueError, "kl_clamp must be a finite number > 0, got 0.0"),
+        (lambda r, v, m: rlhf_fast.ppo_advantages(r, v, r[:, 0], v, m, beta=0.1, kl_clamp=math.inf), ValueError, "kl_clamp must be a finite number > 0, got inf"),
         (lambda r, v, m: rlhf_fast.gae(r, v, m, backend="fast"), ValueError, "backend must be one of"),
     ],
 )

@@ -11,6 +11,7 @@ declares.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 
@@ -102,10 +103,10 @@ def test_every_cuda_call_matches_its_binding(recorded):
     logits, labels = torch.randn(N, V), torch.randint(0, V, (N,))
     prov.token_logprobs_forward(logits, labels, rows(), rows(), rows(), 1.0, -100)
     prov.token_logprobs_backward(logits, labels, rows(), rows(), rows(), rows(), torch.empty(N, V), 1.0, -100)
-    prov.kl_rewards_forward(bt(), bt(), torch.randn(B), mask, bt(), 0.1, "k3")
+    prov.kl_rewards_forward(bt(), bt(), torch.randn(B), mask, bt(), 0.1, "k3", 10.0)
     prov.gae_forward(bt(), bt(), mask, bt(), bt(), 1.0, 0.95)
     prov.gae_backward(bt(), bt(), mask, bt(), bt(), 1.0, 0.95)
-    prov.whiten_forward(bt(), mask, bt(), True)
+    prov.whiten_forward(bt(), mask, bt(), True, False)
     prov.ppo_advantages_forward(bt(), bt(), torch.randn(B), bt(), mask, bt(), bt(), bt(), 0.1, "k1", 1.0, 0.95, True)
     prov.group_advantages_forward(torch.randn(4), torch.empty(4), 2, "grpo", 1e-6)
 
@@ -117,3 +118,6 @@ def test_every_cuda_call_matches_its_binding(recorded):
         assert isinstance(stream, int)
     whiten, ppo = recorded.calls["whiten_forward"][0], recorded.calls["ppo_advantages_forward"][0]
     assert whiten.moments != 0 and ppo.moments != 0  # CUDA whitening gets its workspace
+    # The options reach the struct: a clamp, or +inf for none; the whitening's variance.
+    assert recorded.calls["kl_rewards_forward"][0].kl_clamp == 10.0 and ppo.kl_clamp == math.inf
+    assert not whiten.unbiased and ppo.whiten_unbiased

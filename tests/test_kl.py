@@ -72,14 +72,16 @@ def rewards_case(rows, tokens, pattern, device):
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("pattern", MASK_PATTERNS)
-def test_kl_penalized_rewards_matches_reference(backend, device, estimator, pattern):
+@pytest.mark.parametrize("kl_clamp", [None, 0.5])
+def test_kl_penalized_rewards_matches_reference(backend, device, estimator, pattern, kl_clamp):
     require(backend, device, torch.float32, "kl_rewards")
     logp, ref_logp, scores, mask = rewards_case(7, 23, pattern, device)
     inputs = [t.clone().requires_grad_(True) for t in (logp, ref_logp, scores)]
-    got = rlhf_fast.kl_penalized_rewards(*inputs, mask, beta=0.3, estimator=estimator, backend=backend)
+    got = rlhf_fast.kl_penalized_rewards(*inputs, mask, beta=0.3, estimator=estimator, kl_clamp=kl_clamp,
+                                         backend=backend)  # fmt: skip
     ref_inputs = [torch.where(mask, t, 0).double().requires_grad_(True) for t in (logp, ref_logp)]
     ref_inputs.append(scores.double().requires_grad_(True))
-    want = reference.kl_penalized_rewards(*ref_inputs, mask, beta=0.3, estimator=estimator)
+    want = reference.kl_penalized_rewards(*ref_inputs, mask, beta=0.3, estimator=estimator, kl_clamp=kl_clamp)
     assert got.dtype == torch.float32 and rel_err(got, want) < TOL
     assert (got[~mask] == 0).all()
     g = torch.randn_like(got)
@@ -88,6 +90,69 @@ def test_kl_penalized_rewards_matches_reference(backend, device, estimator, patt
     for name, a, b in zip(("logp", "ref_logp", "scores"), inputs, ref_inputs):
         assert torch.isfinite(a.grad).all(), name
         assert rel_err(a.grad, b.grad) < TOL, f"grad {name}: {rel_err(a.grad, b.grad):.3g}"
+    if kl_clamp is not None:  # both kinds of token occur; a clamped one passes no gradient
+        kl = reference.kl_penalty(*(t.detach() for t in ref_inputs[:2]), estimator=estimator)
+        clamped = mask & (kl.abs() > kl_clamp)
+        assert clamped.any() and (mask & ~clamped & (kl != 0)).any()
+        assert (inputs[0].grad[clamped] == 0).all() and (inputs[1].grad[clamped] == 0).all()
+
+
+def test_kl_clamped_rewards_equal_verl_and_openrlhf():
+    """verl's apply_kl_penalty with kl_penalty="low_var_kl" (k3 clamped to [-10, 10]) and
+    OpenRLHF's compute_approx_kl + compute_reward (every estimator clamped to [-10, 10]), written
+    as the peers write them (in float64), values and gradients."""
+    rows, tokens, beta = 6, 17, 0.2
+    mask = torch.arange(tokens) < torch.randint(1, tokens + 1, (rows, 1))  # right padding, >= 1 token
+    logp = -4 * torch.rand(rows, tokens, dtype=torch.float64)
+    ref_logp = logp + 8 * torch.randn(rows, tokens, dtype=torch.float64)  # |d| > 10 on ~1 token in 5
+    scores = torch.randn(rows, dtype=torch.float64)
+
+    def verl_kl_penalty(logprob, ref_logprob):  # verl core_algos.kl_penalty, "low_var_kl"
+        kl = ref_logprob - logprob
+        kl = torch.clamp(kl, min=-20, max=20)
+        ratio = torch.exp(kl)
+        kld = (ratio - kl - 1).contiguous()
+        return torch.clamp(kld, min=-10, max=10)
+
+    def verl_rewards(logprob):  # verl ray_trainer.apply_kl_penalty
+        token_level_scores = torch.zeros_like(logprob)
+        valid_response_length = mask.sum(-1)
+        token_level_scores[torch.arange(rows), valid_response_length - 1] = scores
+        kld = verl_kl_penalty(logprob, ref_logp) * mask
+        return token_level_scores - beta * kld
+
+    def openrlhf_approx_kl(log_probs, log_probs_base, kl_estimator):  # openrlhf/models/utils.py
+        if kl_estimator == "k1":
+            log_ratio = log_probs - log_probs_base
+        if kl_estimator == "k2":
+            log_ratio = log_probs - log_probs_base
+            log_ratio = log_ratio**2 / 2.0
+        if kl_estimator == "k3":
+            log_ratio = log_probs - log_probs_base
+            log_ratio = -log_ratio
+            log_ratio = log_ratio.exp() - 1 - log_ratio
+        log_ratio = log_ratio.clamp(min=-10, max=10)
+        return log_ratio
+
+    def openrlhf_rewards(log_probs, kl_estimator):  # compute_reward
+        kl_reward = -beta * openrlhf_approx_kl(log_probs, ref_logp, kl_estimator) * mask
+        eos_indices = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)
+        last_reward = torch.zeros_like(kl_reward).scatter_(dim=1, index=eos_indices, src=scores.unsqueeze(1))
+        return last_reward + kl_reward
+
+    peers = [("verl low_var_kl", "k3", verl_rewards)]
+    peers += [(f"OpenRLHF {e}", e, lambda x, e=e: openrlhf_rewards(x, e)) for e in ("k1", "k2", "k3")]
+    for name, estimator, peer in peers:
+        x = logp.clone().requires_grad_(True)
+        want = peer(x)
+        want.sum().backward()
+        y = logp.float().requires_grad_(True)
+        got = rlhf_fast.kl_penalized_rewards(y, ref_logp.float(), scores.float(), mask, beta=beta, estimator=estimator,
+                                             kl_clamp=10.0)  # fmt: skip
+        got.sum().backward()
+        assert rel_err(got, want) < TOL, f"{name}: rel err {rel_err(got, want):.3g}"
+        assert rel_err(y.grad, x.grad) < TOL, f"{name} grad: rel err {rel_err(y.grad, x.grad):.3g}"
+        assert (x.grad[mask] == 0).any() and (x.grad[mask] != 0).any(), name  # clamped and unclamped tokens
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -116,6 +181,8 @@ def test_kl_penalized_rewards_score_placement(backend, device):
         (lambda x, m, s: rlhf_fast.kl_penalized_rewards(x, x, s[:2], m, beta=0.1), r"scores must have shape \(3,\)"),
         (lambda x, m, s: rlhf_fast.kl_penalized_rewards(x, x, s, m.t(), beta=0.1), r"mask must have shape \(3, 4\)"),
         (lambda x, m, s: rlhf_fast.kl_penalized_rewards(x, x, s, m, beta=0.1, estimator="k5"), "estimator must be one of"),
+        (lambda x, m, s: rlhf_fast.kl_penalized_rewards(x, x, s, m, beta=0.1, kl_clamp=-1.0), "kl_clamp must be a finite number > 0, got -1.0"),
+        (lambda x, m, s: rlhf_fast.kl_penalized_rewards(x, x, s, m, beta=0.1, kl_clamp=float("nan")), "kl_clamp must be a finite number > 0, got nan"),
         (lambda x, m, s: rlhf_fast.kl_penalty(x, x, estimator="kl"), "estimator must be one of"),
         (lambda x, m, s: rlhf_fast.kl_penalty(x, x[0]), r"ref_logp must have shape \(3, 4\)"),
     ],
