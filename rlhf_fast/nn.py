@@ -136,7 +136,8 @@ class PairwiseRewardLoss(_OpModule):
 
 class LinearTokenLogProbs(_OpModule):
     """Module form of ``rlhf_fast.linear_token_logprobs``: forward(hidden, weight, labels, bias=None).
-    Takes ``linear=LinearOptions(...)`` or its fields (backend, chunk_size, accum_dtype) as keywords."""
+    Takes ``linear=LinearOptions(...)`` or its fields (backend, chunk_size, accum_dtype, logit_scale,
+    logit_softcap) as keywords."""
 
     def __init__(
         self,

@@ -119,12 +119,22 @@ class LinearOptions:
     accum_dtype: torch.dtype | None = torch.float32
     """What the weight gradient is summed over chunks in: torch.float32, or None for the weight's
     own dtype (half the [V, H] sum's memory for bf16/fp16 weights; Liger's default)."""
+    logit_scale: float = 1.0
+    """The head's logits are logit_scale * (hidden @ weight.T + bias): Cohere's logit_scale, Granite's
+    1 / logits_scaling (``rlhf_fast.hf.head_options`` reads it from a model's config). Applied
+    before the soft cap and the temperature."""
+    logit_softcap: float | None = None
+    """Soft cap c of the scaled logits, c * tanh(logits / c), before the temperature: Gemma 2's
+    final_logit_softcapping. None: no cap."""
 
     def __post_init__(self):
         check.choice("backend", self.backend, BACKEND_CHOICES)
         size = self.chunk_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {size!r}")
+        check.number("logit_scale", self.logit_scale, low=0.0, low_open=True)
+        if self.logit_softcap is not None:
+            check.number("logit_softcap", self.logit_softcap, low=0.0, low_open=True)
         # accum_dtype is checked against the weight it sums (ops/linear_logprobs.weight_grad_sum_dtype).
 
 

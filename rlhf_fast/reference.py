@@ -743,10 +743,30 @@ def pairwise_reward_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The lm_head: hidden [..., H] @ weight [V, H].T + bias [V] -> logits [..., V]."""
+def linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """The lm_head: hidden [..., H] @ weight [V, H].T + bias [V] -> logits [..., V], then the
+    head's logit transform in the order transformers applies it (Cohere and Granite scale the
+    head's output; Gemma 2 soft-caps it; MuseSpark scales, then caps):
+
+    1. z = hidden @ weight.T + bias.
+    2. z = logit_scale * z (``LinearOptions.logit_scale``).
+    3. z = c * tanh(z / c) with c = logit_softcap, if not None.
+    """
     logits = hidden @ weight.T
-    return logits if bias is None else logits + bias
+    if bias is not None:
+        logits = logits + bias
+    if logit_scale != 1:
+        logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits
 
 
 def linear_token_logprobs(
@@ -758,10 +778,12 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ):
     """``token_logprobs`` of the lm_head's logits. hidden [..., H], weight [V, H], labels [...] -> [...]"""
     return token_logprobs(
-        linear_logits(hidden, weight, bias), labels,
+        linear_logits(hidden, weight, bias, logit_scale=logit_scale, logit_softcap=logit_softcap), labels,
         temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
     )  # fmt: skip
 
@@ -773,9 +795,12 @@ def linear_sft_loss(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """``sft_loss`` of the lm_head's logits. hidden [..., H], weight [V, H], labels [...] -> []"""
-    return sft_loss(linear_logits(hidden, weight, bias), labels, ignore_index=ignore_index)
+    logits = linear_logits(hidden, weight, bias, logit_scale=logit_scale, logit_softcap=logit_softcap)
+    return sft_loss(logits, labels, ignore_index=ignore_index)
 
 
 def fused_linear_policy_loss(
@@ -789,10 +814,12 @@ def fused_linear_policy_loss(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy_coef: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     **policy_options,
 ):
     """``fused_policy_loss`` of the lm_head's logits. hidden [B, T, H], weight [V, H], the rest [B, T]."""
     return fused_policy_loss(
-        linear_logits(hidden, weight, bias), labels, old_logp, advantages, mask,
-        temperature=temperature, entropy_coef=entropy_coef, **policy_options,
+        linear_logits(hidden, weight, bias, logit_scale=logit_scale, logit_softcap=logit_softcap), labels, old_logp,
+        advantages, mask, temperature=temperature, entropy_coef=entropy_coef, **policy_options,
     )  # fmt: skip

@@ -113,8 +113,9 @@ def fused_linear_policy_loss(
         old_logp, advantages, mask, ref_logp, rollout_logp, normalizer, temperature, entropy_coef,
             options: as in ``fused_policy_loss``. old_logp, advantages and ref_logp are treated as
             constants (no gradient flows to them).
-        linear: as in ``linear_token_logprobs``. The fields of ``options`` and of ``linear``
-            (backend, chunk_size, accum_dtype) may also be passed as keyword arguments.
+        linear: as in ``linear_token_logprobs`` (logit_scale and logit_softcap: the head's logit
+            transform). The fields of ``options`` and of ``linear`` (backend, chunk_size,
+            accum_dtype, logit_scale, logit_softcap) may also be passed as keyword arguments.
 
     Returns:
         (loss, stats) as ``fused_policy_loss``: the loss is differentiable w.r.t. hidden, weight and

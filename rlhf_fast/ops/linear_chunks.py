@@ -18,6 +18,14 @@ Rows whose label is ignored (ignore_index, or masked out of the policy loss) hav
 and gradient 0 whatever their logits, so the ops hand ``sweep`` the index of the kept rows
 (``kept_rows``) and it gathers C of those per chunk: prompt tokens and padding cost no FLOPs.
 
+Heads whose logits are transformed (``LinearOptions``: logit_scale s, logit_softcap c) cost no
+extra matmul and no [N, V] tensor either (``SoftCap``, ``LinearSpec.kernel_temperature``):
+- a scale alone is folded into the kernels' temperature, T / s (no pass over the logits);
+- a soft cap y = c tanh(s z / c) is applied to the chunk's logits in place before the kernels,
+  and in the backward its derivative s (1 - tanh^2(s z / c)) multiplies the kernel's d loss / d y
+  before the matmuls of step 3; step 2 then runs a slab of the chunk's rows at a time, so that
+  the derivative of a slab waits in a small scratch while the kernels overwrite its logits.
+
 Two autograd shapes use it (FLOPs counted as 2 N H V per matmul pass):
 - ``linear_token_logprobs``: the upstream gradient of logp is unknown in the forward, so the
   forward saves lse (and entropy) and the backward sweeps again, recomputing each chunk's logits:
@@ -50,6 +58,7 @@ ROWS_PER_ACCUM_BYTE = 256
 CHUNK_ALIGN = 64  # chunk rows rounded up to this (tensor-core tiles, cache lines)
 NARROW_TILE_ELEMENTS = 1 << 23  # float32 elements converted per step when the accumulator narrows
 UPCAST_ROWS = 4096  # accumulator rows per GEMM where the operands must be upcast to its dtype
+SOFTCAP_SLABS = 8  # a soft-capped chunk's rows are processed in this many slabs (``SoftCap``)
 
 _MIXED_ADDMM = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"  # addmm(out_dtype=) on CUDA
 
@@ -82,6 +91,24 @@ class LinearSpec:
     chunk_size: int | None  # rows per chunk; None: ``chunk_rows`` picks from the shape
     compute_dtype: torch.dtype  # of the logits and the matmuls: the inputs' own, or autocast's
     weight_grad_dtype: torch.dtype  # the weight gradient's sum over chunks (``weight_grad_sum_dtype``)
+    logit_scale: float = 1.0  # the head's logits are logit_scale * (hidden @ weight.T + bias) ...
+    logit_softcap: float | None = None  # ... then soft-capped at this (None: not), then over temperature
+
+    @property
+    def kernel_temperature(self) -> float:
+        """The temperature the token_logprobs kernels get with the chunk's logits.
+
+        Without a soft cap the scale s folds into it: the kernels compute softmax(x / T') of the
+        logits x they are given, and with x = z (the head's output) and T' = T / s,
+            x / T' = z s / T    exactly, for any s > 0,
+        the scaled logits over the temperature. So logp, entropy and lse are those of
+        softmax(s z / T), and the kernel's backward, d loss / d x at x = z and temperature T', is
+        d loss(s z / T) / d z: the chain rule's factor s / T is its 1 / T'. With a cap the scale
+        sits inside the tanh (``SoftCap``) and the kernels get T itself.
+        """
+        if self.logit_softcap is not None:
+            return self.temperature
+        return self.temperature / self.logit_scale
 
 
 @dataclass
@@ -225,6 +252,58 @@ class LinearGrads:
 Upstream = Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
+class SoftCap:
+    """The soft cap of a chunk's logits: y = c tanh(s z / c), the scale s inside, in place.
+
+    A slab of ceil(C / SOFTCAP_SLABS) rows at a time goes through one reused [rows, V] scratch in
+    float32 (float64 for float64 logits): t = tanh(s z / c) is computed there from the exact z and
+    y rounded once into the logits (eager bf16 rounds after each of / c, tanh and * c). With a
+    gradient to come, the scratch then keeps the slab's d y / d z = s (1 - t^2), from that t, while
+    the kernels turn y into d loss / d y in place; ``chain_`` multiplies it in. Deriving it from y
+    instead (as torch's tanh backward does from its output) would cost bf16 logits 2^-8 of
+    absolute error in 1 - t^2. Extra memory: the scratch, C V / SOFTCAP_SLABS x 4 bytes (a
+    quarter of a bf16 chunk's logits at 8 slabs); a float32 forward without a gradient caps the
+    logits in place and allocates nothing.
+
+    Memory traffic per logit (bf16 logits, float32 scratch): the cap 28 bytes (upcast 2 + 4,
+    scale 8, tanh 8, scale-and-round 4 + 2), its derivative 8, the chain rule 8 (2 + 4 + 2),
+    against the kernels' 2 (forward) and 4 (backward). The cap inside the token_logprobs kernels
+    (as Liger's cross-entropy kernel has it) would need none of it.
+    """
+
+    def __init__(self, cap: float, scale: float, chunk: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.cap, self.scale = cap, scale
+        self.rows = max(1, math.ceil(chunk / SOFTCAP_SLABS))
+        self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.shape, self.device = (min(self.rows, chunk), vocab), device
+        self.buffer = None  # allocated on first use
+        self.slope = torch.tensor(scale, dtype=self.work_dtype, device=device)  # 0-dim s for addcmul
+
+    def slabs(self, n_rows: int):
+        for r0 in range(0, n_rows, self.rows):
+            yield slice(r0, min(r0 + self.rows, n_rows))
+
+    def apply_(self, logits: torch.Tensor, with_grad: bool) -> torch.Tensor | None:
+        """One slab's logits [rows, V] z -> y = c tanh(s z / c), in place; with ``with_grad``
+        returns d y / d z [rows, V] (in the scratch, valid until the next call)."""
+        if logits.dtype == self.work_dtype and not with_grad:
+            work = logits
+        else:
+            if self.buffer is None:
+                self.buffer = torch.empty(self.shape, dtype=self.work_dtype, device=self.device)
+            work = self.buffer[: logits.shape[0]].copy_(logits)
+        torch.tanh(work.mul_(self.scale / self.cap), out=work)  # t
+        torch.mul(work, self.cap, out=logits)  # computed in the work dtype, rounded once into the logits
+        if not with_grad:
+            return None
+        return torch.addcmul(self.slope, work, work, value=-self.scale, out=work)  # s - s t^2
+
+    @staticmethod
+    def chain_(grad_logits: torch.Tensor, slope: torch.Tensor) -> None:
+        """d loss / d y -> d loss / d z = d loss / d y * d y / d z, in place, rounded once."""
+        grad_logits.mul_(slope)
+
+
 def sweep(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -245,7 +324,8 @@ def sweep(
     those rows', in that order. ``forward``: run the forward kernel and write ``rows``; otherwise
     ``rows`` holds lse (and entropy) from an earlier sweep. ``grads``: also run the backward kernel
     with the upstream gradients ``upstream(start, end)`` returns for rows start..end of the M
-    (called after the chunk's forward, so it may read rows.logp[start:end]) and accumulate the
+    (called after the forward of those rows, so it may read rows.logp[start:end]; once per chunk,
+    or per slab of one under a soft cap) and accumulate the
     linear layer's gradients (rows of grad_hidden not in ``index`` are left as they are).
     """
     n_rows, vocab = labels.shape[0], weight.shape[0]
@@ -258,31 +338,43 @@ def sweep(
     prov = registry.resolve(spec.backend, hidden.device, hidden.dtype)
     step = chunk_rows(n_rows, hidden.shape[1], spec.chunk_size, spec.weight_grad_dtype.itemsize)
     buffer = torch.empty(min(step, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+    softcap = None
+    if spec.logit_softcap is not None:
+        softcap = SoftCap(spec.logit_softcap, spec.logit_scale, buffer.shape[0], vocab, hidden.dtype, hidden.device)
+    temperature = spec.kernel_temperature
     weight_t = weight.t()
     with torch.autocast(hidden.device.type, enabled=False):  # the logits keep the inputs' dtype
         for start in range(0, n_rows, step):
             end = min(start + step, n_rows)
             chunk = slice(start, end) if index is None else index[start:end]
             h = hidden[chunk]  # a view, or the kept rows gathered
-            logits, chunk_labels = buffer[: end - start], labels[start:end]
+            logits = buffer[: end - start]
             if bias is None:
                 torch.mm(h, weight_t, out=logits)
             else:
                 torch.addmm(bias, h, weight_t, out=logits)
-            entropy = rows.entropy[start:end] if rows.entropy is not None else None
-            lse = rows.lse[start:end]
-            if forward:
-                prov.token_logprobs_forward(
-                    logits, chunk_labels, rows.logp[start:end], entropy, lse, spec.temperature, spec.ignore_index
-                )
-            if grads is None:
-                continue
-            grad_logp, grad_entropy = upstream(start, end)
-            prov.token_logprobs_backward(
-                logits, chunk_labels, lse, entropy if grad_entropy is not None else None,
-                grad_logp, grad_entropy, logits, spec.temperature, spec.ignore_index,
-            )  # fmt: skip
-            grads.add(logits, h, weight, chunk)
+            # Step 2 on the whole chunk, or slab by slab under a soft cap (``SoftCap``).
+            for part in softcap.slabs(end - start) if softcap is not None else (slice(0, end - start),):
+                lo, hi = start + part.start, start + part.stop
+                part_logits, part_labels = logits[part], labels[lo:hi]
+                slope = softcap.apply_(part_logits, grads is not None) if softcap is not None else None
+                entropy = rows.entropy[lo:hi] if rows.entropy is not None else None
+                lse = rows.lse[lo:hi]
+                if forward:
+                    prov.token_logprobs_forward(
+                        part_logits, part_labels, rows.logp[lo:hi], entropy, lse, temperature, spec.ignore_index
+                    )
+                if grads is None:
+                    continue
+                grad_logp, grad_entropy = upstream(lo, hi)
+                prov.token_logprobs_backward(
+                    part_logits, part_labels, lse, entropy if grad_entropy is not None else None,
+                    grad_logp, grad_entropy, part_logits, temperature, spec.ignore_index,
+                )  # fmt: skip
+                if slope is not None:
+                    SoftCap.chain_(part_logits, slope)
+            if grads is not None:
+                grads.add(logits, h, weight, chunk)
 
 
 class TokenObjective:

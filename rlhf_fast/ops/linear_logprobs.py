@@ -80,9 +80,18 @@ def weight_grad_sum_dtype(accum_dtype: torch.dtype | None, weight: torch.Tensor)
 
 def make_spec(temperature, ignore_index, linear: LinearOptions, hidden, weight) -> LinearSpec:
     temperature = check.temperature(temperature)
+    scale = float(linear.logit_scale)
+    if temperature / scale < check.MIN_TEMPERATURE:
+        # The scale may reach the kernels as the temperature T / s (LinearSpec.kernel_temperature):
+        # s z / T must stay finite in float32 as z / T must (check.MIN_TEMPERATURE).
+        raise ValueError(
+            f"temperature / logit_scale must be >= {check.MIN_TEMPERATURE:g} (the scaled logits over the "
+            f"temperature must stay finite in float32); got temperature={temperature:g}, logit_scale={scale:g}"
+        )
+    cap = None if linear.logit_softcap is None else float(linear.logit_softcap)
     compute = autocast_dtype(hidden, weight) or hidden.dtype
     sum_dtype = weight_grad_sum_dtype(linear.accum_dtype, weight)
-    return LinearSpec(temperature, int(ignore_index), linear.backend, linear.chunk_size, compute, sum_dtype)
+    return LinearSpec(temperature, int(ignore_index), linear.backend, linear.chunk_size, compute, sum_dtype, scale, cap)
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
@@ -134,7 +143,8 @@ def linear_token_logprobs(
 ):
     """Log-probability of each label (and the entropy) under softmax((hidden @ weight.T + bias) / T).
 
-    Same values and gradients as ``token_logprobs(hidden @ weight.T + bias, labels, ...)``, with
+    Same values and gradients as ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (with
+    the logits scaled and soft-capped as ``reference.linear_logits`` does, if ``linear`` says so), with
     peak extra memory of one [C, V] chunk of logits, the [V, H] float32 weight gradient and the
     [N, H] hidden gradient instead of several [N, V] tensors.
 
@@ -152,7 +162,10 @@ def linear_token_logprobs(
             picks it from the shape, ``linear_chunks.chunk_rows``), accum_dtype (what the weight
             gradient is summed over chunks in: torch.float32, the default, or None for the
             weight's own dtype, which halves that [V, H] sum's memory for bf16/fp16 weights and
-            rounds it once per chunk, Liger's default; ``weight_grad_sum_dtype``).
+            rounds it once per chunk, Liger's default; ``weight_grad_sum_dtype``), logit_scale and
+            logit_softcap (the head's logit transform, before the temperature:
+            logits = c tanh(s (hidden @ weight.T + bias) / c); ``rlhf_fast.hf.head_options`` reads
+            them from a transformers model's config).
 
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;

@@ -39,7 +39,8 @@ def linear_sft_loss(
     """``sft_loss(hidden @ weight.T + bias, labels)``: mean -log p(label) over non-ignored tokens.
 
     hidden [..., H], weight [V, H] (hidden's dtype), labels [...], bias [V] or None, linear (and
-    its fields backend, chunk_size, accum_dtype as keywords): as in ``linear_token_logprobs``. Returns a float32 scalar (0 with zero gradients when every token is
+    its fields backend, chunk_size, accum_dtype, logit_scale, logit_softcap as keywords): as in
+    ``linear_token_logprobs``. Returns a float32 scalar (0 with zero gradients when every token is
     ignored). The gradients w.r.t. hidden, weight and bias are computed during the forward, in the
     same pass over the chunks as the loss (the weight gradient summed in float32, or with
     ``accum_dtype=None`` in the weight's dtype, as in ``linear_token_logprobs``); the backward
