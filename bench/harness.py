@@ -1,8 +1,8 @@
-"""What every benchmark script shares: where it runs, timing, peak memory, bandwidth, results files.
+"""What the benchmark driver and its families share: device, timing, peak memory, bandwidth, results.
 
-A benchmark builds a *step*: a callable ``step(i)`` that runs the measured work once on copy ``i``
-of its inputs (optionally with a ``clear()`` method that drops gradients between runs). The
-harness times it, measures its peak memory and writes rows of results; the script decides what a
+A case builds a *step*: a callable ``step(i)`` that runs the measured work once on copy ``i`` of
+its inputs (optionally with a ``clear()`` method that drops gradients between runs). The harness
+times it, measures its peak memory and writes rows of results; the family module decides what a
 step is and how its output is verified against ``rlhf_fast.reference``.
 
 Conventions: times in milliseconds; bandwidth in GB/s = 1e9 bytes/s; memory in MiB = 2^20 bytes
