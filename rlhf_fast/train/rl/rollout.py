@@ -169,7 +169,7 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
 
 
 def has_linear_head(model) -> bool:
-    """Whether ``fused_linear_policy_loss`` applies (the head is a plain Linear with no logit transform)."""
+    """Whether ``fused_linear_policy_loss`` applies (the head is a plain Linear, its logit transform known)."""
     try:
         rlhf_fast.hf.head_of(model)
         rlhf_fast.hf.decoder_of(model)
@@ -186,7 +186,8 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, back
     if has_linear_head(model):
         hidden, weight, bias = response_hidden(model, rollout)
         out = rlhf_fast.linear_token_logprobs(
-            hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy, backend=backend
+            hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy, backend=backend,
+            **rlhf_fast.hf.head_options(model),  # the head's logit scale / soft cap (Cohere, Gemma 2), if any
         )
     else:
         out = rlhf_fast.token_logprobs(

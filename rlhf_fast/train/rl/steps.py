@@ -242,7 +242,8 @@ def loss_step(trainer, micro: Experience, normalizer: torch.Tensor) -> tuple[tor
     )  # fmt: skip
     if has_linear_head(trainer.policy):
         hidden, weight, bias = response_hidden(trainer.policy, rollout)
-        loss, stats = rlhf_fast.fused_linear_policy_loss(hidden, weight, rollout.labels, bias=bias, **common)
+        head = rlhf_fast.hf.head_options(trainer.policy)  # the logit scale / soft cap of Cohere, Gemma 2 ... heads
+        loss, stats = rlhf_fast.fused_linear_policy_loss(hidden, weight, rollout.labels, bias=bias, **common, **head)
     else:
         loss, stats = rlhf_fast.fused_policy_loss(response_logits(trainer.policy, rollout), rollout.labels, **common)
     stats = {"pg_loss": loss.detach(), **stats}
