@@ -37,10 +37,11 @@ def composed(logits, labels, old_logp, advantages, mask, ref_logp, *, temperatur
     return loss, stats
 
 
-def check_equal(backend, logits, labels, fused_labels, inputs, *, temperature, entropy_coef, with_ref, **options):
+def check_equal(backend, logits, labels, fused_labels, inputs, *, temperature, entropy_coef, with_ref, upstream=None,
+                **options):  # fmt: skip
     old_logp, advantages, mask, ref_logp = inputs
     ref_logp = ref_logp if with_ref else None
-    upstream = torch.randn(()).item()
+    upstream = torch.randn(()).item() if upstream is None else upstream
     x = logits.clone().requires_grad_(True)
     loss, stats = rlhf_fast.fused_policy_loss(
         x, fused_labels, old_logp, advantages, mask, ref_logp=ref_logp, temperature=temperature,
@@ -144,6 +145,53 @@ def test_inplace_backward_and_module():
     loss2, _ = module(view, fused_labels, old_logp, advantages, mask, ref_logp)
     loss2.backward()
     assert torch.equal(loss, loss2) and torch.allclose(leaf.grad, x.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_computed_in_the_forward():
+    """Training on the logits alone: the gradient exists when the call returns (in place: in the
+    logits' storage), a second backward recomputes it, and an in-place change between forward and
+    backward raises, as eager's would."""
+    logits, _, fused_labels, (old_logp, advantages, mask, ref_logp) = fused_case()
+    args = (fused_labels, old_logp, advantages, mask)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_fast.fused_policy_loss(x, *args, ref_logp=ref_logp, kl_coef=0.1)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert torch.allclose(x.grad, 2 * first, rtol=1e-6, atol=1e-9)
+
+    leaf = logits.clone().requires_grad_(True)
+    view = leaf * 1.0
+    loss2, _ = rlhf_fast.fused_policy_loss(view, *args, ref_logp=ref_logp, kl_coef=0.1, inplace_backward=True)
+    assert torch.allclose(view.detach(), first, rtol=1e-6, atol=1e-9)  # the gradient, before any backward
+    loss2.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be computed again"):
+        loss2.backward()
+
+    y = logits.clone().requires_grad_(True)
+    loss3, _ = rlhf_fast.fused_policy_loss(y, *args)
+    with torch.no_grad():
+        y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss3.backward()
+
+
+@pytest.mark.parametrize("upstream", [0.5, -0.3, 3.0])
+def test_scaled_backward_rounds_once_in_bf16(upstream):
+    """A 16-bit gradient scaled by a non-power of two is recomputed from the logits, so it rounds
+    once, as the composed ops' does; a power of two (GradScaler) scales it exactly."""
+    logits, labels, fused_labels, inputs = fused_case(dtype=torch.bfloat16)
+    check_equal("torch", logits, labels, fused_labels, inputs, temperature=1.0, entropy_coef=0.01, with_ref=False,
+                upstream=upstream)  # fmt: skip
+
+
+def test_other_inputs_with_gradients_take_the_composed_path():
+    logits, _, fused_labels, (old_logp, advantages, mask, _) = fused_case()
+    adv = torch.where(mask, advantages, 0.0).requires_grad_(True)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_fast.fused_policy_loss(x, fused_labels, old_logp, adv, mask, clip_eps=None)
+    loss.backward()
+    assert adv.grad is not None and (adv.grad[mask] != 0).any() and x.grad is not None
 
 
 @pytest.mark.parametrize("agg", AGGS)

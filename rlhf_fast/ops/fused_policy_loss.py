@@ -1,9 +1,18 @@
 """fused_policy_loss: from [B, T, V] logits straight to the policy-gradient loss and its gradient.
 
 It is ``token_logprobs`` (the fused [N, V] kernel, logp and entropy in one read of the logits)
-composed with the [B, T] policy-loss math of ``policy_loss``. The logits are read once forward
-and read and written once backward, exactly as in token_logprobs alone: the loss adds only
-elementwise work on [B, T], which is V times smaller than the [N, V] stream.
+composed with the [B, T] policy-loss math of ``policy_loss``: the loss adds only elementwise work
+on [B, T], which is V times smaller than the [N, V] stream.
+
+When only the logits need a gradient (the training case), the whole gradient is computed in the
+forward, as Liger's cross-entropy does: the forward kernel (logp, entropy, lse: the logits read
+once), the objective's d loss / d logp and d loss / d entropy on [B, T] by autograd (any
+registered objective, every option), then the backward kernel (the logits read again, the
+gradient written once, into the logits' storage with ``inplace_backward``). The backward only
+scales that gradient by the upstream one, and hands it over untouched for ``loss.backward()``.
+The [N, V] traffic is the same three passes as token_logprobs forward + backward, in one call;
+what goes is the autograd graph over the [B, T] math between them and the logits kept alive
+until the backward (with ``inplace_backward``, the gradient has replaced them by then).
 """
 
 from __future__ import annotations
@@ -16,7 +25,15 @@ from ..reference import IGNORE_INDEX
 from .aggregate import check_normalizer
 from ..options import PolicyLossOptions, no_leftovers, take
 from .policy_loss import loss_with_entropy_bonus, validate_inputs
-from .token_logprobs import check_vocabulary, token_logprobs_validated
+# The registered kernel ops themselves: the few-frames rule (tests/test_call_path.py) leaves no room for a wrapper.
+from .token_logprobs import (
+    _backward_inplace_op,
+    _backward_op,
+    _flatten_rows,
+    _forward_op,
+    check_vocabulary,
+    token_logprobs_validated,
+)
 
 
 def fused_policy_loss(
@@ -53,10 +70,15 @@ def fused_policy_loss(
         temperature: divides the logits before the softmax (> 0), as at sampling time.
         entropy_coef: weight of the entropy bonus (finite; the loss *subtracts* it).
         inplace_backward: write the logits' gradient into the logits' storage (see token_logprobs).
+            When only the logits need a gradient it is computed in the forward, so their storage
+            holds the gradient from the moment this call returns (as with Liger's in-place
+            cross-entropy); only one backward is then possible.
         backend: provider of the [N, V] kernel: "auto", "triton", "cuda", "host" or "torch".
 
     Returns:
         (loss, stats) as ``policy_loss``, plus stats["entropy"], the mean entropy over valid tokens.
+        When the logits are the only input that needs a gradient, it is computed during this call
+        (module docstring); old_logp, advantages, ref_logp needing one take the composed path.
     """
     options = take(PolicyLossOptions, options, option_kwargs)
     no_leftovers("fused_policy_loss", option_kwargs, PolicyLossOptions)
@@ -75,6 +97,74 @@ def fused_policy_loss(
     # Any label id at a masked position becomes ignore_index: its logp, entropy and gradient are 0
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)
+    loss_inputs = (old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer)
+    if _gradient_in_forward(logits, old_logp, advantages, ref_logp):
+        stats: dict = {}
+        loss = _GradientInForward.apply(logits, labels, temperature, inplace_backward, backend, loss_inputs, stats)
+        return loss, stats
     logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend)
-    return loss_with_entropy_bonus(logp, entropy, old_logp, advantages, correction, ref_logp, options, entropy_coef,
-                                   normalizer)  # fmt: skip
+    return loss_with_entropy_bonus(logp, entropy, *loss_inputs)
+
+
+def _gradient_in_forward(logits, *others) -> bool:
+    """Training on the logits alone: the gradient can be computed in the forward. Not under
+    torch.compile (which traces the composed ops instead), nor when another input needs a gradient."""
+    if not (torch.is_grad_enabled() and logits.requires_grad) or torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and t.requires_grad for t in others)
+
+
+def _exact_in(dtype: torch.dtype, scale: torch.Tensor) -> bool:
+    """Whether multiplying values of ``dtype`` by ``scale`` rounds nothing (in range): float32 and
+    float64 round once more at their own precision (as a product in eager would); a 16-bit dtype
+    only for a power of two (GradScaler's scales)."""
+    return dtype in (torch.float32, torch.float64) or bool(torch.frexp(scale.float()).mantissa.abs() == 0.5)
+
+
+class _GradientInForward(torch.autograd.Function):
+    """The loss, with its gradient w.r.t. the logits computed in the forward (see the module's doc)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, inplace, backend, loss_inputs, stats_out):
+        # One frame from the public op to the kernels (tests/test_call_path.py): kernel, [B, T]
+        # autograd for d loss / d logp and d loss / d entropy, kernel.
+        flat_logits, flat_labels = _flatten_rows(logits), labels.reshape(-1).contiguous()
+        logp, entropy, lse = _forward_op(flat_logits, flat_labels, temperature, IGNORE_INDEX, True, False, backend)
+        with torch.enable_grad():
+            leaves = [t.view(labels.shape).detach().requires_grad_() for t in (logp, entropy)]
+            loss, stats = loss_with_entropy_bonus(*leaves, *loss_inputs)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grad_logp, grad_entropy = (torch.zeros_like(lse) if g is None else g.reshape(-1).to(lse.dtype).contiguous()
+                                   for g in grads)  # fmt: skip
+        args = (flat_logits, flat_labels, lse, entropy, grad_logp, grad_entropy, temperature, IGNORE_INDEX, backend)
+        if inplace:
+            _backward_inplace_op(*args)
+            ctx.grad = flat_logits.view(logits.shape)
+        else:
+            ctx.grad = _backward_op(*args).view(logits.shape)
+            # Saved (no copy) so that an in-place change of the logits before the backward raises,
+            # and so that a rescaled or second backward can recompute the gradient from them.
+            ctx.save_for_backward(logits)
+        ctx.rows, ctx.args = args[1:6], (temperature, inplace, backend)
+        stats_out.update(stats)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        temperature, inplace, backend = ctx.args
+        logits = None if inplace else ctx.saved_tensors[0]  # raises if modified in place since the forward
+        grad, ctx.grad = ctx.grad, None
+        if grad is None and inplace:
+            raise RuntimeError("fused_policy_loss(inplace_backward=True) wrote its gradient over the logits: "
+                               "it cannot be computed again for a second backward")  # fmt: skip
+        if grad is not None and bool(grad_loss == 1):  # loss.backward(): hand it over, no [N, V] product
+            return grad, None, None, None, None, None, None
+        if grad is not None and (inplace or _exact_in(grad.dtype, grad_loss)):
+            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+        # A 16-bit gradient times an arbitrary scale would round twice, and a second backward has
+        # no gradient left: recompute it from the logits with the scaled token gradients (the same
+        # [N, V] traffic as the product).
+        flat_labels, lse, entropy, grad_logp, grad_entropy = ctx.rows
+        grad = _backward_op(_flatten_rows(logits), flat_labels, lse, entropy, grad_logp * grad_loss, grad_entropy * grad_loss,
+                            temperature, IGNORE_INDEX, backend)  # fmt: skip
+        return grad.view(logits.shape), None, None, None, None, None, None
