@@ -79,6 +79,42 @@ def test_advantage_estimator_is_chosen_apart_from_the_algorithm(tmp_path, name, 
     assert returns is None and torch.allclose(adv.double(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["reinforce_plus_plus", "reinforce_plus_plus_baseline", "grpo_passk", "opo", "gpg"])
+def test_verl_estimators_are_the_reference_formulas(tmp_path, name):
+    """The estimators verl registers beside GRPO/RLOO, each against its formula on the reference ops."""
+    overrides = {"algo.name": "grpo", "rollout.group_size": 2, "algo.advantage": name, "algo.kl_place": "reward",
+                 "algo.kl_clamp": 0.5, "algo.whiten_unbiased": False}  # fmt: skip
+    trainer = RLTrainer(tiny(tmp_path, **overrides))
+    rollout = generate(trainer.policy, trainer.tokenizer, trainer.train_prompts[:4], trainer.config.rollout)
+    scores, _ = score_step(trainer, rollout)
+    scores = scores + torch.randn_like(scores)
+    scores[0] = 0.0  # gpg counts the nonzero scores
+    exp, _ = make_experience(trainer, rollout, scores)
+    exp.ref_logp = exp.ref_logp + 0.3 * torch.randn_like(exp.ref_logp)  # a KL that the 0.5 clamp bites
+    adv, _ = trainer.advantage_fn(trainer, exp)
+    beta, mask = trainer.kl_ctl.value, exp.mask
+    old, ref, s = exp.old_logp.double(), exp.ref_logp.double(), exp.scores.double()
+    kl = reference.kl_penalty(old, ref, estimator="k1").clamp(-0.5, 0.5)
+    seq_returns = s - beta * torch.where(mask, kl, 0.0).sum(-1)
+    index = torch.arange(len(s)) // 2
+    if name == "reinforce_plus_plus":
+        rewards = torch.where(mask, -beta * kl, 0.0)
+        rewards[torch.arange(len(s)), reference.last_valid_index(mask)] += s
+        _, returns = reference.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+        want = reference.whiten(returns, mask, unbiased=False)
+    elif name == "reinforce_plus_plus_baseline":
+        centred = reference.group_advantages(seq_returns, 2, mode="drgrpo")
+        want = reference.whiten(centred[:, None].expand(mask.shape), mask, unbiased=False)
+    elif name == "gpg":
+        want = reference.group_advantages(seq_returns, 2, mode="drgrpo") * len(s) / torch.count_nonzero(seq_returns)
+    else:
+        lengths = mask.sum(-1) if name == "opo" else None
+        want = reference.indexed_group_advantages(seq_returns, index, mode=name.removeprefix("grpo_"), lengths=lengths)
+    if want.dim() == 2:
+        adv, want = torch.where(mask, adv, 0.0), torch.where(mask, want, 0.0)
+    torch.testing.assert_close(adv.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_advantage_estimators_cover_the_vocabulary_and_refuse_what_cannot_run(tmp_path):
     from rlhf_fast.choices import ADVANTAGE_ESTIMATORS as NAMES
 
@@ -185,6 +221,27 @@ def test_objectives_and_rollout_correction_train_through_the_config_and_the_demo
         tiny(tmp_path / "bad", **{"algo.objective": "nope"})
     with pytest.raises(ConfigError, match="rollout_correction.mode"):
         tiny(tmp_path / "bad", **{"rollout_correction.mode": "token"})
+
+
+def test_peer_parity_options_train_through_the_config(tmp_path):
+    """The KL, aggregation and entropy-mask options of the peers reach the loss and a run trains."""
+    from rlhf_fast.train.rl.steps import policy_loss_options
+
+    overrides = {**ALGOS["grpo"], "algo.advantage": "reinforce_plus_plus_baseline", "algo.kl_estimator": "k3+",
+                 "algo.kl_clamp": 10.0, "algo.kl_is_correction": True, "algo.agg": "seq-mean-token-sum-norm",
+                 "algo.max_response_length": 8, "algo.top_entropy_quantile": 0.5, "train.steps": 1}  # fmt: skip
+    trainer = RLTrainer(tiny(tmp_path, **overrides))
+    options = policy_loss_options(trainer)
+    assert (options.kl_estimator, options.kl_clamp, options.kl_is_correction) == ("k3+", 10.0, True)
+    assert (options.max_response_length, options.top_entropy_quantile) == (8, 0.5)
+    trainer.train()
+    record = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert 0 < record["entropy_mask_frac"] <= 1
+    for bad, message in [({"algo.kl_estimator": "k3+", "algo.kl_place": "reward"}, "algo.kl_estimator"),
+                         ({"algo.max_response_length": 8}, "applies to agg=seq-mean-token-sum-norm only"),
+                         ({"algo.top_entropy_quantile": 0.0}, "algo.top_entropy_quantile")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            tiny(tmp_path / "bad", **bad)
 
 
 def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):

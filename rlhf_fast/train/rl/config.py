@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
+from ...choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, KL_LOSS_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from ..._validate import MIN_TEMPERATURE
 from ...objectives import OBJECTIVES
 from ..config import ConfigError, ModelConfig, OptimConfig, RunConfig, Section, TaskConfig, TokenizerConfig, require_schedule
@@ -110,7 +110,7 @@ class AlgoConfig(Section):
     micro_batch_size: int = 32
     """Sequences per forward/backward (gradient accumulation); must divide mini_batch_size."""
     advantage: str | None = None
-    """Advantage estimator, independent of the algorithm: gae (needs ppo's critic), grpo, drgrpo, rloo (group baselines), reinforce (the return minus `baseline`); unset: the algorithm's own (ppo: gae, grpo: group_mode, reinforce: reinforce, or rloo with baseline=rloo)."""
+    """Advantage estimator, independent of the algorithm (verl's adv_estimator names): gae (needs ppo's critic), grpo, drgrpo, rloo (group baselines), reinforce (the return minus `baseline`), reinforce_plus_plus (per-token discounted returns of the KL-penalised rewards, whitened over the batch), reinforce_plus_plus_baseline (score minus group mean, whitened over the batch's tokens), grpo_passk (only each group's best response learns, by its margin over the second), opo (length-weighted group baseline), gpg (group-centred, scaled by B / responses with a nonzero score); unset: the algorithm's own (ppo: gae, grpo: group_mode, reinforce: reinforce, or rloo with baseline=rloo)."""
     objective: str = "ppo"
     """Policy objective (rlhf_fast.objectives): ppo (clipped ratio per token; reinforce runs it unclipped), gspo, gspo_token, cispo, sapo, gmpo, gpg, clip_cov, kl_cov."""
     clip_eps: float = 0.2
@@ -118,7 +118,9 @@ class AlgoConfig(Section):
     clip_eps_high: float | None = None
     """Upper clip range (DAPO clip-higher); unset: clip_eps."""
     agg: str = "token-mean"
-    """How per-token losses become a scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    """How per-token losses become a scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, token-sum; the normaliser is the whole batch's over micro-batches and ranks."""
+    max_response_length: int | None = None
+    """seq-mean-token-sum-norm divides by B times this constant (Dr. GRPO; TRL's max_completion_length, verl's loss_scale_factor); unset: the padded response length."""
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     kl_coef: float = 0.05
@@ -126,7 +128,11 @@ class AlgoConfig(Section):
     kl_place: str = "reward"
     """Where the KL goes: reward (per-token penalty in the reward, InstructGPT), loss (a loss term, GRPO) or none."""
     kl_estimator: str = "k1"
-    """KL estimator: k1, k2, k3 or abs (k3 is GRPO's choice for the loss)."""
+    """KL estimator: k1, k2, k3 or abs (k3 is GRPO's choice for the loss); with kl_place=loss also k1+, k3+, abs+ (that value, k2's gradient: verl's straight-through estimators)."""
+    kl_clamp: float | None = None
+    """Clamp the per-token KL to [-kl_clamp, kl_clamp] in the reward or the loss (verl's low_var_kl and OpenRLHF: 10); unset: no clamp."""
+    kl_is_correction: bool = False
+    """kl_place=loss: multiply the per-token KL by pi / pi_old (TRL's use_bias_correction_kl)."""
     kl_target: float | None = None
     """Target KL (per sequence, nats) of the adaptive controller; unset: fixed kl_coef."""
     kl_horizon: int = 10000
@@ -137,6 +143,10 @@ class AlgoConfig(Section):
     """Lambda of GAE (ppo)."""
     whiten: bool = True
     """Whiten advantages over the batch (ppo)."""
+    whiten_unbiased: bool = True
+    """Whitening divides by the unbiased variance (n - 1, verl and TRL); false: by n (OpenRLHF)."""
+    top_entropy_quantile: float = 1.0
+    """Keep the policy-gradient term of only this top fraction of tokens by entropy (TRL's top_entropy_quantile); 1: all."""
     vf_coef: float = 0.5
     """Weight of the value loss (ppo)."""
     value_clip: float | None = 0.2
@@ -169,7 +179,14 @@ class AlgoConfig(Section):
             raise ConfigError(f"algo.advantage=gae needs the critic of algo.name=ppo, got algo.name={self.name}")
         self.require_choice("agg", AGG_MODES)
         self.require_choice("kl_place", KL_PLACES)
-        self.require_choice("kl_estimator", KL_ESTIMATORS)
+        self.require_choice("kl_estimator", KL_LOSS_ESTIMATORS if self.kl_place == "loss" else KL_ESTIMATORS)
+        if self.kl_clamp is not None:
+            self.require(self.kl_clamp > 0, "kl_clamp", "must be > 0")
+        self.require(0 < self.top_entropy_quantile <= 1, "top_entropy_quantile", "must be in (0, 1]")
+        if self.max_response_length is not None:
+            self.require(self.max_response_length >= 1, "max_response_length", "must be >= 1")
+            self.require(self.agg == "seq-mean-token-sum-norm", "max_response_length",
+                         f"applies to agg=seq-mean-token-sum-norm only (agg is {self.agg})")
         self.require_choice("group_mode", GROUP_MODES)
         self.require_choice("baseline", BASELINES)
         for name in ("epochs", "mini_batch_size", "micro_batch_size", "kl_horizon"):
@@ -303,7 +320,7 @@ class RLConfig(RunConfig):
             )
         if algo.name == "grpo" and rollout.group_size < 2:
             raise ConfigError(f"algo.name=grpo needs rollout.group_size >= 2, got {rollout.group_size}")
-        if algo.estimator in ("grpo", "rloo") and rollout.group_size < 2:
+        if algo.estimator in ("grpo", "rloo", "grpo_passk") and rollout.group_size < 2:
             if algo.advantage is not None:
                 chosen = f"algo.advantage={algo.advantage}"
             else:

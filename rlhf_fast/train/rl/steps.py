@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import rlhf_fast
-from rlhf_fast.ops.aggregate import loss_normalizer
+from rlhf_fast.ops.aggregate import global_loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
@@ -153,8 +153,10 @@ def _kl_in_reward(trainer) -> float:
     return trainer.kl_ctl.value if trainer.config.algo.kl_place == "reward" else 0.0
 
 
-def _sequence_kl(exp: Experience, estimator: str) -> torch.Tensor:
+def _sequence_kl(exp: Experience, estimator: str, clamp: float | None) -> torch.Tensor:
     kl = rlhf_fast.kl_penalty(exp.old_logp, exp.ref_logp, estimator=estimator)
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
     return torch.where(exp.mask, kl, 0.0).sum(-1)
 
 
@@ -176,7 +178,7 @@ def gae_advantage(trainer, exp: Experience):
     out = rlhf_fast.ppo_advantages(
         exp.old_logp, exp.ref_logp, exp.scores, exp.values, exp.mask,
         beta=_kl_in_reward(trainer), estimator=algo.kl_estimator, gamma=algo.gamma, lam=algo.lam,
-        whiten=algo.whiten, backend=trainer.config.train.backend,
+        whiten=algo.whiten, kl_clamp=algo.kl_clamp, unbiased=algo.whiten_unbiased, backend=trainer.config.train.backend,
     )  # fmt: skip
     return out.advantages, out.returns
 
@@ -185,7 +187,8 @@ def _sequence_returns(trainer, exp: Experience) -> torch.Tensor:
     """Each sequence's score, minus beta * its KL when the KL is in the reward. [B]"""
     beta = _kl_in_reward(trainer)
     if beta:
-        return exp.scores - beta * _sequence_kl(exp, trainer.config.algo.kl_estimator)
+        algo = trainer.config.algo
+        return exp.scores - beta * _sequence_kl(exp, algo.kl_estimator, algo.kl_clamp)
     return exp.scores
 
 
@@ -212,6 +215,57 @@ def reinforce_advantage(trainer, exp: Experience):
     return returns, None
 
 
+@register_advantage("reinforce_plus_plus")
+def reinforce_plus_plus_advantage(trainer, exp: Experience):
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262): per-token rewards -beta * KL plus the score at the
+    last token, their discounted returns G_t (GAE with no critic and lambda 1, one fused scan), whitened
+    over the batch's tokens. [B, T]"""
+    algo = trainer.config.algo
+    out = rlhf_fast.ppo_advantages(
+        exp.old_logp, exp.ref_logp, exp.scores, torch.zeros_like(exp.old_logp), exp.mask,
+        beta=_kl_in_reward(trainer), estimator=algo.kl_estimator, gamma=algo.gamma, lam=1.0, whiten=True,
+        kl_clamp=algo.kl_clamp, unbiased=algo.whiten_unbiased, backend=trainer.config.train.backend,
+    )  # fmt: skip
+    return out.advantages, None
+
+
+@register_advantage("reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline_advantage(trainer, exp: Experience):
+    """REINFORCE++-baseline: the return minus its group's mean, broadcast over the response and
+    whitened over the batch's tokens (verl's form). [B, T]"""
+    algo, backend = trainer.config.algo, trainer.config.train.backend
+    centred = rlhf_fast.group_advantages(_sequence_returns(trainer, exp), trainer.config.rollout.group_size,
+                                         mode="drgrpo", backend=backend)  # fmt: skip
+    per_token = centred.unsqueeze(-1).expand(exp.mask.shape).contiguous()
+    return rlhf_fast.whiten(per_token, exp.mask, unbiased=algo.whiten_unbiased, backend=backend), None
+
+
+@register_advantage("grpo_passk")
+def grpo_passk_advantage(trainer, exp: Experience):
+    """GRPO pass@k (arXiv:2503.19595): each group's best response gets its margin over the second,
+    over the group's std; the others 0 (rlhf_fast.group_advantages mode passk). [B]"""
+    returns = _sequence_returns(trainer, exp)
+    return rlhf_fast.group_advantages(returns, trainer.config.rollout.group_size, mode="passk"), None
+
+
+@register_advantage("opo")
+def opo_advantage(trainer, exp: Experience):
+    """OPO (arXiv:2505.23585): the return minus its group's response-length-weighted mean. [B]"""
+    returns = _sequence_returns(trainer, exp)
+    return rlhf_fast.group_advantages(returns, trainer.config.rollout.group_size, mode="opo",
+                                      lengths=exp.mask.sum(-1)), None  # fmt: skip
+
+
+@register_advantage("gpg")
+def gpg_advantage(trainer, exp: Experience):
+    """GPG (arXiv:2504.02546): the group-centred return times B / (responses with a nonzero return),
+    which restores the gradient's scale when most groups score 0 (verl's compute_gpg_outcome_advantage). [B]"""
+    returns = _sequence_returns(trainer, exp)
+    centred = rlhf_fast.group_advantages(returns, trainer.config.rollout.group_size, mode="drgrpo",
+                                         backend=trainer.config.train.backend)  # fmt: skip
+    return centred * (returns.numel() / torch.count_nonzero(returns).clamp(min=1)), None
+
+
 
 
 # --------------------------------------------------------------------------------------- loss
@@ -225,7 +279,11 @@ def policy_loss_options(trainer) -> PolicyLossOptions:
         clip_eps_high=None if algo.name == "reinforce" else algo.clip_eps_high,
         kl_coef=trainer.kl_ctl.value if kl_in_loss else 0.0,
         kl_estimator=algo.kl_estimator,
+        kl_clamp=algo.kl_clamp,
+        kl_is_correction=algo.kl_is_correction,
         agg=algo.agg,
+        max_response_length=algo.max_response_length,
+        top_entropy_quantile=algo.top_entropy_quantile,
         **trainer.config.rollout_correction.options(),
     )
 
@@ -291,8 +349,9 @@ def update_step(trainer, exp: Experience) -> dict[str, torch.Tensor]:
         order = torch.randperm(B, device="cpu").to(exp.mask.device)
         for start in range(0, B, mb):
             parts = [exp.select(order[start + i : start + i + micro]) for i in range(0, mb, micro)]
-            normalizer = sum(loss_normalizer(p.mask, algo.agg) for p in parts)
-            normalizer = dist.all_reduce_sum(normalizer.reshape(1).clone()).reshape(()).clamp(min=1.0)
+            # The whole minibatch's, over micro-batches and ranks (token-sum's is 1, not a sum).
+            normalizer = global_loss_normalizer([p.mask for p in parts], algo.agg,
+                                                max_response_length=algo.max_response_length)  # fmt: skip
             for part in parts:
                 with autocast():
                     loss, stats = trainer.loss_fn(trainer, part, normalizer)
