@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 from .config import ConfigError, RMConfig, SFTConfig, TaskConfig, iter_fields, load_config
 
@@ -74,11 +75,31 @@ def run_trainer(args: argparse.Namespace, config_class: type, make_trainer, step
     from . import dist
 
     with training_session():
-        trainer = make_trainer(config)
-        metrics = trainer.train()
+        try:
+            trainer = make_trainer(config)
+            metrics = trainer.train()
+        except KeyboardInterrupt:
+            raise Interrupted(_resume_hint(Path(config.out_dir))) from None
         if steps_done(trainer) == config.train.steps and dist.is_main():
             report(trainer, metrics)
     return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a training command; the message says where the run can be resumed from."""
+
+
+def _resume_hint(out_dir: Path) -> str:
+    """Where an interrupted run stands: its newest checkpoint and the option that continues from it.
+    Every file of a run is written aside and renamed (checkpoint.write_atomically), so a write cut
+    short leaves only a temporary file, which the next start removes."""
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(out_dir / "checkpoints")
+    if not found:
+        return f"interrupted before the first checkpoint; nothing to resume in {out_dir} (train.save_every sets how often one is written)"
+    step, path = found[-1]
+    return f"interrupted; the last checkpoint is {path} (step {step}): run the same command with --resume to continue from it"
 
 
 def run_sft(args: argparse.Namespace) -> int:
@@ -120,7 +141,8 @@ def run_demo_data(args: argparse.Namespace) -> int:
 EPILOG = """Without data paths, the built-in synthetic task is used (no download): a word-level tokenizer,
 prompts "write N words about TOPIC :" and a hidden gold score (see rlhf_fast.train.task).
 A fresh run needs an empty --out_dir (or --overwrite); --resume continues the run there.
-Exit status 2 and a one-line message for configuration, data and output-directory errors."""
+Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors;
+Ctrl-C exits 130 naming the last checkpoint, from which --resume continues."""
 
 
 def add_commands(commands) -> None:
@@ -164,9 +186,19 @@ def run(args: argparse.Namespace) -> int:
     """Run a training command; configuration, data, file and checkpoint errors exit with status 2 and one line."""
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .run import OutDirError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DataError, CheckpointError, OutDirError, FileNotFoundError, FileExistsError) as exc:
         print(f"rlhf-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # a file of the run that cannot be written (or read) midway
+        print(f"rlhf-fast {args.command}: error: {exc.filename}: {exc.strerror}; check its permissions or choose another --out_dir", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"rlhf-fast {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"rlhf-fast {args.command}: interrupted", file=sys.stderr)
+        return 130

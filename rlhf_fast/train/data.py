@@ -45,11 +45,18 @@ def read_jsonl(path: str | Path, key: str = "data.train_path") -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"{key}={str(path)!r}: no such file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, so that a line that is not UTF-8 is named (text mode raises mid-file)
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                    "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -8,6 +8,7 @@ import json
 import random
 import re
 import shutil
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,10 @@ RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "metrics.png", "summ
 # What a write killed midway leaves beside one of them: ".<name>.tmp<random>" (checkpoint.write_atomically),
 # "<dir>.tmp", "<dir>.tmp<pid>" or "<dir>.old<pid>" (the renames of the model directories).
 LEFTOVER_RE = re.compile(r"^\.?(?P<target>.+?)\.(?:tmp\w*|old\d+)$")
+
+
+class OutDirError(ValueError):
+    """out_dir cannot be created or written to; the message names it."""
 
 
 def seed_everything(seed: int) -> None:
@@ -89,11 +94,24 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Non
         _check_overwrite(out_dir, found, overwrite)
     dist.barrier()  # every rank has looked before rank 0 deletes anything
     if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        _require_writable(out_dir)
         for name in found if overwrite and not resume else filter(_leftover, found):
             _remove(out_dir / name)
         checkpoint.remove_temporaries(out_dir / "checkpoints")
     dist.barrier()
+
+
+def _require_writable(out_dir: Path) -> None:
+    """Create out_dir and write a file in it, so that a directory the run cannot write to is refused
+    before training (OutDirError) rather than at its first checkpoint, with a traceback."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != out_dir else ""
+        raise OutDirError(f"out_dir {out_dir} cannot be written: {reason}{where}; choose a writable --out_dir") from None
 
 
 def _check_overwrite(out_dir: Path, found: list[str], overwrite: bool) -> None:

@@ -39,7 +39,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 RL_EPILOG = """Algorithms: ppo (critic, GAE, KL penalty in the reward, fixed or adaptive beta), grpo (G samples per
 prompt, group advantages, KL as a loss term), reinforce (Monte Carlo policy gradient, optional baseline).
 Rewards: a reward model (--reward.model_path) and/or the built-in task's gold score (--reward.gold true).
-Exit status 2 and a one-line message for configuration and data errors."""
+Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors;
+Ctrl-C exits 130 naming the last checkpoint, from which --resume continues."""
 
 
 def add_rl_commands(commands) -> None:

@@ -106,6 +106,34 @@ def import_reward_fn(path: str) -> RewardFn:
     return fn
 
 
+class RewardFnError(ConfigError):
+    """The reward function (reward.fn, or reward_fn=) raised, or returned something other than one number per response."""
+
+
+def checked_reward_fn(fn: RewardFn, name: str) -> RewardFn:
+    """``fn`` whose failures and results that are not B numbers raise RewardFnError naming ``name``
+    (its reward.fn, or the function) and the fix, rather than an error deep in the score step."""
+
+    def call(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        B = len(responses)
+        try:
+            out = fn(prompts, responses)
+        except Exception as exc:
+            raise RewardFnError(f"{name} raised {type(exc).__name__}: {exc} (called with {B} prompts and responses); fix the function") from exc
+        try:
+            scores = torch.as_tensor(out, dtype=torch.float32) if not isinstance(out, (str, bytes)) else None
+        except (TypeError, ValueError, RuntimeError):
+            scores = None
+        if scores is None:
+            kind = type(out).__name__ if not isinstance(out, (list, tuple)) or not out else f"{type(out).__name__} of {type(out[0]).__name__}"
+            raise RewardFnError(f"{name} returned a {kind}; it must return {B} numbers, one per response (a list of floats or a [{B}] tensor)")
+        if scores.shape != (B,):
+            raise RewardFnError(f"{name} returned {tuple(scores.shape)} scores for {B} responses; it must return one number per response")
+        return scores
+
+    return call
+
+
 @torch.no_grad()
 def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_cfg, *, rm_score_fn=None,
                     gold_fn=None, batch_size: int = 128, seed: int = 0, backend: str = "auto") -> dict[str, float]:
@@ -204,6 +232,9 @@ class RLTrainer(checkpoint.CheckpointedRun):
             reward_fn = import_reward_fn(config.reward.fn)
         if config.reward.gold and reward_fn is None:
             reward_fn = task_gold
+        if reward_fn is not None:
+            name = f"reward.fn={config.reward.fn!r}" if config.reward.fn else f"reward_fn {getattr(reward_fn, '__qualname__', reward_fn)!r}"
+            reward_fn = checked_reward_fn(reward_fn, name)
         self.reward_fn = reward_fn
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
