@@ -244,6 +244,46 @@ def test_peer_parity_options_train_through_the_config(tmp_path):
             tiny(tmp_path / "bad", **bad)
 
 
+def test_dapo_sampling_options(tmp_path):
+    """Soft overlong punishment shifts the scores by verl's formula; dynamic sampling keeps only
+    groups with a spread of scores (more rounds, or the dropped groups to fill the batch); overlong
+    filtering masks the truncated responses out of the loss after they are scored."""
+    from rlhf_fast.train.rl.steps import sample_step, truncated_responses
+
+    overrides = {**ALGOS["grpo"], "rollout.max_new_tokens": 6, "rollout.dynamic_sampling": True,
+                 "rollout.max_sampling_rounds": 3, "rollout.overlong_filter": True}  # fmt: skip
+    trainer = RLTrainer(tiny(tmp_path, **overrides))
+    calls = []
+
+    def score_fn(trainer, rollout):
+        calls.append(len(rollout))
+        scores = torch.arange(len(rollout), dtype=torch.float32)
+        scores[:4] = 1.0  # the first group of each round has no spread
+        return scores, {}
+
+    trainer.score_fn = score_fn
+    torch.manual_seed(0)
+    rollout, scores, stats = sample_step(trainer)
+    assert len(rollout) == len(scores) == 8 and calls == [8, 8]  # one round keeps 4 of 8 rows: a second one
+    assert stats["sampling_rounds"] == 2 and stats["kept_groups_frac"] == 0.5
+    assert torch.equal(scores.view(-1, 4).std(-1) > 0, torch.tensor([True, True]))
+    truncated = rollout.response_mask.sum(-1) == 0
+    assert stats["overlong_frac"] == truncated.float().mean()
+    assert not truncated_responses(trainer, rollout).any()  # masked now: nothing left to cut
+
+    plain = RLTrainer(tiny(tmp_path / "plain", **{**ALGOS["grpo"], "rollout.overlong_buffer_len": 3,
+                                                   "rollout.overlong_penalty_factor": 0.5}))  # fmt: skip
+    plain.score_fn = lambda trainer, rollout: (torch.zeros(len(rollout)), {})
+    rollout, scores, stats = sample_step(plain)
+    length = rollout.response_mask.sum(-1).float()
+    want = torch.clamp(-(length - (6 - 3)) / 3 * 0.5, max=0.0)  # verl: min(-exceed / len * factor, 0)
+    assert torch.allclose(scores, want) and stats["overlong_penalty"] == want.mean()
+    for bad, message in [({"rollout.dynamic_sampling": True}, "needs rollout.group_size >= 2"),
+                         ({"rollout.overlong_buffer_len": 6}, "rollout.overlong_buffer_len")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            tiny(tmp_path / "bad", **bad)
+
+
 def test_reward_fn_and_advantage_fn_replace_the_steps(tmp_path):
     seen = {}
 

@@ -43,6 +43,16 @@ class RolloutConfig(Section):
     """Nucleus sampling mass (1: off). Below 1 the sampler and the trained policy differ: see logp_mismatch."""
     max_prompt_length: int = 32
     """Prompts longer than this many tokens keep their end (and BOS)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (verl's filter_groups): drop the groups whose scores are all equal (no gradient under a group baseline) and sample more prompts until batch_size sequences are kept; needs group_size >= 2."""
+    max_sampling_rounds: int = 4
+    """Dynamic sampling: most rounds of sampling per step; a batch still short after them is filled with dropped groups (whose group-baseline advantages are 0)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: responses cut at max_new_tokens without an EOS take no part in the loss (they are still scored)."""
+    overlong_buffer_len: int = 0
+    """DAPO's soft overlong punishment: a response longer than max_new_tokens - overlong_buffer_len loses overlong_penalty_factor times its excess over the buffer's length from its score (verl's overlong_buffer.len); 0: off."""
+    overlong_penalty_factor: float = 1.0
+    """Soft overlong punishment: the penalty at max_new_tokens (verl's overlong_buffer.penalty_factor)."""
 
     def validate(self) -> None:
         self.require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -57,6 +67,12 @@ class RolloutConfig(Section):
         self.require(self.temperature >= MIN_TEMPERATURE, "temperature", f"must be >= {MIN_TEMPERATURE:g} (the ops' bound)")
         self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self.require(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+        self.require(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
+        if self.dynamic_sampling:
+            self.require(self.group_size >= 2, "dynamic_sampling", "filters groups: it needs rollout.group_size >= 2")
+        self.require(0 <= self.overlong_buffer_len < self.max_new_tokens, "overlong_buffer_len",
+                     f"must be in [0, max_new_tokens={self.max_new_tokens})")
+        self.require(self.overlong_penalty_factor >= 0, "overlong_penalty_factor", "must be >= 0")
 
     @property
     def prompts_per_step(self) -> int:

@@ -59,6 +59,23 @@ class Rollout:
         )  # fmt: skip
 
 
+def cat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of the rows of ``rollouts`` in order: prompts left-padded to the widest P,
+    responses right-padded to the widest R (masked: no loss, no attention)."""
+    P, R = max(r.prompt_len for r in rollouts), max(r.response_mask.shape[1] for r in rollouts)
+    parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": [], "response_mask": [], "sample_logp": []}
+    for r in rollouts:
+        left, right = P - r.prompt_len, R - r.response_mask.shape[1]
+        parts["input_ids"].append(torch.nn.functional.pad(r.input_ids, (left, right), value=pad_id))
+        parts["attention_mask"].append(torch.nn.functional.pad(r.attention_mask, (left, right), value=0))
+        parts["response_mask"].append(torch.nn.functional.pad(r.response_mask, (0, right), value=False))
+        parts["sample_logp"].append(torch.nn.functional.pad(r.sample_logp, (0, right), value=0.0))
+    return Rollout(
+        prompts=[p for r in rollouts for p in r.prompts], responses=[s for r in rollouts for s in r.responses],
+        prompt_len=P, **{name: torch.cat(tensors) for name, tensors in parts.items()},
+    )  # fmt: skip
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting real tokens only (as ``generate`` does for left-padded prompts)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -2,6 +2,7 @@
 
     rollout_step(trainer, prompts)            -> Rollout                 sample responses
     score_step(trainer, rollout)              -> (scores [B], stats)     reward model and/or reward_fn
+    sample_step(trainer)                      -> (rollout, scores, stats) the two above with DAPO's shaping
     make_experience(trainer, rollout, scores) -> Experience              old/ref log-probs, values
     advantage_fn(trainer, exp)                -> (advantages, returns)   ADVANTAGE_ESTIMATORS[algo.advantage]
     loss_fn(trainer, micro, normalizer)       -> (loss, stats)           policy (+ value) loss of one micro-batch
@@ -23,7 +24,7 @@ from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
 from ..loop import optimizer_step
-from .rollout import Rollout, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
+from .rollout import Rollout, cat_rollouts, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
 
 
 @dataclass
@@ -146,6 +147,62 @@ def make_experience(trainer, rollout: Rollout, scores: torch.Tensor) -> tuple[Ex
         "kl_token": kl.sum() / n,
     }
     return Experience(rollout, scores, old_logp, ref_logp, values), stats
+
+
+# ------------------------------------------------------------------------------- DAPO's sampling
+def sample_step(trainer) -> tuple[Rollout, torch.Tensor, dict[str, torch.Tensor]]:
+    """``rollout_fn`` then ``score_fn`` on the next prompts, with the rollout options of DAPO
+    (Yu et al. 2025, arXiv:2503.14476): the soft overlong punishment added to the scores, dynamic
+    sampling (groups with a spread of scores only, more rounds until the batch is full) and
+    overlong filtering (truncated responses masked out of the loss, after scoring)."""
+    cfg = trainer.config.rollout
+    kept, dropped, stats, rounds = [], [], [], 0
+    while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        rounds += 1
+        rollout = trainer.rollout_fn(trainer, trainer.next_prompts())
+        scores, score_stats = trainer.score_fn(trainer, rollout)
+        scores, shaped = overlong_punishment(trainer, rollout, scores)
+        stats.append(score_stats | shaped)
+        if not cfg.dynamic_sampling:
+            kept.append((rollout, scores))
+            break
+        spread = scores.view(-1, cfg.group_size).std(dim=-1) > 0
+        rows = spread.repeat_interleave(cfg.group_size)
+        kept.append((rollout.select(rows.nonzero().flatten()), scores[rows]))
+        dropped.append((rollout.select((~rows).nonzero().flatten()), scores[~rows]))
+        if sum(len(r) for r, _ in kept) >= cfg.batch_size:
+            break
+    parts = [(r, s) for r, s in kept + dropped if len(r)]
+    pad = trainer.tokenizer.pad_token_id if trainer.tokenizer.pad_token_id is not None else trainer.tokenizer.eos_token_id
+    rollout = cat_rollouts([r for r, _ in parts], pad).select(torch.arange(cfg.batch_size))
+    scores = torch.cat([s for _, s in parts])[: cfg.batch_size]
+    summary = {key: torch.stack([torch.as_tensor(s[key]).float() for s in stats]).mean() for key in stats[0]}
+    if cfg.dynamic_sampling:
+        summary["sampling_rounds"] = torch.tensor(float(rounds))
+        summary["kept_groups_frac"] = torch.tensor(sum(len(r) for r, _ in kept) / (rounds * cfg.batch_size))
+    if cfg.overlong_filter:
+        truncated = truncated_responses(trainer, rollout)
+        rollout.response_mask = rollout.response_mask & ~truncated.unsqueeze(-1)
+        summary["overlong_frac"] = truncated.float().mean()
+    return rollout, scores, summary
+
+
+def truncated_responses(trainer, rollout: Rollout) -> torch.Tensor:
+    """[B] bool: responses cut at max_new_tokens before their EOS."""
+    full = rollout.response_mask.sum(-1) == trainer.config.rollout.max_new_tokens
+    # A full-length row has no right padding (R <= max_new_tokens), so its last column is its last token.
+    return full & (rollout.input_ids[:, -1] != trainer.tokenizer.eos_token_id)
+
+
+def overlong_punishment(trainer, rollout: Rollout, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DAPO's soft overlong punishment, as verl's DAPO reward manager adds it: a response longer than
+    L - buffer (L = max_new_tokens) loses factor * (length - (L - buffer)) / buffer, EOS counted."""
+    cfg = trainer.config.rollout
+    if not cfg.overlong_buffer_len:
+        return scores, {}
+    excess = rollout.response_mask.sum(-1) - (cfg.max_new_tokens - cfg.overlong_buffer_len)
+    penalty = (-excess / cfg.overlong_buffer_len * cfg.overlong_penalty_factor).clamp(max=0.0).to(scores.dtype)
+    return scores + penalty, {"overlong_penalty": penalty.mean()}
 
 
 # --------------------------------------------------------------------------------------- advantages

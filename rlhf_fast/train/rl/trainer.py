@@ -45,7 +45,7 @@ from ..models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_s
 from ..reward_model import RewardModel
 from .config import RLConfig
 from .rollout import generate, sequence_logprobs
-from .steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, score_step, update_step
+from .steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, sample_step, score_step, update_step
 from ..run import plot_run, save_policy, save_summary, seed_everything, start_run
 from ..task import SyntheticTask
 
@@ -370,9 +370,8 @@ class RLTrainer(checkpoint.CheckpointedRun):
     def train_step(self) -> dict[str, float]:
         """rollout -> score -> experience (log-probs, values) -> advantages -> update; returns the metrics."""
         t0 = time.perf_counter()
-        rollout = self.rollout_fn(self, self.next_prompts())
+        rollout, scores, score_stats = sample_step(self)  # rollout_fn and score_fn, with DAPO's options
         t1 = time.perf_counter()
-        scores, score_stats = self.score_fn(self, rollout)
         exp, exp_stats = make_experience(self, rollout, scores)
         exp.advantages, exp.returns = self.advantage_fn(self, exp)
         t2 = time.perf_counter()
