@@ -249,9 +249,10 @@ class CheckpointedRun:
             hook(self, path)
         return path
 
-    def resume(self) -> Path | None:
+    def resume(self, check: Callable[[dict, Path], None] | None = None) -> Path | None:
         """Restore the newest loadable checkpoint (every process loads it). Metrics logged after its
-        step (by the interrupted run) are dropped: they will be redone.
+        step (by the interrupted run) are dropped: they will be redone. ``check(saved_config, path)``
+        runs first and may refuse it (``run.check_resume``: options that must not change).
 
         None when there is no checkpoint at all (the run starts at step 0, without the metrics of an
         attempt killed before its first checkpoint). Checkpoints that all fail to load are an error:
@@ -268,6 +269,8 @@ class CheckpointedRun:
             self.metrics.drop_after(0)
             return None
         path, payload = found
+        if check is not None:
+            check(payload.get("config", {}), path)
         self.load_state_dict(payload)
         self.step = int(payload["step"])
         self.saved_step = self.step

@@ -445,7 +445,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_examples"] != len(self.examples) or state["world_size"] != self.world_size:
-            raise ValueError(
+            raise DataError(
                 f"cannot resume the data position: the checkpoint was taken with {state['num_examples']} examples "
                 f"on {state['world_size']} process(es), this run has {len(self.examples)} on {self.world_size}"
             )

@@ -78,6 +78,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def apply_optim(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig) -> None:
+    """Give a restored optimizer (``build_optimizer``'s two groups) and schedule the options of ``cfg``:
+    a resumed run with new optimizer options keeps AdamW's moments and its step count, and continues
+    the schedule (``build_scheduler``'s, already built from ``cfg``) at that step with the new peak lr,
+    betas, eps and weight decay. Unchanged options give back exactly the restored values."""
+    decay, _ = optimizer.param_groups
+    decay["weight_decay"] = cfg.weight_decay
+    for group in optimizer.param_groups:
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, initial_lr=cfg.lr)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lrs = [cfg.lr * schedule(scheduler.last_epoch) for schedule in scheduler.lr_lambdas]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def clip_gradients(params, max_norm: float) -> float:
     """Clip the gradient norm of ``params`` (those with a gradient) to ``max_norm`` when it is > 0;
     returns the norm before clipping (0.0 when no parameter has a gradient)."""

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from . import checkpoint, dist
-from .config import to_dict
+from .config import ConfigError, to_dict
 from .data import BatchStream
-from .loop import Loop
+from .loop import Loop, apply_optim
 from .metrics import plot_metrics, read_metrics
 from .reward_model import replace_dir
 
@@ -73,14 +73,64 @@ def dataset_loop(config, model, train_examples, eval_examples, *, pad: int, coll
     )
 
 
+# What --resume does with an option whose value differs from the checkpoint's config:
+# - RESUME_FREE: how long, where and how the run goes on, what it logs: used as given.
+# - RESUME_APPLIED: optimizer options and the SFT/RM batch shape: used, with a note (loop.apply_optim
+#   rebuilds the schedule at the checkpoint's step with the new values).
+# - any other option (model, tokenizer, data, task, seed, reward, rollout, algorithm): refused, since
+#   the checkpoint's weights, data position, KL coefficient or schedule position would not fit it.
+RESUME_FREE = frozenset(
+    ("out_dir", "resume", "overwrite")
+    + tuple(f"train.{k}" for k in ("steps", "stop_after", "eval_every", "eval_batch_size", "eval_prompts", "log_every",
+                                    "save_every", "keep_checkpoints", "progress", "device", "precision", "backend"))
+)  # fmt: skip
+RESUME_APPLIED = frozenset(("train.batch_size", "train.grad_accum"))
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(current: dict, saved: dict, path: Path) -> list[str]:
+    """The options of ``current`` (a config as a dict) that differ from those ``saved`` in the checkpoint
+    at ``path`` and are applied (see RESUME_FREE); ConfigError naming both values when one may not change.
+    Options only one of the two configs knows (a newer or older rlhf_fast) are not compared."""
+    new, old = _flatten(current), _flatten(saved)
+    changed = [k for k in new if k in old and new[k] != old[k] and k not in RESUME_FREE]
+    refused = [k for k in changed if not (k.startswith("optim.") or k in RESUME_APPLIED)]
+    if refused:
+        what = ", ".join(f"{k} is {old[k]!r} there and {new[k]!r} now" for k in refused)
+        raise ConfigError(
+            f"--resume: {path} was trained with other options ({what}); a resumed run keeps "
+            f"its model, data and algorithm: give the checkpoint's values (its config.yaml), or start a new run "
+            f"(another out_dir, or --overwrite)"
+        )
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed]
+
+
 def start_run(config, run: checkpoint.CheckpointedRun) -> None:
     """Before training: an output directory that is new, resumed or overwritten on purpose, the run
-    (a ``Loop`` or the ``RLTrainer``) resumed from its newest checkpoint when asked, and the resolved
-    configuration saved."""
+    (a ``Loop`` or the ``RLTrainer``) resumed from its newest checkpoint when asked (``check_resume``:
+    changed optimizer options are applied, changed model, data or algorithm options refused), and
+    the configuration that runs saved as config.yaml."""
     out_dir = Path(config.out_dir)
     prepare_out_dir(out_dir, config.resume, config.overwrite)
-    if config.resume and run.resume() is None and dist.is_main():
-        print(f"note: --resume found no checkpoint in {out_dir}; starting from step 0")
+    if config.resume:
+        notes: list[str] = []
+        path = run.resume(check=lambda saved, path: notes.extend(check_resume(to_dict(config), saved, path)))
+        if path is None and dist.is_main():
+            print(f"note: --resume found no checkpoint in {out_dir}; starting from step 0")
+        if path is not None:
+            apply_optim(run.optimizer, run.scheduler, config.optim)
+            if notes and dist.is_main():
+                print(f"note: --resume from step {run.step} with changed options: {', '.join(notes)} "
+                      "(the optimizer's moments are kept; the learning-rate schedule continues at this step with the new values)")
     save_config(config, out_dir)
 
 
