@@ -34,6 +34,7 @@ _EXPORTS = {
     "load_config": "config",
     "DataError": "data",
     "TruncationWarning": "data",
+    "UnknownTokenWarning": "data",
     "Hooks": "loop",
     "Loop": "loop",
     "load_policy": "models",

@@ -207,9 +207,13 @@ class DataConfig(Section):
     """What to do with an over-long example: truncate, skip or error (see above)."""
     append_eos: bool = True
     """End each plain-text response with the tokenizer's EOS token (the chat form relies on its template)."""
+    max_unknown_fraction: float = 0.01
+    """Warn when more than this share of a file's tokens are the tokenizer's unknown token (its
+    vocabulary does not cover the text; the model would learn to write <unk>)."""
 
     def validate(self) -> None:
         self.require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        self.require(0.0 <= self.max_unknown_fraction <= 1.0, "max_unknown_fraction", "must be in [0, 1]")
         self.require(self.max_length >= 2, "max_length", "must be >= 2")
         if self.max_prompt_length is not None:
             self.require(

@@ -36,6 +36,10 @@ class TruncationWarning(UserWarning):
     """Some examples were longer than data.max_length and were cut (or skipped)."""
 
 
+class UnknownTokenWarning(UserWarning):
+    """More than data.max_unknown_fraction of a file's tokens are the tokenizer's unknown token."""
+
+
 Record = tuple[str, dict]  # (where: "file:line", the parsed JSON object)
 
 
@@ -110,18 +114,28 @@ def _require_chat_template(where: str, tokenizer, name: str) -> None:
 
 @dataclass
 class _Lengths:
-    """Applies data.max_length / max_prompt_length / truncation and counts what it changed."""
+    """Applies data.max_length / max_prompt_length / truncation and counts what it changed; counts the
+    unknown tokens of the file too (``report`` warns about both)."""
 
     cfg: DataConfig
     bos_id: int | None
     source: str
+    unk_id: int | None = None
     total: int = 0
     changed: int = 0
     first: str = ""
+    tokens: int = 0
+    unknown: int = 0
+    first_unknown: str = ""
 
     def fit(self, where: str, prompt: list[int], responses: list[list[int]]):
         """(prompt, responses) within max_length, or None to skip; the prompt is shared by all responses."""
         self.total += 1
+        if self.unk_id is not None:
+            unknown = sum(ids.count(self.unk_id) for ids in (prompt, *responses))
+            self.tokens += len(prompt) + sum(len(r) for r in responses)
+            self.unknown += unknown
+            self.first_unknown = self.first_unknown or (where if unknown else "")
         max_length = self.cfg.max_length
         longest = max(len(r) for r in responses)
         if len(prompt) + longest <= max_length:
@@ -143,15 +157,31 @@ class _Lengths:
         return prompt, [r[:room] for r in responses]
 
     def report(self) -> None:
+        if self.tokens and self.unknown / self.tokens > self.cfg.max_unknown_fraction:
+            warnings.warn(
+                f"{self.source}: {self.unknown / self.tokens:.1%} of its {self.tokens} tokens are the tokenizer's unknown "
+                f"token (more than data.max_unknown_fraction={self.cfg.max_unknown_fraction}); first at {self.first_unknown}. "
+                "The tokenizer's vocabulary does not cover this text: use the model's own tokenizer (tokenizer.path) "
+                "or one trained on such text.",
+                UnknownTokenWarning,
+                stacklevel=3,
+            )
         if self.changed:
             action = "skipped" if self.cfg.truncation == "skip" else "truncated (prompt kept from its end, response cut)"
             warnings.warn(
-                f"{self.source}: {self.changed} of {self.total} examples are longer than data.max_length="
+                f"{self.source}: {self.changed} of {self.total} examples ({self.changed / self.total:.1%}) are longer than data.max_length="
                 f"{self.cfg.max_length} tokens and were {action}; first at {self.first}. "
                 "Set data.truncation=error to reject them, or raise data.max_length.",
                 TruncationWarning,
                 stacklevel=3,
             )
+
+
+def _unknown_id(tokenizer) -> int | None:
+    """The id of the tokenizer's unknown token, None when it has none or it doubles as a token that
+    text legitimately holds (GPT-2's <|endoftext|> is its unk, bos and eos)."""
+    unk = tokenizer.unk_token_id
+    return None if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) else unk
 
 
 def _encode(tokenizer, texts: list[str], *, special: bool) -> list[list[int]]:
@@ -224,7 +254,7 @@ def build_sft(records: list[Record], tokenizer, cfg: DataConfig, source: str) ->
     for (i, _, _), p, r in zip(chat, prompts, responses):
         encoded[i] = (p, r)
 
-    lengths = _Lengths(cfg, tokenizer.bos_token_id, source)
+    lengths = _Lengths(cfg, tokenizer.bos_token_id, source, _unknown_id(tokenizer))
     examples = []
     for (where, _), (prompt, response) in zip(records, encoded):
         if not response:
@@ -284,7 +314,7 @@ def build_preferences(records: list[Record], tokenizer, cfg: DataConfig, source:
         c, rj = (_with_eos(_strip_eos(x, tokenizer), tokenizer, cfg.append_eos) for x in (c, rj))
         encoded[i] = ([], c, rj)
 
-    lengths = _Lengths(cfg, tokenizer.bos_token_id, source)
+    lengths = _Lengths(cfg, tokenizer.bos_token_id, source, _unknown_id(tokenizer))
     examples = []
     for (where, _, _, _, margin, gold), (prompt, c, rj) in zip(rows, encoded):
         if not c or not rj:
