@@ -31,8 +31,6 @@ def load_tokenizer(tokenizer: TokenizerConfig, model: ModelConfig):
 
     A tokenizer without a pad token pads with its EOS token (padding is masked, never learned).
     """
-    from transformers import AutoTokenizer
-
     from .task import build_tokenizer
 
     if tokenizer.path is not None:
@@ -43,12 +41,33 @@ def load_tokenizer(tokenizer: TokenizerConfig, model: ModelConfig):
         return build_tokenizer()
     directory = _require_dir(path, key)
     try:
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tok = read_tokenizer(directory)
     except Exception as exc:
         raise ConfigError(f"cannot load a tokenizer from {key}={path!r}: {type(exc).__name__}: {exc}") from exc
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# Classes that hold a whole tokenizer in tokenizer.json, with no model of their own (the built-in task's, a
+# user's own): AutoTokenizer, given a directory whose config.json names a model type (qwen2, llama), would
+# load that model's tokenizer class instead, which adds its own special tokens (one more id) and rules.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def read_tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory``, as the class it was saved as: a generic tokenizer.json one
+    loads as itself (same vocabulary, special tokens and template), any other through AutoTokenizer."""
+    import json
+
+    import transformers
+
+    directory = Path(directory)
+    config = directory / "tokenizer_config.json"
+    saved_class = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    if saved_class in GENERIC_TOKENIZER_CLASSES and (directory / "tokenizer.json").is_file():
+        return getattr(transformers, saved_class).from_pretrained(str(directory), local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
 def pad_id(tokenizer) -> int:
@@ -67,8 +86,9 @@ def check_vocab(tokenizer, model_vocab_size: int, *, where: str = "model") -> No
     if need > model_vocab_size:
         raise ConfigError(
             f"tokenizer/model vocabulary mismatch: the tokenizer produces ids up to {need - 1} "
-            f"({len(tokenizer)} tokens) but the {where} has an embedding of {model_vocab_size} rows; "
-            "use the model's own tokenizer (tokenizer.path) or a model built for this tokenizer"
+            f"({len(tokenizer)} tokens, {type(tokenizer).__name__}) but the {where} has an embedding of {model_vocab_size} rows: "
+            f"{need} ids against {model_vocab_size}. Pass tokenizer.path= the tokenizer the {where} was trained with "
+            "(a directory rlhf-fast wrote holds it, saved beside the weights), or build the model for this tokenizer"
         )
 
 

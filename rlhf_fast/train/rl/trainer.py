@@ -286,15 +286,13 @@ class RLTrainer(checkpoint.CheckpointedRun):
     # ------------------------------------------------------------------ construction helpers
     def _read_reward_model_dir(self, path: str):
         """A reward model written by `rlhf-fast rm`, and its tokenizer when the directory has one."""
-        from transformers import AutoTokenizer
-
-        from ..models import _require_dir
+        from ..models import _require_dir, read_tokenizer
 
         directory = _require_dir(path, "reward.model_path")
         rm = RewardModel.from_pretrained(directory, device=self.device)
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            tokenizer = read_tokenizer(directory)
         return rm, tokenizer
 
     def _check_reward_tokenizer(self) -> None:
