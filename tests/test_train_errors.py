@@ -40,7 +40,7 @@ def environment() -> dict[str, str]:
 
 
 def cli(*argv, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_fast", *argv], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rlhf_fast", *argv], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:

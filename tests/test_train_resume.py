@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from rlhf_fast.__main__ import main
+from rlhf_fast.train.config import ConfigError
 from rlhf_fast.train.loop import warmup_cosine
 from rlhf_fast.train.run import check_resume
-from rlhf_fast.train.config import ConfigError
 
 TINY = [
     "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size", "64",

@@ -12,7 +12,7 @@ from rlhf_fast.train.run import save_policy
 from rlhf_fast.train.task import build_tokenizer
 
 TEXT = "write 3 words about sea : wave fish zebra"
-SIZES = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+SIZES = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
