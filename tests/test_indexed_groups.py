@@ -13,14 +13,14 @@ from rlhf_fast.choices import GROUP_MODES, INDEXED_GROUP_MODES
 from numerics import rel_err
 
 
-def indexed_case(rows=23, groups=6, nan_rows=3, dtype=torch.int64):
+def indexed_case(groups=6, nan_rows=3, dtype=torch.int64):
     """Shuffled group ids with sizes from 1 up (group 0 is always a singleton), scores with ties
     and a few NaNs (one of them in a group of two, which leaves a group of one scorable row)."""
     sizes = torch.randint(1, 7, (groups,))
     sizes[0] = 1
     sizes[1] = 2
     ids = torch.repeat_interleave(torch.arange(groups), sizes)
-    ids = ids[torch.randperm(ids.numel())][:rows] if ids.numel() >= rows else ids[torch.randperm(ids.numel())]
+    ids = ids[torch.randperm(ids.numel())]
     index = (1000 * ids - 7).to(dtype)  # arbitrary values, negative ones included
     scores = torch.randn(index.numel()).round(decimals=1)  # rounding makes ties
     pair = (ids == 1).nonzero().flatten()
@@ -31,14 +31,38 @@ def indexed_case(rows=23, groups=6, nan_rows=3, dtype=torch.int64):
     return scores, index, lengths
 
 
+def grad_budget(scores, index, upstream, mode) -> torch.Tensor:
+    """Per row, the float32 error its gradient may carry: each group's terms are about
+    sum |upstream| (centring), over std where the mode divides by it (the std's derivative,
+    from deviations s - mean that lose digits as max |s| / std); pass@k divides by the gap
+    max - second max besides."""
+    eps32 = torch.finfo(torch.float32).eps
+    budget = torch.zeros_like(scores, dtype=torch.float64)
+    for key in index.unique():
+        rows = (index == key) & scores.isfinite()
+        s = scores[rows].double()
+        if s.numel() < 2:
+            continue
+        size = float(upstream[rows].abs().sum())
+        if mode in ("grpo", "passk"):  # the modes that divide by the std
+            std = float(s.std()) or 1.0
+            size *= (1 + float(s.abs().max()) / std) / std
+        if mode == "passk":
+            top = s.topk(2).values
+            size *= max(1.0, std / float(top[0] - top[1]))
+        budget[rows] = 16 * eps32 * size
+    return budget
+
+
 @pytest.mark.parametrize("mode", INDEXED_GROUP_MODES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_matches_reference(mode, index_dtype):
     scores, index, lengths = indexed_case(dtype=index_dtype)
     if mode == "passk":
         # max and second max of tied scores have many subgradients (torch picks differently in
-        # a scatter and in .max()); ties in value are test_pass_at_k_rewards_the_first_best_row_only's.
-        scores = scores + 1e-3 * torch.randn_like(scores)
+        # a scatter and in .max()): untied scores here; ties in value are
+        # test_pass_at_k_rewards_the_first_best_row_only's.
+        scores = torch.where(scores.isnan(), scores, torch.randn_like(scores))
     opo_lengths = lengths if mode == "opo" else None
     x = scores.clone().requires_grad_(True)
     got = rlhf_fast.group_advantages(x, index=index, mode=mode, lengths=opo_lengths)
@@ -53,7 +77,9 @@ def test_matches_reference(mode, index_dtype):
     # torch's std has no derivative at 0 (NaN in the float64 reference): groups of equal scores
     # are compared in value only.
     defined = torch.isfinite(y.grad)
-    assert rel_err(x.grad[defined], y.grad[defined]) < 1e-5
+    error = (x.grad.double() - y.grad)[defined].abs()
+    allowed = (1e-6 * y.grad.abs() + grad_budget(scores, index, upstream, mode))[defined]
+    assert (error <= allowed).all(), (error - allowed).max()
     unscorable = scores.isnan()
     assert (got[unscorable] == 0).all() and (x.grad[unscorable] == 0).all()
 
