@@ -10,7 +10,7 @@ GROUP_MODES = ("grpo", "drgrpo", "rloo")
 INDEXED_GROUP_MODES = GROUP_MODES + ("passk", "opo")
 # The RL trainer's advantage estimators (train/rl/steps.ADVANTAGE_ESTIMATORS), chosen apart from the algorithm.
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce", "reinforce_plus_plus",
-                        "reinforce_plus_plus_baseline", "grpo_passk", "opo", "gpg")
+                        "reinforce_plus_plus_baseline", "grpo_passk", "opo", "gpg", "remax")
 ROLLOUT_IS_LEVELS = ("token", "sequence", "geometric")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 BACKENDS = ("triton", "cuda", "host", "torch")

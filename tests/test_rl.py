@@ -79,7 +79,8 @@ def test_advantage_estimator_is_chosen_apart_from_the_algorithm(tmp_path, name, 
     assert returns is None and torch.allclose(adv.double(), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["reinforce_plus_plus", "reinforce_plus_plus_baseline", "grpo_passk", "opo", "gpg"])
+@pytest.mark.parametrize("name", ["reinforce_plus_plus", "reinforce_plus_plus_baseline", "grpo_passk", "opo", "gpg",
+                                  "remax"])
 def test_verl_estimators_are_the_reference_formulas(tmp_path, name):
     """The estimators verl registers beside GRPO/RLOO, each against its formula on the reference ops."""
     overrides = {"algo.name": "grpo", "rollout.group_size": 2, "algo.advantage": name, "algo.kl_place": "reward",
@@ -105,6 +106,12 @@ def test_verl_estimators_are_the_reference_formulas(tmp_path, name):
     elif name == "reinforce_plus_plus_baseline":
         centred = reference.group_advantages(seq_returns, 2, mode="drgrpo")
         want = reference.whiten(centred[:, None].expand(mask.shape), mask, unbiased=False)
+    elif name == "remax":
+        rewards = torch.where(mask, -beta * kl, 0.0)
+        rewards[torch.arange(len(s)), reference.last_valid_index(mask)] += s
+        greedy = generate(trainer.policy, trainer.tokenizer, rollout.prompts[::2], trainer.config.rollout, greedy=True)
+        baseline = score_step(trainer, greedy)[0].double().repeat_interleave(2)
+        want = rewards.flip(-1).cumsum(-1).flip(-1) - baseline[:, None]  # verl compute_remax_outcome_advantage
     elif name == "gpg":
         want = reference.group_advantages(seq_returns, 2, mode="drgrpo") * len(s) / torch.count_nonzero(seq_returns)
     else:

@@ -313,6 +313,24 @@ def opo_advantage(trainer, exp: Experience):
                                       lengths=exp.mask.sum(-1)), None  # fmt: skip
 
 
+@register_advantage("remax")
+def remax_advantage(trainer, exp: Experience):
+    """ReMax (Li et al. 2023, arXiv:2310.10505), as verl computes it: the per-token returns (the
+    reward-to-go of -beta * KL plus the score at the last token) minus the score of the policy's
+    greedy response to the same prompt, generated and scored here, once per group. [B, T]"""
+    group_size = trainer.config.rollout.group_size
+    greedy = generate(trainer.policy, trainer.tokenizer, exp.rollout.prompts[::group_size], trainer.config.rollout,
+                      greedy=True)  # fmt: skip
+    with torch.no_grad():
+        baseline, _ = trainer.score_fn(trainer, greedy)
+    rewards = rlhf_fast.kl_penalized_rewards(exp.old_logp, exp.ref_logp, exp.scores, exp.mask, beta=_kl_in_reward(trainer),
+                                             estimator=trainer.config.algo.kl_estimator,
+                                             kl_clamp=trainer.config.algo.kl_clamp)  # fmt: skip
+    returns = rewards.flip(-1).cumsum(-1).flip(-1)
+    per_row = baseline.to(returns).repeat_interleave(group_size).unsqueeze(-1)
+    return torch.where(exp.mask, returns - per_row, 0.0), None
+
+
 @register_advantage("gpg")
 def gpg_advantage(trainer, exp: Experience):
     """GPG (arXiv:2504.02546): the group-centred return times B / (responses with a nonzero return),
