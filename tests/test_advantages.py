@@ -299,48 +299,8 @@ def test_ppo_advantages_matches_reference(backend, device, estimator, whiten, kl
 
 
 # ---------------------------------------------------------------------------------------------
-# the kernel-facing contract, registry and validation
+# registry and validation (the kernel-facing contract of every provider: tests/test_providers.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def test_triton_kernels_write_every_output():
-    """The kernels/ launch functions (what the triton provider delegates to) match the torch
-    provider, through the same Provider signatures, on outputs poisoned with NaN beforehand."""
-    pytest.importorskip("triton")
-    if not can_serve("triton", torch.device("cpu"), torch.float32):
-        pytest.skip("Triton cannot run on CPU here (TRITON_INTERPRET unset)")
-    from rlhf_fast.kernels import gae, group_advantages, rewards, whiten
-
-    torch_prov = provider("torch")
-    B, T = 3, 1030  # two chunks per row
-    mask = random_mask(B, T, "mixed")
-    logp, ref_logp, values, grad_a, grad_r = (poison(-torch.rand(B, T) * 3, mask) for _ in range(5))
-    scores = torch.randn(B)
-    cases = [
-        # (kernel, method name, inputs before the outputs, number of outputs, options after them)
-        (rewards.kl_rewards_forward, "kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, "k3")),
-        (gae.gae_forward, "gae_forward", (logp, values, mask), 2, (0.95, 0.9)),
-        (gae.gae_backward, "gae_backward", (grad_a, grad_r, mask), 2, (0.95, 0.9)),
-        (rewards.kl_rewards_forward, "kl_rewards_forward", (logp, ref_logp, scores, mask), 1, (0.1, "k1", 0.5)),
-        (gae.ppo_advantages_forward, "ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3,
-         (0.1, "k2", 1.0, 0.9, True)),
-        (gae.ppo_advantages_forward, "ppo_advantages_forward", (logp, ref_logp, scores, values, mask), 3,
-         (0.1, "k3", 1.0, 0.9, True, 0.5, False)),
-        (whiten.whiten_forward, "whiten_forward", (values, mask), 1, (False,)),
-        (whiten.whiten_forward, "whiten_forward", (values, mask), 1, (True, False)),
-    ]  # fmt: skip
-    for kernel, method, inputs, n_out, options in cases:
-        got, want = ([torch.full((B, T), math.nan) for _ in range(n_out)] for _ in range(2))
-        kernel(*inputs, *got, *options)
-        getattr(torch_prov, method)(*inputs, *want, *options)
-        for a, b in zip(got, want):
-            assert torch.isfinite(a).all() and rel_err(a, b) < TOL, f"{method}: {rel_err(a, b):.3g}"
-    scores = torch.randn(40 * 8)
-    for mode in ("grpo", "drgrpo", "rloo"):
-        got, want = torch.full_like(scores, math.nan), torch.full_like(scores, math.nan)
-        group_advantages.group_advantages_forward(scores, got, 8, mode, 1e-6)
-        torch_prov.group_advantages_forward(scores, want, 8, mode, 1e-6)
-        assert torch.isfinite(got).all() and rel_err(got, want) < TOL, mode
 
 
 def test_auto_falls_back_to_torch_and_explicit_says_why(monkeypatch):
