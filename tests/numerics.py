@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from rlhf_fast import reference
-from rlhf_fast.backends.cuda import CudaProvider
-from rlhf_fast.backends.host import HostProvider
 from rlhf_fast.backends.registry import BACKENDS, can_serve
 
 
@@ -245,22 +243,6 @@ def bt_case(rows, tokens, pattern="mixed"):
     rewards = poison(torch.randn(rows, tokens), mask)
     grads = tuple(poison(torch.randn(rows, tokens), mask) for _ in range(2))
     return mask, logp, ref_logp, torch.randn(rows) * 3, values, rewards, grads
-
-
-# The compiled extension's providers, for tests/test_extension_advantages.py until its contract
-# tests join tests/test_providers.py (new tests: ``backend_params`` and ``require``).
-PROVIDERS = {"host": (HostProvider(), "cpu"), "cuda": (CudaProvider(), "cuda")}
-
-
-def provider_on(name: str, dtype: torch.dtype):
-    """(provider, device) for a test, or skip with the provider's own reason."""
-    prov, device = PROVIDERS[name]
-    support = prov.available()
-    if support:
-        support = prov.supports(torch.device(device), dtype)
-    if not support:
-        pytest.skip(f"{name}: {support.reason}")
-    return prov, device
 
 
 def load_build_script():
