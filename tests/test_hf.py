@@ -51,6 +51,13 @@ def test_hidden_times_head_is_the_logits(family):
     assert rel_err(rlhf_fast.reference.linear_logits(hidden, weight, bias), logits) < 1e-12
 
 
+def parameter_grads(model, loss) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of ``loss`` (the model's gradients cleared first)."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_gradients_reach_the_model(family):
     """linear_sft_loss on the helper's outputs = the eager loss on model(...).logits, gradients of
@@ -59,15 +66,10 @@ def test_gradients_reach_the_model(family):
     input_ids, attention_mask = batch()
     labels = torch.where(attention_mask.bool(), input_ids, -100)[:, 1:]
 
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
     hidden, weight, bias = hidden_and_head(model, input_ids, attention_mask)
-    fused = grads(rlhf_fast.linear_sft_loss(hidden[:, :-1], weight, labels, bias=bias, chunk_size=5))
+    fused = parameter_grads(model, rlhf_fast.linear_sft_loss(hidden[:, :-1], weight, labels, bias=bias, chunk_size=5))
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    eager = grads(rlhf_fast.reference.sft_loss(logits[:, :-1], labels))
+    eager = parameter_grads(model, rlhf_fast.reference.sft_loss(logits[:, :-1], labels))
     assert fused.keys() == eager.keys()
     for name in eager:
         assert rel_err(fused[name], eager[name]) < 1e-10, name
@@ -135,16 +137,11 @@ def test_transformed_gradients_reach_the_model(family):
     input_ids, attention_mask = right_padded_batch()
     labels = torch.where(attention_mask.bool(), input_ids, -100)[:, 1:]
 
-    def grads(loss):
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
     hidden, weight, bias = hidden_and_head(model, input_ids, attention_mask)
-    fused = grads(rlhf_fast.linear_sft_loss(hidden[:, :-1], weight, labels, bias=bias, chunk_size=5,
+    fused = parameter_grads(model, rlhf_fast.linear_sft_loss(hidden[:, :-1], weight, labels, bias=bias, chunk_size=5,
                                             **head_options(model)))  # fmt: skip
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    eager = grads(rlhf_fast.reference.sft_loss(logits[:, :-1], labels))
+    eager = parameter_grads(model, rlhf_fast.reference.sft_loss(logits[:, :-1], labels))
     assert fused.keys() == eager.keys()
     for name in eager:
         assert rel_err(fused[name], eager[name]) < 1e-10, name

@@ -102,9 +102,8 @@ def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch
         stats["rm_score"] = rm.mean()
         total = total + cfg.model_coef * rm
     if trainer.reward_fn is not None:
-        fn = torch.as_tensor(trainer.reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32).to(device)
-        if fn.shape != total.shape:
-            raise ValueError(f"reward_fn returned {tuple(fn.shape)} scores for {len(rollout)} responses; expected one per response")
+        # trainer.reward_fn is checked_reward_fn's wrapper: one float32 number per response.
+        fn = trainer.reward_fn(rollout.prompts, rollout.responses).to(device)
         stats["fn_score"] = fn.mean()
         total = total + cfg.fn_coef * fn
     if cfg.clip is not None:
