@@ -115,6 +115,16 @@ def assert_close(actual: torch.Tensor, exact: torch.Tensor, what: str, *, floor:
     return err
 
 
+def assert_within_one_ulp(actual: torch.Tensor, other: torch.Tensor, what: str) -> None:
+    """Two 16-bit results that each round a float32 value once, from two computations that agree in
+    float32, part by at most one ulp of the larger where the values straddle a rounding boundary."""
+    a, b = actual.detach().cpu(), other.detach().cpu()
+    larger = torch.maximum(a.abs(), b.abs())
+    ulp = torch.nextafter(larger, torch.tensor(math.inf, dtype=larger.dtype)) - larger
+    apart = (a.double() - b.double()).abs() > ulp.double()
+    assert not apart.any(), f"{what}: {int(apart.sum())} elements more than one ulp apart"
+
+
 MASK_PATTERNS = ("right", "left", "holes", "mixed")
 
 

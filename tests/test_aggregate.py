@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import rlhf_fast
 from rlhf_fast import reference
 
-from numerics import random_mask, rel_err
+from numerics import random_mask, rel_err, tolerance
 
 
 def per_token_case(rows=6, tokens=9):
@@ -24,8 +24,9 @@ def test_token_sum_is_the_masked_sum():
     logp = torch.randn_like(loss) - 2
     got, _ = rlhf_fast.policy_loss(logp, logp.detach(), loss, mask, agg="token-sum", clip_eps=None)
     # REINFORCE at ratio 1: the per-token loss is -A.
-    want = -torch.where(mask, loss.double(), 0.0).sum()
-    assert rel_err(got, want) < 1e-6
+    terms = torch.where(mask, loss.double(), 0.0)
+    # Advantages of both signs can cancel to ~0; a float32 sum errs relative to the terms' sizes.
+    assert abs(got.item() + terms.sum().item()) <= tolerance(torch.float32) * terms.abs().sum().item()
 
 
 @pytest.mark.parametrize("length", [None, 5, 64])

@@ -46,7 +46,10 @@ def test_policy_loss_matches_reference(level, mode, extra, objective):
     torch.manual_seed(draw)
     want, want_stats = reference.policy_loss(y, old.double(), adv.double(), mask, rollout_logp=rollout.double(), **options)
     want.backward()
-    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), 1e-2)
+    # Terms of both signs can cancel; the float32 error follows their sizes, the loss at |A|.
+    torch.manual_seed(draw)
+    scale, _ = reference.policy_loss(y.detach(), old.double(), adv.double().abs(), mask, rollout_logp=rollout.double(), **options)
+    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), abs(scale.item()), 1e-2)
     assert torch.isfinite(x.grad).all() and rel_err(x.grad, y.grad) < TOL
     for key, value in want_stats.items():
         assert abs(stats[key].item() - value.item()) <= TOL * max(abs(value.item()), 1e-2), key

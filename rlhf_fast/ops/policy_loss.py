@@ -146,13 +146,15 @@ def policy_loss_with_options(logp, old_logp, advantages, correction: Correction,
 def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
     """torch.quantile(x[mask], q) (linear interpolation) without a host sync: the valid values are
     sorted first, and the two ranks around q (n - 1) are gathered by a device index. +inf when no
-    value is valid."""
+    value is valid. The rank is computed in float64: in float32, 0.6 * 25 rounds up past 15, and the
+    value at rank 15 (the exact quantile) would fall below its own threshold, as it does in
+    torch.quantile on float32 input."""
     ranked = torch.sort(torch.where(mask, x, torch.inf).reshape(-1)).values
-    position = q * (mask.sum() - 1).clamp(min=0)
+    position = q * (mask.sum() - 1).clamp(min=0).double()
     below = position.floor().long().reshape(1)
     above = position.ceil().long().reshape(1)
     low, high = ranked.index_select(0, below), ranked.index_select(0, above)
-    return (low + (position - below) * (high - low)).reshape(())
+    return (low + (position - below).to(x.dtype) * (high - low)).reshape(())
 
 
 def keep_high_entropy(correction: Correction, entropy: torch.Tensor, quantile: float) -> Correction:
