@@ -5,6 +5,8 @@ Preference records:  {"prompt": str, "chosen": str, "rejected": str}  or  {"chos
                      (full texts; chosen/rejected may also be message lists), with optional numbers
                      "margin" and "gold_chosen"/"gold_rejected" (hidden gold scores in Bradley-Terry
                      logit units; with them evaluation reports the ceiling accuracy).
+RL prompt records:   {"prompt": str}  or  {"messages": [...]} not ending with an assistant message
+                     (rendered by the chat template with the generation prompt: ``chat_prompt``).
 
 Prompt and response are tokenized separately and concatenated (the prompt with the tokenizer's
 special tokens, e.g. BOS; the response without, then EOS), so a BPE tokenizer needs any separating
@@ -230,6 +232,21 @@ def _chat_split(where: str, tokenizer, messages: list[dict]) -> tuple[str, str]:
     if not full.startswith(prompt):
         raise DataError(f"{where}: field 'messages': the chat template does not render the conversation as its prefix plus the last message")
     return prompt, full[len(prompt):]
+
+
+def chat_prompt(where: str, tokenizer, messages) -> str:
+    """A conversation that the policy answers (an RL prompt) as text: the chat template with the
+    generation prompt. The rollout encodes prompts with special tokens, so a BOS that the template
+    writes is dropped when the tokenizer adds its own."""
+    _require_chat_template(where, tokenizer, "messages")
+    messages = _messages(where, messages, "messages", last_role=None)
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field 'messages' of a prompt must not end with an 'assistant' message: the policy writes the answer")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer("", add_special_tokens=True)["input_ids"]:
+        text = text[len(bos) :]
+    return text
 
 
 def build_sft(records: list[Record], tokenizer, cfg: DataConfig, source: str) -> list[SFTExample]:

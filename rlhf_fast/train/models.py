@@ -7,11 +7,30 @@ at start-up, before any data is tokenized or any step is taken.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, ModelConfig, TokenizerConfig
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' progress bars ("Loading weights", "Writing model shards") and info lines off
+    while we load or save a model, as the CLI has them off: an API run shows our bar alone. The
+    caller's settings are restored after, so a notebook's own transformers calls keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
 
 def _require_dir(path: str, key: str) -> Path:
     directory = Path(path)
@@ -134,6 +153,7 @@ def _has_weights(directory: Path) -> bool:
     return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin")) or any(directory.glob("*.safetensors.index.json"))
 
 
+@quiet_transformers()
 def load_policy(model: ModelConfig, tokenizer) -> torch.nn.Module:
     """A causal LM (float32): from ``model.path`` (weights, or random init from its config.json alone)
     or built from ``model.arch``. Raises ConfigError when the tokenizer's ids do not fit its vocabulary."""

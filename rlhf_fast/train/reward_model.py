@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .models import quiet_transformers
+
 MODEL_TYPE = "rlhf_fast_reward_model"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -78,6 +80,7 @@ class RewardModel(torch.nn.Module):
         return cls(AutoModel.from_config(config))
 
     @classmethod
+    @quiet_transformers()
     def from_causal_lm(cls, path: str | os.PathLike) -> RewardModel:
         """The body of the causal LM saved in local directory ``path`` (e.g. an SFT policy) with a new head."""
         from transformers import AutoModelForCausalLM

@@ -20,6 +20,7 @@ from .config import ConfigError, to_dict
 from .data import BatchStream
 from .loop import Loop, apply_optim
 from .metrics import plot_metrics, read_metrics
+from .models import quiet_transformers
 from .reward_model import replace_dir
 
 # What runs write in out_dir (SFT and RL: model/, RM: reward_model/); --overwrite deletes only these.
@@ -209,6 +210,7 @@ def save_summary(out_dir: Path, summary: dict) -> None:
         checkpoint.write_atomically(out_dir / "summary.json", lambda f: f.write(text.encode()))
 
 
+@quiet_transformers()
 def save_policy(model, tokenizer, directory: Path) -> None:
     """A causal LM and its tokenizer as a transformers directory, written aside then renamed (rank 0)."""
     if not dist.is_main():

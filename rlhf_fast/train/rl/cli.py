@@ -18,8 +18,11 @@ def run_rl(args: argparse.Namespace) -> int:
     from .trainer import RLTrainer
 
     def report(trainer, metrics):
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"held-out: {shown}\npolicy saved to {trainer.out_dir / 'model'}")
+        if metrics:
+            print("held-out: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        else:
+            print("no held-out evaluation (no data.eval_path, or train.eval_prompts 0)")
+        print(f"policy saved to {trainer.out_dir / 'model'}")
 
     return run_trainer(args, RLConfig, RLTrainer, lambda trainer: trainer.step, report)
 
@@ -38,7 +41,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 RL_EPILOG = """Algorithms: ppo (critic, GAE, KL penalty in the reward, fixed or adaptive beta), grpo (G samples per
 prompt, group advantages, KL as a loss term), reinforce (Monte Carlo policy gradient, optional baseline).
-Rewards: a reward model (--reward.model_path) and/or the built-in task's gold score (--reward.gold true).
+Rewards: a reward model (--reward.model_path) and/or a function (--reward.fn module:name; --reward.gold true: the
+built-in task's gold score), also scored on the
+held-out prompts (score, rm_score, fn_score). Prompts: JSONL {"prompt": str} or {"messages": [...]} (chat template).
 Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors;
 Ctrl-C exits 130 naming the last checkpoint, from which --resume continues."""
 

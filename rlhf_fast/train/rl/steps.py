@@ -227,6 +227,23 @@ def register_advantage(name: str):
     return register
 
 
+def checked_advantages(result, exp: Experience, *, needs_returns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An advantage_fn's ``(advantages, returns)``, checked before the update reads them: advantages
+    [B] (one per sequence) or [B, R] (per token); returns [B, R] value targets, required when a critic
+    is trained (PPO), else ignored."""
+    B, R = exp.mask.shape
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"advantage_fn must return (advantages, returns), got {type(result).__name__}")
+    advantages, returns = result
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, R)):
+        got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantage_fn returned advantages of shape {got}; expected [B] = ({B},) or [B, R] = ({B}, {R})")
+    if needs_returns and (not isinstance(returns, torch.Tensor) or tuple(returns.shape) != (B, R)):
+        got = tuple(returns.shape) if isinstance(returns, torch.Tensor) else returns
+        raise ValueError(f"advantage_fn returned returns={got}; the critic (PPO) needs value targets of shape [B, R] = ({B}, {R})")
+    return advantages, returns
+
+
 @register_advantage("gae")
 def gae_advantage(trainer, exp: Experience):
     """InstructGPT: per-token rewards -beta * KL plus the score at the last token, GAE, whitening (fused)."""
@@ -450,6 +467,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "Experience",
     "explained_variance",
+    "checked_advantages",
     "gae_advantage",
     "loss_step",
     "make_experience",

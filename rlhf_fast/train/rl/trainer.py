@@ -38,14 +38,14 @@ from rlhf_fast.backends import registry
 
 from .. import checkpoint, dist, loop
 from ..config import ConfigError, to_dict
-from ..data import BatchStream, DataError, read_jsonl
+from ..data import BatchStream, DataError, chat_prompt, read_jsonl
 from ..loop import Hooks, autocast_for, build_optimizer, build_scheduler, run_steps
 from ..metrics import MetricsLog
 from ..models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_size
 from ..reward_model import RewardModel
 from .config import RLConfig
 from .rollout import generate, sequence_logprobs
-from .steps import ADVANTAGE_ESTIMATORS, explained_variance, loss_step, make_experience, rollout_step, sample_step, score_step, update_step
+from .steps import ADVANTAGE_ESTIMATORS, checked_advantages, explained_variance, loss_step, make_experience, rollout_step, sample_step, score_step, update_step
 from ..run import plot_run, save_policy, save_summary, seed_everything, start_run
 from ..task import SyntheticTask
 
@@ -74,15 +74,33 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and all(getattr(a, s) == getattr(b, s) for s in specials)
 
 
-def load_prompts(path: str, key: str) -> list[str]:
-    """Prompts of a JSONL file: the "prompt" field of each line."""
+def load_prompts(path: str, key: str, tokenizer) -> list[str]:
+    """Prompts of a JSONL file: the "prompt" string of each line, or a "messages" conversation
+    rendered by the tokenizer's chat template (``chat_prompt``)."""
     prompts = []
     for where, record in read_jsonl(path, key):
+        if "messages" in record:
+            prompts.append(chat_prompt(where, tokenizer, record["messages"]))
+            continue
         value = record.get("prompt")
         if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+            raise DataError(f"{where}: field 'prompt' must be a non-empty string (or 'messages' a conversation)")
         prompts.append(value)
     return prompts
+
+
+def as_prompt_texts(prompts: list, tokenizer, name: str) -> list[str]:
+    """The ``prompts=`` / ``eval_prompts=`` of the Python API as texts: strings as they are,
+    conversations (lists of {"role", "content"}) through the chat template."""
+    texts = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        elif isinstance(prompt, list):
+            texts.append(chat_prompt(f"{name}[{i}]", tokenizer, prompt))
+        else:
+            raise DataError(f"{name}[{i}] must be a string or a list of chat messages, got {type(prompt).__name__}")
+    return texts
 
 
 def task_gold(prompts: list[str], responses: list[str], task: SyntheticTask | None = None) -> list[float]:
@@ -135,15 +153,16 @@ def checked_reward_fn(fn: RewardFn, name: str) -> RewardFn:
 
 
 @torch.no_grad()
-def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_cfg, *, rm_score_fn=None,
+def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_cfg, *, score_fn=None, score_keys=(),
                     gold_fn=None, batch_size: int = 128, seed: int = 0, backend: str = "auto") -> dict[str, float]:
     """Held-out metrics of ``policy`` on ``prompts`` (this process's share; sums are all-reduced):
-    mean and standard error of the gold score (``gold_fn``) and of the reward model's (``rm_score_fn``), KL to
+    mean and standard error of the gold score (``gold_fn``), of each ``score_keys`` entry of
+    ``score_fn(rollout) -> {key: [B] scores}`` (the configured reward and its parts), KL to
     ``ref_policy`` (k1 per sequence, nats) and response length. Sampling uses its own RNG seeded by
     ``seed`` and leaves the training RNG untouched."""
     mine = prompts[dist.rank() :: dist.world_size()]
     device = next(policy.parameters()).device
-    keys = ("gold", "rm_score", "kl", "length")
+    keys = ("gold", *score_keys, "kl", "length")
     sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)  # sum, sum of squares
     count = torch.zeros(1, dtype=torch.float64, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -153,8 +172,8 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
             values = {"length": rollout.lengths.double()}
             if gold_fn is not None:
                 values["gold"] = torch.as_tensor(gold_fn(rollout.prompts, rollout.responses), dtype=torch.float64, device=device)
-            if rm_score_fn is not None:
-                values["rm_score"] = rm_score_fn(rollout).double()
+            if score_fn is not None:
+                values.update({key: value.double() for key, value in score_fn(rollout).items()})
             if ref_policy is not None:
                 logp = sequence_logprobs(policy, rollout, temperature=rollout_cfg.temperature, backend=backend)
                 ref = sequence_logprobs(ref_policy, rollout, temperature=rollout_cfg.temperature, backend=backend)
@@ -168,7 +187,7 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
     n = float(dist.all_reduce_sum(count).item())
     out = {"prompts": n}
     for i, key in enumerate(keys):
-        if (key == "gold" and gold_fn is None) or (key == "rm_score" and rm_score_fn is None) or (key == "kl" and ref_policy is None):
+        if (key == "gold" and gold_fn is None) or (key == "kl" and ref_policy is None):
             continue
         mean = float(sums[i, 0]) / max(n, 1)
         var = max(float(sums[i, 1]) / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
@@ -315,16 +334,17 @@ class RLTrainer(checkpoint.CheckpointedRun):
         cfg = self.config
         if prompts is None:
             if cfg.data.train_path is not None:
-                prompts = load_prompts(cfg.data.train_path, "data.train_path")
+                prompts = load_prompts(cfg.data.train_path, "data.train_path", self.tokenizer)
             else:
                 prompts = self.task.prompts(cfg.data.train_prompts, cfg.task.seed * 100_003 + TRAIN_PROMPT_SEED)
         if eval_prompts is None:
             if cfg.data.eval_path is not None:
-                eval_prompts = load_prompts(cfg.data.eval_path, "data.eval_path")
+                eval_prompts = load_prompts(cfg.data.eval_path, "data.eval_path", self.tokenizer)
             elif cfg.data.train_path is None:
                 eval_prompts = self.task.prompts(cfg.train.eval_prompts, cfg.task.seed * 100_003 + EVAL_PROMPT_SEED)
             else:
                 eval_prompts = []
+        prompts, eval_prompts = as_prompt_texts(prompts, self.tokenizer, "prompts"), as_prompt_texts(eval_prompts, self.tokenizer, "eval_prompts")
         if not prompts:
             raise DataError("no training prompts")
         need = cfg.rollout.prompts_per_step * dist.world_size()
@@ -371,7 +391,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         rollout, scores, score_stats = sample_step(self)  # rollout_fn and score_fn, with DAPO's options
         t1 = time.perf_counter()
         exp, exp_stats = make_experience(self, rollout, scores)
-        exp.advantages, exp.returns = self.advantage_fn(self, exp)
+        exp.advantages, exp.returns = checked_advantages(self.advantage_fn(self, exp), exp, needs_returns=self.critic is not None)
         t2 = time.perf_counter()
         update_stats = self.update_fn(self, exp)
         t3 = time.perf_counter()
@@ -417,8 +437,9 @@ class RLTrainer(checkpoint.CheckpointedRun):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, policy=None) -> dict[str, float]:
-        """Held-out gold score (built-in task), reward-model score and KL to the reference of ``policy``
-        (default: the trained policy) on the evaluation prompts, with a fixed sampling seed."""
+        """Held-out metrics of ``policy`` (default: the trained policy) on the evaluation prompts, with a
+        fixed sampling seed: the configured reward (``score``, and its parts ``rm_score`` and
+        ``fn_score`` as in training), the built-in task's gold score, and KL to the reference."""
         if not self.eval_prompts:
             return {}
         policy = policy if policy is not None else self.policy
@@ -429,14 +450,30 @@ class RLTrainer(checkpoint.CheckpointedRun):
             gold_fn = lambda prompts, responses: task_gold(prompts, responses, self.task)  # noqa: E731
         except ValueError:
             pass
+        return evaluate_policy(
+            policy, self.ref_policy, self.tokenizer, self.eval_prompts, self.config.rollout, score_fn=self._eval_scores,
+            score_keys=self._eval_score_keys(), gold_fn=gold_fn, batch_size=self.config.train.eval_batch_size,
+            seed=self.config.train.seed + 1, backend=self.config.train.backend,
+        )  # fmt: skip
+
+    def _eval_score_keys(self) -> tuple[str, ...]:
+        parts = ("rm_score",) * (self.reward_model is not None) + ("fn_score",) * (self.reward_fn is not None)
+        return ("score", *parts) if parts else ()
+
+    def _eval_scores(self, rollout) -> dict[str, torch.Tensor]:
+        """score_step's reward of a held-out rollout, per response, with its parts."""
+        cfg = self.config.reward
         from .steps import reward_model_scores
 
-        rm_score_fn = (lambda rollout: reward_model_scores(self, rollout)) if self.reward_model is not None else None
-        return evaluate_policy(
-            policy, self.ref_policy, self.tokenizer, self.eval_prompts, self.config.rollout, rm_score_fn=rm_score_fn,
-            gold_fn=gold_fn, batch_size=self.config.train.eval_batch_size, seed=self.config.train.seed + 1,
-            backend=self.config.train.backend,
-        )  # fmt: skip
+        out, total = {}, torch.zeros(len(rollout), dtype=torch.float32, device=self.device)
+        if self.reward_model is not None:
+            out["rm_score"] = reward_model_scores(self, rollout)
+            total = total + cfg.model_coef * out["rm_score"]
+        if self.reward_fn is not None:
+            out["fn_score"] = self.reward_fn(rollout.prompts, rollout.responses).to(self.device)
+            total = total + cfg.fn_coef * out["fn_score"]
+        out["score"] = total.clamp(-cfg.clip, cfg.clip) if cfg.clip is not None else total
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
