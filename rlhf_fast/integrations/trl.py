@@ -1,0 +1,312 @@
+"""TRL entry point: ``enable(trainer)`` runs a TRL trainer's log-probs and losses on rlhf_fast's ops.
+
+    trainer = GRPOTrainer(model=..., args=GRPOConfig(...), ...)
+    rlhf_fast.integrations.trl.enable(trainer)      # returns the trainer; disable(trainer) undoes it
+    trainer.train()
+
+What it changes, per trainer instance (the class and every other trainer stay stock):
+
+- ``GRPOTrainer._get_per_token_logps_and_entropies`` (the policy's old log-probs, the reference's, and
+  the ones the loss uses): the model's decoder, then ``linear_token_logprobs`` on the last hidden
+  states and the lm_head (``rlhf_fast.hf``), at TRL's sampling temperature, with the head's
+  logit_scale / soft-cap. No [B, T, V] logits.
+- ``GRPOTrainer._compute_loss``: ``fused_linear_policy_loss`` from the hidden states, with TRL's
+  options mapped onto ``PolicyLossOptions`` (``grpo_options``: the README's table), and TRL's own
+  metrics (kl, entropy, clip ratios) logged as TRL defines them.
+- ``SFTTrainer.compute_loss``: the completion / assistant cross-entropy through ``linear_sft_loss``.
+- ``RewardTrainer.compute_loss``: the Bradley-Terry loss through ``pairwise_reward_loss``.
+
+A TRL option the mapping does not reproduce exactly raises ``NotImplementedError`` naming it, at
+``enable`` for configuration and at the first step for inputs (multimodal batches); nothing falls
+back silently to another loss. Tested with TRL 1.16.0 (``TESTED``); another version warns
+(``rlhf_fast.integrations.UntestedVersionWarning``). trl is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from . import check_version
+
+TESTED, LOWEST, FIRST_UNTESTED = "1.16.0", "1.16", "1.17"
+
+_PATCHED = "_rlhf_fast_patched"  # instance attribute: {method name: the instance's own attribute before, or None}
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")  # fmt: skip
+
+# TRL loss_type -> (objective at importance_sampling_level="token", agg). "sequence" turns "ppo" into "gspo".
+_GRPO_LOSSES = {
+    "grpo": ("ppo", "seq-mean-token-mean"),
+    "bnpo": ("ppo", "token-mean"),
+    "dr_grpo": ("ppo", "seq-mean-token-sum-norm"),
+    "dapo": ("ppo", "token-mean"),  # normalised by TRL's num_items_in_batch, passed as normalizer
+    "luspo": ("ppo", "seq-mean-token-sum"),
+    "cispo": ("cispo", "token-mean"),  # as dapo
+    "sapo": ("sapo", "seq-mean-token-mean"),
+}
+_GLOBAL_NORMALIZED = ("dapo", "cispo")
+
+
+def _unsupported(option: str, value, why: str) -> NotImplementedError:
+    return NotImplementedError(f"rlhf_fast.integrations.trl: {option}={value!r} is not supported ({why}); "
+                               f"disable it or run this trainer without rlhf_fast")  # fmt: skip
+
+
+def grpo_options(args, *, use_vllm: bool = False):
+    """``PolicyLossOptions`` equal to TRL's GRPO loss under ``args`` (a ``GRPOConfig``).
+
+    loss_type picks the objective and agg (``_GRPO_LOSSES``); epsilon / epsilon_high are clip_eps /
+    clip_eps_high (cispo's epsilon_high, a bound on the ratio itself, is 1 + clip_eps_high with no
+    lower bound); delta is the dual clip; beta the k3 KL coefficient, with use_bias_correction_kl as
+    kl_is_correction; top_entropy_quantile as is; vLLM's token/sequence truncation as rollout_is.
+    Raises NotImplementedError naming the first option with no exact counterpart.
+    """
+    from ..options import PolicyLossOptions
+
+    loss_type, level = args.loss_type, args.importance_sampling_level
+    if loss_type not in _GRPO_LOSSES:
+        raise _unsupported("loss_type", loss_type, f"rlhf_fast maps {sorted(_GRPO_LOSSES)}")
+    objective, agg = _GRPO_LOSSES[loss_type]
+    if level == "sequence":
+        if objective != "ppo":
+            raise _unsupported("importance_sampling_level", level, f"no sequence-level {loss_type} objective")
+        objective = "gspo"
+    elif level != "token":
+        raise _unsupported("importance_sampling_level", level, "TRL knows 'token' and 'sequence'")
+    fields = dict(objective=objective, agg=agg, top_entropy_quantile=float(args.top_entropy_quantile))
+    eps_low = args.epsilon
+    eps_high = args.epsilon_high if args.epsilon_high is not None else eps_low
+    if objective == "cispo":
+        if not eps_high > 1:
+            raise _unsupported("epsilon_high", eps_high, "cispo's bound on the ratio must be > 1")
+        fields.update(clip_eps=None, clip_eps_high=eps_high - 1)
+    elif objective == "sapo":
+        fields.update(sapo_tau_pos=args.sapo_temperature_pos, sapo_tau_neg=args.sapo_temperature_neg)
+    else:
+        fields.update(clip_eps=eps_low, clip_eps_high=eps_high)
+        if args.delta is not None:
+            if objective != "ppo":
+                raise _unsupported("delta", args.delta, "two-sided clipping of a sequence-level ratio")
+            if not args.delta > 1 + eps_high:
+                raise _unsupported("delta", args.delta, f"it equals a dual clip only above 1 + epsilon_high = {1 + eps_high}")
+            fields["dual_clip"] = float(args.delta)
+    if loss_type == "dr_grpo":
+        fields["max_response_length"] = args.max_completion_length
+    if args.beta != 0.0:
+        fields.update(kl_coef=float(args.beta), kl_estimator="k3")
+        if args.use_bias_correction_kl:
+            if level == "sequence":
+                raise _unsupported("use_bias_correction_kl", True, "TRL weights the KL by the sequence-level ratio there")
+            fields["kl_is_correction"] = True
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        raise _unsupported("off_policy_mask_threshold", args.off_policy_mask_threshold, "no off-policy sequence mask")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        option = "use_adaptive_entropy" if args.use_adaptive_entropy else "entropy_coef"
+        raise _unsupported(option, getattr(args, option), "TRL's entropy bonus is a token mean whatever the loss_type")
+    if use_vllm and args.vllm_importance_sampling_correction:
+        mode = args.vllm_importance_sampling_mode
+        if mode not in ("token_truncate", "sequence_truncate"):
+            raise _unsupported("vllm_importance_sampling_mode", mode, "TRL's masked tokens keep their place in "
+                               "the loss's normaliser and KL term; rlhf_fast's mask mode drops them")  # fmt: skip
+        if args.vllm_importance_sampling_clip_min not in (None, 0, 0.0):
+            raise _unsupported("vllm_importance_sampling_clip_min", args.vllm_importance_sampling_clip_min,
+                               "truncation from below")  # fmt: skip
+        clip_max = args.vllm_importance_sampling_clip_max
+        if clip_max is None or not clip_max > 1:
+            raise _unsupported("vllm_importance_sampling_clip_max", clip_max, "truncation needs a bound > 1")
+        fields.update(rollout_is=mode.split("_")[0], rollout_is_mode="truncate", rollout_is_threshold=float(clip_max))
+    return PolicyLossOptions(**fields)
+
+
+def _body(trainer, model):
+    """The unwrapped causal LM and its head options; refuses what calling its decoder directly would break."""
+    from ..hf import head_options
+
+    if trainer.accelerator.num_processes > 1:
+        raise _unsupported("num_processes", trainer.accelerator.num_processes,
+                           "the decoder is called outside the DDP/FSDP wrapper, which would skip its gradient sync")  # fmt: skip
+    model = trainer.accelerator.unwrap_model(model)
+    return model, head_options(model)
+
+
+def _completion_hidden(trainer, model, input_ids, attention_mask, logits_to_keep):
+    """(hidden [B, K, H], weight, bias, head options) predicting the last K tokens of input_ids."""
+    from ..hf import hidden_and_head
+
+    model, head = _body(trainer, model)
+    hidden, weight, bias = hidden_and_head(model, input_ids, attention_mask)
+    hidden = hidden[:, -logits_to_keep - 1 : -1]
+    if getattr(trainer.args, "cast_lm_head_to_fp32", False):
+        hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
+    return hidden, weight, bias, head
+
+
+def _refuse_multimodal(inputs: dict):
+    given = [name for name in _MULTIMODAL if inputs.get(name) is not None]
+    if given:
+        raise _unsupported(given[0], "<tensor>", "multimodal batches")
+
+
+def _grpo_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                              compute_entropy=False, compute_aux_loss=False, **multimodal):  # fmt: skip
+    """TRL's ``_get_per_token_logps_and_entropies`` through ``linear_token_logprobs``: the same
+    [B, K] log-probs (0 at padding) and entropies, from the decoder's hidden states and the head."""
+    from ..ops.linear_logprobs import linear_token_logprobs
+
+    _refuse_multimodal(multimodal)
+    if compute_aux_loss:
+        raise _unsupported("aux_loss (router_aux_loss_coef)", self.router_aux_loss_coef, "MoE load-balancing loss")
+    batch_size = batch_size or input_ids.size(0)
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, am = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
+        with self.accelerator.autocast():
+            hidden, weight, bias, head = _completion_hidden(self, model, ids, am, logits_to_keep)
+            out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                        return_entropy=compute_entropy, **head)  # fmt: skip
+        logp, entropy = out if compute_entropy else (out, None)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+
+def _grpo_compute_loss(self, model, inputs):
+    """TRL's ``GRPOTrainer._compute_loss`` with the loss from ``fused_linear_policy_loss``.
+
+    The same value and gradient (the options: ``grpo_options``) and the same metrics, which TRL
+    computes from the per-token log-probs and entropies: those come from one more forward sweep of
+    ``linear_token_logprobs`` without gradient (2 N H V FLOPs besides the loss's 6 N H V).
+    """
+    from ..ops.fused_linear_policy_loss import fused_linear_policy_loss
+    from ..ops.linear_logprobs import linear_token_logprobs
+
+    _refuse_multimodal(inputs)
+    if self.aux_loss_enabled:
+        raise _unsupported("aux_loss (router_aux_loss_coef)", self.router_aux_loss_coef, "MoE load-balancing loss")
+    options = self.__dict__["_rlhf_fast_options"]
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits_to_keep = completion_ids.size(1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    bool_mask = mask.bool()
+    advantages = inputs["advantages"]
+    mode = "train" if self.model.training else "eval"
+    accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+
+    with self.accelerator.autocast():
+        hidden, weight, bias, head = _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep)
+        with torch.no_grad():  # TRL's metrics (and its old log-probs when it has none) need them per token
+            logp, entropies = linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids.masked_fill(~bool_mask, -100),
+                                                    bias=None if bias is None else bias.detach(),
+                                                    temperature=self.temperature, return_entropy=True, **head)  # fmt: skip
+        old_logp = inputs.get("old_per_token_logps")
+        old_logp = logp if old_logp is None else old_logp
+        ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        rollout_logp, normalizer = None, None
+        if options.rollout_is is not None:
+            # TRL gives a token vLLM could not score (NaN) a ratio of 1
+            sampled = inputs["sampling_per_token_logps"]
+            rollout_logp = torch.where(torch.isnan(sampled), old_logp, sampled)
+        if self.loss_type in _GLOBAL_NORMALIZED:
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        loss, _ = fused_linear_policy_loss(hidden, weight, completion_ids, old_logp, advantages, mask, bias=bias,
+                                           ref_logp=ref_logp, rollout_logp=rollout_logp, normalizer=normalizer,
+                                           temperature=self.temperature, options=options, **head)  # fmt: skip
+    if self.loss_type not in _GLOBAL_NORMALIZED:
+        loss = loss / accumulation
+    _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options)
+    return loss
+
+
+def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options):
+    """TRL 1.16's metrics of ``_compute_loss``, from the same per-token quantities, as it writes them."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    mask = mask.to(logp.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    log_ratio = logp - old_logp
+    if self.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
+
+    def masked_seq_mean(x):
+        return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+    def global_masked_mean(x):
+        if x.shape[1] == 1:
+            local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+        else:
+            local_sum, local_count = (x * mask).sum(), mask.sum().float()
+        totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    metrics = self._metrics[mode]
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        metrics["kl"].append(global_masked_mean(kl * coef_1 if options.kl_is_correction else kl))  # as TRL logs it
+    metrics["entropy"].append(global_masked_mean(entropies))
+    if options.objective in ("ppo", "gspo"):
+        low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+    elif options.objective == "cispo":
+        metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > self.epsilon_high) & (advantages > 0)).float()))
+
+
+def _patches(trainer) -> dict:
+    """{method name: replacement function} for this trainer, after checking its options."""
+    from trl import GRPOTrainer
+
+    if isinstance(trainer, GRPOTrainer):
+        options = grpo_options(trainer.args, use_vllm=bool(trainer.use_vllm))
+        trainer.__dict__["_rlhf_fast_options"] = options
+        return {"_get_per_token_logps_and_entropies": _grpo_logps_and_entropies, "_compute_loss": _grpo_compute_loss}
+    raise TypeError(f"rlhf_fast.integrations.trl.enable: {type(trainer).__name__} is not a trainer it knows "
+                    "(GRPOTrainer, SFTTrainer, RewardTrainer)")  # fmt: skip
+
+
+def enable(trainer):
+    """Run ``trainer``'s log-probs and loss on rlhf_fast's ops (see the module docstring); returns it.
+
+    Patches this instance only; calling it again is a no-op. Raises NotImplementedError naming a
+    TRL option it cannot reproduce exactly, TypeError for a trainer it does not know.
+    """
+    check_version("trl", TESTED, LOWEST, FIRST_UNTESTED)
+    if _PATCHED in trainer.__dict__:
+        return trainer
+    patches = _patches(trainer)
+    saved = {name: trainer.__dict__.get(name) for name in patches}
+    for name, function in patches.items():
+        setattr(trainer, name, types.MethodType(function, trainer))
+    trainer.__dict__[_PATCHED] = saved
+    return trainer
+
+
+def disable(trainer):
+    """Undo ``enable``: the trainer's methods are its class's again (or what the instance had before)."""
+    saved = trainer.__dict__.pop(_PATCHED, None)
+    if saved is None:
+        return trainer
+    for name, before in saved.items():
+        if before is None:
+            del trainer.__dict__[name]
+        else:
+            trainer.__dict__[name] = before
+    trainer.__dict__.pop("_rlhf_fast_options", None)
+    return trainer
+
+
+def is_enabled(trainer) -> bool:
+    return _PATCHED in trainer.__dict__
