@@ -284,7 +284,7 @@ def enable(trainer):
     TRL option it cannot reproduce exactly, TypeError for a trainer it does not know.
     """
     check_version("trl", TESTED, LOWEST, FIRST_UNTESTED)
-    if _PATCHED in trainer.__dict__:
+    if _PATCHED in getattr(trainer, "__dict__", {}):
         return trainer
     patches = _patches(trainer)
     saved = {name: trainer.__dict__.get(name) for name in patches}
@@ -309,4 +309,4 @@ def disable(trainer):
 
 
 def is_enabled(trainer) -> bool:
-    return _PATCHED in trainer.__dict__
+    return _PATCHED in getattr(trainer, "__dict__", {})

@@ -1,0 +1,224 @@
+"""rlhf_fast.integrations.trl against TRL's own trainers: the same runs, stock and with enable().
+
+The model is a tiny Qwen2 built from a config, in float64, with the demo task's word-level
+tokenizer built locally; nothing is downloaded (HF_HUB_OFFLINE). Why float64: GRPO's gradient sums
+A_i * d log p over a group whose advantages sum to 0, so with a near-uniform untrained model the
+terms cancel and float32 rounding shows up at 1e-3 relative in the gradient. Measured: TRL's own
+fused head and an eager log_softmax of model(...).logits differ by that much in float32, and ours
+sits between; in float64 stock and ours agree to 1e-7 and the comparison below can be tight.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from rlhf_fast.integrations import UntestedVersionWarning, check_version  # noqa: E402
+from rlhf_fast.integrations import trl as rf_trl  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# TRL's logs are float32 scalars even for a float64 model, so a relative 1e-5 (and 1e-6 absolute for
+# values near 0) is float32 rounding of the logged number, not slack in the computation.
+REL, ABS = 1e-5, 1e-6
+METRICS = ("loss", "grad_norm", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+           "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from rlhf_fast.train.task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("tiny-qwen2")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        transformers.Qwen2ForCausalLM(config).to(torch.float64).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def prompts(n=8):
+    from rlhf_fast.train.task import vocabulary
+
+    words = vocabulary()[4:]
+    return datasets.Dataset.from_dict({"prompt": [" ".join(words[i : i + 3]) for i in range(n)]})
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c) % 7) for c in completions]
+
+
+def grpo_trainer(model_dir, out_dir, steps=5, **config):
+    fields = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=steps,
+                  optim="sgd", learning_rate=0.1, beta=0.1, num_iterations=2, logging_steps=1, report_to=[],
+                  use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
+                  model_init_kwargs={"dtype": torch.float64})  # fmt: skip
+    fields.update(config)
+    args = trl.GRPOConfig(output_dir=str(out_dir), **fields)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return trl.GRPOTrainer(model=str(model_dir), reward_funcs=length_reward, args=args, train_dataset=prompts(),
+                           processing_class=tokenizer)  # fmt: skip
+
+
+def train_logs(trainer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_same_logs(stock, ours, keys=METRICS):
+    assert len(stock) == len(ours) > 0
+    compared = 0
+    for step, (a, b) in enumerate(zip(stock, ours), start=1):
+        for key in keys:
+            if key in a:
+                assert key in b, f"step {step}: {key} logged by stock TRL, not with rlhf_fast"
+                assert math.isclose(a[key], b[key], rel_tol=REL, abs_tol=ABS), f"step {step} {key}: stock {a[key]!r}, ours {b[key]!r}"
+                compared += 1
+    return compared
+
+
+# loss type and config -> a run that exercises it; epsilon 0.002 makes the second iteration clip.
+GRPO_CASES = {
+    "grpo": dict(loss_type="grpo", epsilon=0.002),
+    "bnpo": dict(loss_type="bnpo", epsilon=0.002),
+    "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=8),
+    "dapo": dict(loss_type="dapo", epsilon=0.002, epsilon_high=0.003),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.001),
+    "sapo": dict(loss_type="sapo"),
+    "luspo-sequence": dict(loss_type="luspo", importance_sampling_level="sequence", use_bias_correction_kl=False),
+    "grpo-sequence": dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=False,
+                          epsilon=0.002),
+    "grpo-no-kl": dict(loss_type="grpo", beta=0.0),
+    "grpo-top-entropy": dict(loss_type="grpo", top_entropy_quantile=0.2),
+    "grpo-delta": dict(loss_type="grpo", delta=1.5, epsilon_high=0.28),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(GRPO_CASES))
+def test_grpo_five_steps_equal_stock(case, tiny_dir, tmp_path):
+    config = GRPO_CASES[case]
+    stock = train_logs(grpo_trainer(tiny_dir, tmp_path / "stock", **config))
+    ours = train_logs(rf_trl.enable(grpo_trainer(tiny_dir, tmp_path / "ours", **config)))
+    assert len(stock) == 5
+    assert assert_same_logs(stock, ours) >= 5 * 3
+    if "epsilon" in config or "epsilon_high" in config and case != "grpo-delta":
+        clipped = [e.get("clip_ratio/region_mean", e.get("cispo_clip_ratio", 0.0)) for e in stock]
+        assert max(clipped) > 0, f"{case}: no clipping happened, so the clip metrics were not compared"
+
+
+def test_grpo_enable_disable(tiny_dir, tmp_path):
+    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1)
+    stock_loss = type(trainer)._compute_loss
+    assert rf_trl.enable(trainer) is trainer and rf_trl.is_enabled(trainer)
+    assert trainer._compute_loss.__func__ is not stock_loss
+    assert rf_trl.enable(trainer) is trainer  # a second call changes nothing
+    other = grpo_trainer(tiny_dir, tmp_path / "other", steps=1)
+    assert "_compute_loss" not in other.__dict__, "enable patched the class, not the instance"
+    rf_trl.disable(trainer)
+    assert not rf_trl.is_enabled(trainer)
+    assert trainer._compute_loss.__func__ is stock_loss
+    assert trainer._get_per_token_logps_and_entropies.__func__ is type(trainer)._get_per_token_logps_and_entropies
+
+
+def test_grpo_one_step_equal_stock_and_disable_restores(tiny_dir, tmp_path):
+    """One step (the fast tier's check): enable matches stock, and disable goes back to stock's code."""
+    stock = train_logs(grpo_trainer(tiny_dir, tmp_path / "a", steps=1, loss_type="grpo"))
+    ours = train_logs(rf_trl.enable(grpo_trainer(tiny_dir, tmp_path / "b", steps=1, loss_type="grpo")))
+    assert_same_logs(stock, ours)
+    undone = rf_trl.disable(rf_trl.enable(grpo_trainer(tiny_dir, tmp_path / "c", steps=1, loss_type="grpo")))
+    assert "_compute_loss" not in undone.__dict__
+    again = train_logs(undone)
+    assert all(a[k] == b[k] for a, b in zip(stock, again) for k in METRICS if k in a), "disable did not restore stock"
+
+
+def config(tmp_path, **fields):
+    fields.setdefault("report_to", [])
+    return trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **fields)
+
+
+def test_grpo_options_follow_the_readme_table(tmp_path):
+    expect = {"grpo": ("ppo", "seq-mean-token-mean"), "bnpo": ("ppo", "token-mean"), "dapo": ("ppo", "token-mean"),
+              "dr_grpo": ("ppo", "seq-mean-token-sum-norm"), "cispo": ("cispo", "token-mean"),
+              "sapo": ("sapo", "seq-mean-token-mean"), "luspo": ("ppo", "seq-mean-token-sum")}  # fmt: skip
+    for loss_type, (objective, agg) in expect.items():
+        options = rf_trl.grpo_options(config(tmp_path, loss_type=loss_type, epsilon_high=4.0 if loss_type == "cispo" else None))
+        assert (options.objective, options.agg) == (objective, agg), loss_type
+    options = rf_trl.grpo_options(config(tmp_path, loss_type="dr_grpo", max_completion_length=64, beta=0.04))
+    assert options.max_response_length == 64 and options.kl_coef == 0.04 and options.kl_is_correction
+    options = rf_trl.grpo_options(config(tmp_path, loss_type="grpo", importance_sampling_level="sequence"))
+    assert options.objective == "gspo"
+    options = rf_trl.grpo_options(config(tmp_path, epsilon=0.2, epsilon_high=0.28, delta=2.0, top_entropy_quantile=0.2))
+    assert (options.clip_eps, options.clip_eps_high, options.dual_clip, options.top_entropy_quantile) == (0.2, 0.28, 2.0, 0.2)
+    options = rf_trl.grpo_options(config(tmp_path, loss_type="cispo", epsilon_high=5.0))
+    assert options.clip_eps is None and options.clip_eps_high == pytest.approx(4.0)
+    vllm = config(tmp_path, vllm_importance_sampling_mode="sequence_truncate", vllm_importance_sampling_clip_max=3.0)
+    options = rf_trl.grpo_options(vllm, use_vllm=True)
+    assert (options.rollout_is, options.rollout_is_mode, options.rollout_is_threshold) == ("sequence", "truncate", 3.0)
+    vllm = config(tmp_path, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0)
+    assert rf_trl.grpo_options(vllm, use_vllm=True).rollout_is == "token"
+
+
+@pytest.mark.parametrize("fields, option", [
+    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    (dict(loss_type="cispo", epsilon_high=4.0, importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1), "use_bias_correction_kl=True"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
+    (dict(entropy_coef=0.01), "entropy_coef=0.01"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy=True"),
+    (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high=0.28"),
+    (dict(delta=1.1, epsilon_high=0.28), "delta=1.1"),
+])  # fmt: skip
+def test_unsupported_grpo_options_raise_naming_them(tmp_path, fields, option):
+    with pytest.raises(NotImplementedError, match=option.replace("(", r"\(")):
+        rf_trl.grpo_options(config(tmp_path, **fields))
+
+
+@pytest.mark.parametrize("mode, fields, option", [
+    ("token_mask", {}, "vllm_importance_sampling_mode='token_mask'"),
+    ("sequence_mask", {}, "vllm_importance_sampling_mode='sequence_mask'"),
+    ("token_truncate", dict(vllm_importance_sampling_clip_min=0.5), "vllm_importance_sampling_clip_min=0.5"),
+])  # fmt: skip
+def test_unsupported_vllm_correction_raises_naming_it(tmp_path, mode, fields, option):
+    args = config(tmp_path, vllm_importance_sampling_mode=mode, **fields)
+    with pytest.raises(NotImplementedError, match=option):
+        rf_trl.grpo_options(args, use_vllm=True)
+
+
+def test_enable_refuses_a_trainer_it_does_not_know():
+    with pytest.raises(TypeError, match="object is not a trainer it knows"):
+        rf_trl.enable(object())
+
+
+def test_version_outside_the_tested_range_warns(monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.17.0" if name == "trl" else real(name))
+    with pytest.warns(UntestedVersionWarning, match=r"trl 1\.17\.0 is installed, outside .*>=1\.16,<1\.17.*1\.16\.0"):
+        with pytest.raises(TypeError):
+            rf_trl.enable(object())
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.16.2" if name == "trl" else real(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntestedVersionWarning)
+        assert check_version("trl", "1.16.0", "1.16", "1.17") == "1.16.2"
+
+
+def test_check_version_names_a_missing_package():
+    with pytest.raises(ImportError, match="no-such-peer is not installed.*>=1.0,<2.0"):
+        check_version("no-such-peer", "1.0", "1.0", "2.0")
