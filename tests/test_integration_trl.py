@@ -222,3 +222,37 @@ def test_version_outside_the_tested_range_warns(monkeypatch):
 def test_check_version_names_a_missing_package():
     with pytest.raises(ImportError, match="no-such-peer is not installed.*>=1.0,<2.0"):
         check_version("no-such-peer", "1.0", "1.0", "2.0")
+
+
+def reward_trainer(model_dir, out_dir, steps=3, **config):
+    fields = dict(per_device_train_batch_size=4, max_steps=steps, optim="sgd", learning_rate=0.1, logging_steps=1,
+                  report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
+                  model_init_kwargs={"dtype": torch.float64})  # fmt: skip
+    fields.update(config)
+    from rlhf_fast.train.task import vocabulary
+
+    words = vocabulary()[4:]
+    pairs = datasets.Dataset.from_dict({
+        "prompt": [" ".join(words[i : i + 2]) for i in range(12)],
+        "chosen": [" " + " ".join(words[i + 3 : i + 6]) for i in range(12)],
+        "rejected": [" " + " ".join(words[i + 7 : i + 8]) for i in range(12)],
+    })  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return trl.RewardTrainer(model=str(model_dir), args=trl.RewardConfig(output_dir=str(out_dir), **fields),
+                             train_dataset=pairs, processing_class=tokenizer)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("center", [None, 0.01])
+def test_reward_trainer_steps_equal_stock(center, tiny_dir, tmp_path):
+    stock = train_logs(reward_trainer(tiny_dir, tmp_path / "stock", center_rewards_coefficient=center))
+    ours = train_logs(rf_trl.enable(reward_trainer(tiny_dir, tmp_path / "ours", center_rewards_coefficient=center)))
+    assert len(stock) == 3
+    assert assert_same_logs(stock, ours, ("loss", "grad_norm", "accuracy", "margin", "mean_reward", "min_reward", "max_reward")) == 3 * 7
+
+
+def test_reward_trainer_enable_disable(tiny_dir, tmp_path):
+    trainer = rf_trl.enable(reward_trainer(tiny_dir, tmp_path, steps=1))
+    assert "compute_loss" in trainer.__dict__
+    rf_trl.disable(trainer)
+    assert "compute_loss" not in trainer.__dict__

@@ -265,10 +265,38 @@ def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantage
         metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > self.epsilon_high) & (advantages > 0)).float()))
 
 
+def _reward_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """TRL's ``RewardTrainer.compute_loss`` with the Bradley-Terry loss from ``pairwise_reward_loss``:
+    -log sigmoid(chosen - rejected - margin), plus center_rewards_coefficient * mean((c + r)^2), as TRL
+    writes it; the same metrics."""
+    from ..ops.pairwise_reward_loss import pairwise_reward_loss
+
+    mode = "train" if self.model.training else "eval"
+    inputs["use_cache"] = False
+    outputs = model(**inputs)
+    rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+    loss, stats = pairwise_reward_loss(rewards_chosen, rewards_rejected, margin=inputs.get("margin"),
+                                       center_coef=self.args.center_rewards_coefficient or 0.0)  # fmt: skip
+    if mode == "train":
+        num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        self._total_train_tokens += num_tokens_in_batch // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    with torch.no_grad():
+        all_rewards = self.accelerator.gather(outputs.logits)
+        self._metrics[mode]["min_reward"].append(all_rewards.min().item())
+        self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
+        self._metrics[mode]["max_reward"].append(all_rewards.max().item())
+        self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(stats["accuracy"]).mean().item())
+        self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(stats["margin"]).mean().item())
+    return (loss, outputs) if return_outputs else loss
+
+
 def _patches(trainer) -> dict:
     """{method name: replacement function} for this trainer, after checking its options."""
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer, RewardTrainer
 
+    if isinstance(trainer, RewardTrainer):
+        return {"compute_loss": _reward_compute_loss}
     if isinstance(trainer, GRPOTrainer):
         options = grpo_options(trainer.args, use_vllm=bool(trainer.use_vllm))
         trainer.__dict__["_rlhf_fast_options"] = options
