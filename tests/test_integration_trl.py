@@ -256,3 +256,35 @@ def test_reward_trainer_enable_disable(tiny_dir, tmp_path):
     assert "compute_loss" in trainer.__dict__
     rf_trl.disable(trainer)
     assert "compute_loss" not in trainer.__dict__
+
+
+def sft_trainer(model_dir, out_dir, steps=3, **config):
+    fields = dict(per_device_train_batch_size=4, max_steps=steps, optim="sgd", learning_rate=0.1, logging_steps=1,
+                  report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
+                  model_init_kwargs={"dtype": torch.float64})  # fmt: skip
+    fields.update(config)
+    from rlhf_fast.train.task import vocabulary
+
+    words = vocabulary()[4:]
+    data = datasets.Dataset.from_dict({
+        "prompt": [" ".join(words[i : i + 2]) for i in range(12)],
+        "completion": [" " + " ".join(words[i + 3 : i + 4 + i % 4]) for i in range(12)],
+    })  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return trl.SFTTrainer(model=str(model_dir), args=trl.SFTConfig(output_dir=str(out_dir), **fields),
+                          train_dataset=data, processing_class=tokenizer)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sft_trainer_steps_equal_stock(accumulation, tiny_dir, tmp_path):
+    stock = train_logs(sft_trainer(tiny_dir, tmp_path / "stock", gradient_accumulation_steps=accumulation))
+    ours = train_logs(rf_trl.enable(sft_trainer(tiny_dir, tmp_path / "ours", gradient_accumulation_steps=accumulation)))
+    assert len(stock) == 3
+    assert assert_same_logs(stock, ours, ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")) == 3 * 5
+
+
+def test_sft_unsupported_loss_type_raises(tiny_dir, tmp_path):
+    trainer = rf_trl.enable(sft_trainer(tiny_dir, tmp_path, steps=1, loss_type="dft"))
+    with pytest.raises(NotImplementedError, match="loss_type='dft'"):
+        trainer.train()

@@ -17,7 +17,7 @@ What it changes, per trainer instance (the class and every other trainer stay st
 - ``RewardTrainer.compute_loss``: the Bradley-Terry loss through ``pairwise_reward_loss``.
 
 A TRL option the mapping does not reproduce exactly raises ``NotImplementedError`` naming it, at
-``enable`` for configuration and at the first step for inputs (multimodal batches); nothing falls
+``enable`` for GRPO's configuration, at the first step for SFT's and for inputs (multimodal batches); nothing falls
 back silently to another loss. Tested with TRL 1.16.0 (``TESTED``); another version warns
 (``rlhf_fast.integrations.UntestedVersionWarning``). trl is imported inside the functions only.
 """
@@ -265,6 +265,64 @@ def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantage
         metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > self.epsilon_high) & (advantages > 0)).float()))
 
 
+_SFT_ROWS = 1024  # token rows per chunk of the metrics pass: one [rows, V] float32 block at a time
+
+
+def _sft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """TRL's ``SFTTrainer.compute_loss`` (loss_type "nll") with the cross-entropy from ``linear_sft_loss``:
+    the sum of -log p over the labelled tokens divided by num_items_in_batch when Trainer gives it (the
+    tokens of the whole accumulation window), else by this batch's count, as TRL does. Its metrics
+    (entropy, mean_token_accuracy) come from a no-gradient pass over the labelled rows in chunks."""
+    from ..hf import hidden_and_head
+    from ..ops.linear_sft_loss import linear_sft_loss
+    from ..reference import linear_logits
+
+    mode = "train" if self.model.training else "eval"
+    if return_outputs:
+        raise _unsupported("return_outputs", True, "the logits are never built; compute_metrics needs them")
+    if self.args.loss_type != "nll":
+        raise _unsupported("loss_type", self.args.loss_type, "rlhf_fast maps 'nll'")
+    if self.compute_loss_func is not None:
+        raise _unsupported("compute_loss_func", self.compute_loss_func, "a loss of the logits")
+    if self.label_smoother is not None:
+        raise _unsupported("label_smoothing_factor", self.args.label_smoothing_factor, "needs the full logits")
+    if self.aux_loss_enabled:
+        raise _unsupported("aux_loss (router_aux_loss_coef)", self.router_aux_loss_coef, "MoE load-balancing loss")
+    extra = sorted(set(inputs) - {"input_ids", "attention_mask", "labels", "position_ids", "use_cache"})
+    if extra or "attention_mask" not in inputs:
+        raise _unsupported("batch keys", extra or "no attention_mask (padding-free)", "plain causal-LM batches only")
+    m, head = _body(self, model)
+    kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
+    hidden, weight, bias = hidden_and_head(m, inputs["input_ids"], inputs["attention_mask"], **kwargs)
+    hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
+    mean = linear_sft_loss(hidden, weight, labels, bias=bias, **head)
+    kept = labels != -100
+    count = kept.sum()
+    loss = mean if num_items_in_batch is None else mean * count / torch.as_tensor(num_items_in_batch).clamp(min=1)
+    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+    with torch.no_grad():
+        rows, targets = hidden[kept], labels[kept]
+        entropy_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, rows.shape[0], _SFT_ROWS):
+            logits = linear_logits(rows[start : start + _SFT_ROWS], weight, bias, **head).float()
+            log_p = torch.log_softmax(logits, dim=-1)
+            entropy_sum += -(log_p.exp() * log_p).sum()
+            correct += (logits.argmax(dim=-1) == targets[start : start + _SFT_ROWS]).sum()
+    num_valid = self.accelerator.gather_for_metrics(count).sum()
+    entropy_sum = self.accelerator.gather_for_metrics(entropy_sum).sum()
+    num_correct = self.accelerator.gather_for_metrics(correct).sum()
+    self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+    self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+    if mode == "train":
+        num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        self._total_train_tokens += num_tokens_in_batch // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    return loss
+
+
 def _reward_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
     """TRL's ``RewardTrainer.compute_loss`` with the Bradley-Terry loss from ``pairwise_reward_loss``:
     -log sigmoid(chosen - rejected - margin), plus center_rewards_coefficient * mean((c + r)^2), as TRL
@@ -293,8 +351,10 @@ def _reward_compute_loss(self, model, inputs, return_outputs=False, num_items_in
 
 def _patches(trainer) -> dict:
     """{method name: replacement function} for this trainer, after checking its options."""
-    from trl import GRPOTrainer, RewardTrainer
+    from trl import GRPOTrainer, RewardTrainer, SFTTrainer
 
+    if isinstance(trainer, SFTTrainer):
+        return {"compute_loss": _sft_compute_loss}
     if isinstance(trainer, RewardTrainer):
         return {"compute_loss": _reward_compute_loss}
     if isinstance(trainer, GRPOTrainer):
