@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine (H100, no network): build rlhf_fast._C for sm_90, run the GPU
-# tests, one RL step end to end (python -m rlhf_fast.bench --rl-step) and the quick benchmark suite
+# tests, one RL step end to end (python -m rlhf_fast.bench --rl-step), TRL's GRPO step stock vs
+# rlhf_fast.integrations.trl when trl's wheels are carried (bench_integrations.py) and the quick benchmark suite
 # (python -m rlhf_fast.bench --quick), and print the headline figures LAST.
 #
 #   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; under 8 minutes)
@@ -87,6 +88,20 @@ if ((${#liger_wheels[@]})); then
 fi
 # One RL step (rollout and update) with the fused ops vs the same loop on plain PyTorch, vocab 128256.
 step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + 10)) python -m rlhf_fast.bench --rl-step --device cuda --repeats 2 --out "$LOG_DIR/results"
+
+# TRL's GRPOTrainer stock vs rlhf_fast.integrations.trl.enable: one step and the loss, vocab 128256, bf16
+# (bench_integrations.py). TRL is not on the machine and it has no network: carry trl's wheels and
+# its dependencies' (accelerate, datasets, ...) in .whl/; without trl the step is skipped, saying so.
+trl_wheels=(.whl/trl-*.whl)
+if ((${#trl_wheels[@]})); then
+  step trl_install 90 $((BENCH_MIN_S + 70)) python -m pip install --no-index --find-links .whl "${trl_wheels[@]}"
+fi
+if python -c "import trl" >/dev/null 2>&1; then
+  step integrations "${INTEGRATIONS_TIMEOUT_S:-90}" $((BENCH_MIN_S + 10)) python -m rlhf_fast.bench.bench_integrations \
+    --device cuda --vocab 128256 --dtype bfloat16 --repeats 3 --out bench/results --out "$LOG_DIR/results"
+else
+  echo "== integrations: not run, trl is not installed (carry its wheels in .whl/)"
+fi
 
 # The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
 # ends on its own and writes its rows, report and plots (it also writes rows after each case, and
