@@ -24,6 +24,7 @@ back silently to another loss. Tested with TRL 1.16.0 (``TESTED``); another vers
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -143,6 +144,13 @@ def _completion_hidden(trainer, model, input_ids, attention_mask, logits_to_keep
     return hidden, weight, bias, head
 
 
+def _head_context(trainer, hidden):
+    """Where the head runs: under the trainer's autocast, or outside it with cast_lm_head_to_fp32 (as TRL does)."""
+    if getattr(trainer.args, "cast_lm_head_to_fp32", False):
+        return torch.autocast(hidden.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _refuse_multimodal(inputs: dict):
     given = [name for name in _MULTIMODAL if inputs.get(name) is not None]
     if given:
@@ -157,7 +165,7 @@ def _grpo_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
 
     _refuse_multimodal(multimodal)
     if compute_aux_loss:
-        raise _unsupported("aux_loss (router_aux_loss_coef)", self.router_aux_loss_coef, "MoE load-balancing loss")
+        raise _unsupported("aux_loss (router_aux_loss_coef)", getattr(self, "router_aux_loss_coef", None), "MoE load-balancing loss")
     batch_size = batch_size or input_ids.size(0)
     logps, entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
@@ -165,8 +173,9 @@ def _grpo_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
         labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
         with self.accelerator.autocast():
             hidden, weight, bias, head = _completion_hidden(self, model, ids, am, logits_to_keep)
-            out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
-                                        return_entropy=compute_entropy, **head)  # fmt: skip
+            with _head_context(self, hidden):
+                    out = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                            return_entropy=compute_entropy, **head)  # fmt: skip
         logp, entropy = out if compute_entropy else (out, None)
         logps.append(logp)
         entropies.append(entropy)
@@ -185,7 +194,7 @@ def _grpo_compute_loss(self, model, inputs):
 
     _refuse_multimodal(inputs)
     if self.aux_loss_enabled:
-        raise _unsupported("aux_loss (router_aux_loss_coef)", self.router_aux_loss_coef, "MoE load-balancing loss")
+        raise _unsupported("aux_loss (router_aux_loss_coef)", getattr(self, "router_aux_loss_coef", None), "MoE load-balancing loss")
     options = self.__dict__["_rlhf_fast_options"]
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -200,6 +209,7 @@ def _grpo_compute_loss(self, model, inputs):
 
     with self.accelerator.autocast():
         hidden, weight, bias, head = _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep)
+    with self.accelerator.autocast(), _head_context(self, hidden):
         with torch.no_grad():  # TRL's metrics (and its old log-probs when it has none) need them per token
             logp, entropies = linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids.masked_fill(~bool_mask, -100),
                                                     bias=None if bias is None else bias.detach(),
@@ -287,7 +297,7 @@ def _sft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
     if self.label_smoother is not None:
         raise _unsupported("label_smoothing_factor", self.args.label_smoothing_factor, "needs the full logits")
     if self.aux_loss_enabled:
-        raise _unsupported("aux_loss (router_aux_loss_coef)", self.router_aux_loss_coef, "MoE load-balancing loss")
+        raise _unsupported("aux_loss (router_aux_loss_coef)", getattr(self, "router_aux_loss_coef", None), "MoE load-balancing loss")
     extra = sorted(set(inputs) - {"input_ids", "attention_mask", "labels", "position_ids", "use_cache"})
     if extra or "attention_mask" not in inputs:
         raise _unsupported("batch keys", extra or "no attention_mask (padding-free)", "plain causal-LM batches only")
