@@ -288,3 +288,53 @@ def test_sft_unsupported_loss_type_raises(tiny_dir, tmp_path):
     trainer = rf_trl.enable(sft_trainer(tiny_dir, tmp_path, steps=1, loss_type="dft"))
     with pytest.raises(NotImplementedError, match="loss_type='dft'"):
         trainer.train()
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_truncate"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_vllm_truncation_equals_stock_loss(mode, loss_type, tiny_dir, tmp_path):
+    """vLLM is not installed here, so the rollout is synthetic: sampler log-probs near the old ones
+    (one unscored NaN), the importance ratio built as TRL's _generate_and_score_completions builds it,
+    then TRL's _compute_loss and ours on the same batch: same loss and gradients."""
+    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, loss_type=loss_type, vllm_importance_sampling_mode=mode,
+                           vllm_importance_sampling_clip_max=1.05)  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    model = trainer.model
+    g = torch.Generator().manual_seed(0)
+    B, P, R, V = 4, 3, 6, model.config.vocab_size
+    completion_mask = torch.ones(B, R, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    prompt_ids, completion_ids = torch.randint(4, V, (B, P), generator=g), torch.randint(4, V, (B, R), generator=g)
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([torch.ones(B, P, dtype=torch.long), completion_mask], 1), R)
+    old = logp + 0.05 * torch.randn(B, R, generator=g, dtype=logp.dtype)
+    sampled = old + 0.1 * torch.randn(B, R, generator=g, dtype=logp.dtype)
+    sampled[0, 2] = float("nan")
+    diff = torch.nan_to_num((old - sampled) * completion_mask, nan=0.0)
+    if mode == "sequence_truncate":
+        diff = diff.sum(-1, keepdim=True)
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": torch.ones(B, P, dtype=torch.long), "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.randn(B, generator=g, dtype=logp.dtype),
+        "old_per_token_logps": old, "ref_per_token_logps": logp - 0.02, "sampling_per_token_logps": sampled,
+        "importance_sampling_ratio": torch.exp(diff).clamp(max=1.05), "num_items_in_batch": completion_mask.sum(),
+    }  # fmt: skip
+    assert (torch.exp(diff) > 1.05).any(), "no ratio was truncated"
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    stock_loss, stock_grads = loss_and_grads()
+    rf_trl.enable(trainer)
+    assert trainer.__dict__["_rlhf_fast_options"].rollout_is == mode.split("_")[0]
+    loss, grads = loss_and_grads()
+    # Our policy losses are float32 by contract (their aggregation weights too), so float32 rounding
+    # of each tensor's scale is the tolerance, even for this float64 model.
+    torch.testing.assert_close(loss.double(), stock_loss.double(), rtol=1e-6, atol=1e-7)
+    for ours, stock in zip(grads, stock_grads):
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6 * float(stock.abs().max()))
