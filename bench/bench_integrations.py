@@ -7,7 +7,11 @@
 The trainer is TRL's own (GRPOConfig: loss_type "dapo", the default, beta 0.04, so a reference
 model) on a Qwen2 built from a config (vocab V, hidden H, L layers). Generation is the same code in
 both and is left out: the batch is a fixed random one (B completions of R tokens after P prompt
-tokens, the last quarter of each completion padded) given to the trainer's own methods:
+tokens, the last quarter of each completion padded) given to the trainer's own methods.
+
+Implementations: ``trl-stock``; ``trl-liger``, TRL's ``use_liger_kernel=True`` (in TRL 1.16 Liger's
+layer kernels only: its fused linear loss is refused there, TRL's own chunked head stays; run when
+liger_kernel is installed); ``rlhf_fast``, the stock trainer after ``enable``. Phases:
 
   loss   ``trainer.compute_loss`` forward + backward: the policy's log-probs and entropies, then the
          loss (stock: TRL's chunked fused head and its loss code; ours: fused_linear_policy_loss)
@@ -23,6 +27,7 @@ so neither inherits the other's high-water mark. Rows go to ``<out>/<date>-<devi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import resource
 import statistics
@@ -39,7 +44,7 @@ BENCH = "integrations"
 KEY_FIELDS = ("peer", "impl", "phase", "dtype", "vocab", "hidden", "layers", "batch", "completion_len")
 SIZES = {"vocab": (128256, 32000), "hidden": (1024, 256), "layers": (2, 2), "batch": (16, 8),
          "prompt_len": (64, 16), "completion_len": (512, 64)}  # (CUDA, CPU) fmt: skip
-IMPLS = ("trl-stock", "rlhf_fast")
+IMPLS = ("trl-stock", "trl-liger", "rlhf_fast")
 PHASES = ("loss", "step")
 
 
@@ -55,7 +60,7 @@ def build_trainer(args, model_dir: str, impl: str):
         output_dir=tempfile.mkdtemp(prefix="bench_integrations_"), per_device_train_batch_size=args.batch,
         num_generations=4, max_completion_length=args.completion_len, beta=0.04, loss_type="dapo", report_to=[],
         use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16", gradient_checkpointing=False, save_strategy="no",
-        disable_tqdm=True, model_init_kwargs={"dtype": dtype}, learning_rate=1e-6,
+        disable_tqdm=True, model_init_kwargs={"dtype": dtype}, learning_rate=1e-6, use_liger_kernel=impl == "trl-liger",
     )  # fmt: skip
     prompts = datasets.Dataset.from_dict({"prompt": ["a b c"] * args.batch})
     with warnings.catch_warnings():
@@ -94,18 +99,21 @@ def measure(args, model_dir: str, impl: str, phase: str) -> dict:
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
 
     def loss():
-        trainer.compute_loss(model, inputs).backward()
+        value = trainer.compute_loss(model, inputs)
+        value.backward()
+        return float(value)
 
     def step():
         with torch.no_grad():
             trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, mask, args.completion_len)
             trainer._get_per_token_logps_and_entropies(model, ids, mask, args.completion_len)
-        loss()
+        value = loss()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return value
 
     env, fn = harness.environment(device), {"loss": loss, "step": step}[phase]
-    times, peak = [], None
+    times, peak, value = [], None, None
     for repeat in range(args.repeats + 1):  # the first warms up
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -114,9 +122,10 @@ def measure(args, model_dir: str, impl: str, phase: str) -> dict:
             base = torch.cuda.memory_allocated(device)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        fn()
+        out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        value = out if value is None else value  # the first run's loss: the optimizer moves the model after it
         elapsed = time.perf_counter() - start
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(device) - base) / harness.MIB
@@ -128,7 +137,7 @@ def measure(args, model_dir: str, impl: str, phase: str) -> dict:
         **env, "peer": "trl", "peer_version": _version("trl"), "impl": impl, "phase": phase, "dtype": args.dtype,
         "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
         "prompt_len": args.prompt_len, "completion_len": args.completion_len, "repeats": len(times),
-        "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "peak_mib": peak,
+        "loss_value": value, "ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "peak_mib": peak,
         "peak_note": "allocator peak beyond the phase's start" if device.type == "cuda" else
                      "RSS high-water growth in a fresh process (first run of the phase)",
     }  # fmt: skip
@@ -182,6 +191,9 @@ def main(argv=None) -> int:
         save_model(args, model_dir)
         for phase in PHASES:
             for impl in IMPLS:
+                if impl == "trl-liger" and importlib.util.find_spec("liger_kernel") is None:
+                    print(f"{impl} {phase}: not run, liger_kernel is not installed")
+                    continue
                 if args.device == "cpu":  # a fresh process each, for its own RSS high-water mark
                     with multiprocessing.get_context("spawn").Pool(1) as pool:
                         rows.append(pool.apply(measure, (args, model_dir, impl, phase)))
@@ -189,16 +201,20 @@ def main(argv=None) -> int:
                     rows.append(measure(args, model_dir, impl, phase))
                     torch.cuda.empty_cache()
     stock = {r["phase"]: r for r in rows if r["impl"] == "trl-stock"}
+    # Never time a wrong answer as a win: each loss against stock TRL's on the same batch and weights.
+    rtol = 2e-2 if args.dtype == "bfloat16" else 1e-3
     for r in rows:
         r["x_stock"] = stock[r["phase"]]["ms"] / r["ms"]
+        reference = stock[r["phase"]]["loss_value"]
+        r["check"] = "ok" if abs(r["loss_value"] - reference) <= rtol * abs(reference) + 1e-6 else "MISMATCH"
     paths = [harness.write_results(rows, out, bench=BENCH, key_fields=KEY_FIELDS) for out in out_dirs]
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(f"{r['peer']} {r['impl']:<10} {r['phase']:<5} {r['dtype']:<9} V={r['vocab']} H={r['hidden']} "
               f"B={r['batch']}x{r['prompt_len']}+{r['completion_len']}  {r['ms']:9.1f} ms  x{r['x_stock']:.2f} vs stock  "
-              f"peak {peak} MiB")  # fmt: skip
+              f"peak {peak} MiB  loss {r['loss_value']:.6g} {r['check']}")  # fmt: skip
     print("results:", ", ".join(map(str, paths)))
-    return 0
+    return 0 if all(r["check"] == "ok" for r in rows) else 1
 
 
 if __name__ == "__main__":
