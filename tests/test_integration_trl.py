@@ -285,9 +285,10 @@ def test_sft_trainer_steps_equal_stock(accumulation, tiny_dir, tmp_path):
 
 
 def test_sft_unsupported_loss_type_raises(tiny_dir, tmp_path):
-    trainer = rf_trl.enable(sft_trainer(tiny_dir, tmp_path, steps=1, loss_type="dft"))
+    trainer = sft_trainer(tiny_dir, tmp_path, steps=1, loss_type="dft")
     with pytest.raises(NotImplementedError, match="loss_type='dft'"):
-        trainer.train()
+        rf_trl.enable(trainer)
+    assert not rf_trl.is_enabled(trainer)
 
 
 @pytest.mark.parametrize("mode", ["token_truncate", "sequence_truncate"])

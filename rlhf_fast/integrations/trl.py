@@ -17,8 +17,9 @@ What it changes, per trainer instance (the class and every other trainer stay st
 - ``RewardTrainer.compute_loss``: the Bradley-Terry loss through ``pairwise_reward_loss``.
 
 A TRL option the mapping does not reproduce exactly raises ``NotImplementedError`` naming it, at
-``enable`` for GRPO's configuration, at the first step for SFT's and for inputs (multimodal batches); nothing falls
-back silently to another loss. Tested with TRL 1.16.0 (``TESTED``); another version warns
+``enable`` for the trainer's configuration and at the first step for what only the batch shows
+(multimodal or padding-free batches, MoE aux losses); nothing falls back silently to another
+loss. Tested with TRL 1.16.0 (``TESTED``); another version warns
 (``rlhf_fast.integrations.UntestedVersionWarning``). trl is imported inside the functions only.
 """
 
@@ -275,6 +276,16 @@ def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantage
         metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > self.epsilon_high) & (advantages > 0)).float()))
 
 
+def _check_sft(trainer):
+    """The SFTTrainer configurations whose loss is not a plain mean -log p of the labels."""
+    if trainer.args.loss_type != "nll":
+        raise _unsupported("loss_type", trainer.args.loss_type, "rlhf_fast maps 'nll'")
+    if trainer.compute_loss_func is not None:
+        raise _unsupported("compute_loss_func", trainer.compute_loss_func, "a loss of the logits")
+    if trainer.label_smoother is not None:
+        raise _unsupported("label_smoothing_factor", trainer.args.label_smoothing_factor, "needs the full logits")
+
+
 _SFT_ROWS = 1024  # token rows per chunk of the metrics pass: one [rows, V] float32 block at a time
 
 
@@ -290,12 +301,6 @@ def _sft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
     mode = "train" if self.model.training else "eval"
     if return_outputs:
         raise _unsupported("return_outputs", True, "the logits are never built; compute_metrics needs them")
-    if self.args.loss_type != "nll":
-        raise _unsupported("loss_type", self.args.loss_type, "rlhf_fast maps 'nll'")
-    if self.compute_loss_func is not None:
-        raise _unsupported("compute_loss_func", self.compute_loss_func, "a loss of the logits")
-    if self.label_smoother is not None:
-        raise _unsupported("label_smoothing_factor", self.args.label_smoothing_factor, "needs the full logits")
     if self.aux_loss_enabled:
         raise _unsupported("aux_loss (router_aux_loss_coef)", getattr(self, "router_aux_loss_coef", None), "MoE load-balancing loss")
     extra = sorted(set(inputs) - {"input_ids", "attention_mask", "labels", "position_ids", "use_cache"})
@@ -364,6 +369,7 @@ def _patches(trainer) -> dict:
     from trl import GRPOTrainer, RewardTrainer, SFTTrainer
 
     if isinstance(trainer, SFTTrainer):
+        _check_sft(trainer)
         return {"compute_loss": _sft_compute_loss}
     if isinstance(trainer, RewardTrainer):
         return {"compute_loss": _reward_compute_loss}
