@@ -18,14 +18,13 @@ import warnings
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it, at the peers' import
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from rlhf_fast.integrations import UntestedVersionWarning, check_version  # noqa: E402
 from rlhf_fast.integrations import trl as rf_trl  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # TRL's logs are float32 scalars even for a float64 model, so a relative 1e-5 (and 1e-6 absolute for
 # values near 0) is float32 rounding of the logged number, not slack in the computation.
