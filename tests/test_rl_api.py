@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rlhf_fast.train.data import DataError
-from rlhf_fast.train.models import load_policy, quiet_transformers
+from rlhf_fast.train.models import load_policy
+from rlhf_fast.train.quiet import quiet_transformers
 from rlhf_fast.train.rl.trainer import RLTrainer
 from rlhf_fast.train.run import save_policy
 

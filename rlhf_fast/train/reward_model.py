@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .models import quiet_transformers
+from .quiet import quiet_transformers
 
 MODEL_TYPE = "rlhf_fast_reward_model"
 FORMAT_VERSION = 1

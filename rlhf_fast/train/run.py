@@ -20,7 +20,7 @@ from .config import ConfigError, to_dict
 from .data import BatchStream
 from .loop import Loop, apply_optim
 from .metrics import plot_metrics, read_metrics
-from .models import quiet_transformers
+from .quiet import quiet_transformers
 from .reward_model import replace_dir
 
 # What runs write in out_dir (SFT and RL: model/, RM: reward_model/); --overwrite deletes only these.
