@@ -62,12 +62,15 @@ def length_reward(completions, **kwargs):
     return [float(len(c) % 7) for c in completions]
 
 
+def trainer_args(steps: int, **config) -> dict:
+    """The TrainingArguments every trainer here shares (CPU, float64, SGD, a log line per step), with ``config``."""
+    return dict(per_device_train_batch_size=4, max_steps=steps, optim="sgd", learning_rate=0.1, logging_steps=1,
+                report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
+                model_init_kwargs={"dtype": torch.float64}) | config  # fmt: skip
+
+
 def grpo_trainer(model_dir, out_dir, steps=5, **config):
-    fields = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=steps,
-                  optim="sgd", learning_rate=0.1, beta=0.1, num_iterations=2, logging_steps=1, report_to=[],
-                  use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
-                  model_init_kwargs={"dtype": torch.float64})  # fmt: skip
-    fields.update(config)
+    fields = trainer_args(steps, **({"num_generations": 4, "max_completion_length": 8, "beta": 0.1, "num_iterations": 2} | config))
     args = trl.GRPOConfig(output_dir=str(out_dir), **fields)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     return trl.GRPOTrainer(model=str(model_dir), reward_funcs=length_reward, args=args, train_dataset=prompts(),
@@ -224,10 +227,7 @@ def test_check_version_names_a_missing_package():
 
 
 def reward_trainer(model_dir, out_dir, steps=3, **config):
-    fields = dict(per_device_train_batch_size=4, max_steps=steps, optim="sgd", learning_rate=0.1, logging_steps=1,
-                  report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
-                  model_init_kwargs={"dtype": torch.float64})  # fmt: skip
-    fields.update(config)
+    fields = trainer_args(steps, **config)
     from rlhf_fast.train.task import vocabulary
 
     words = vocabulary()[4:]
@@ -258,10 +258,7 @@ def test_reward_trainer_enable_disable(tiny_dir, tmp_path):
 
 
 def sft_trainer(model_dir, out_dir, steps=3, **config):
-    fields = dict(per_device_train_batch_size=4, max_steps=steps, optim="sgd", learning_rate=0.1, logging_steps=1,
-                  report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True,
-                  model_init_kwargs={"dtype": torch.float64})  # fmt: skip
-    fields.update(config)
+    fields = trainer_args(steps, **config)
     from rlhf_fast.train.task import vocabulary
 
     words = vocabulary()[4:]

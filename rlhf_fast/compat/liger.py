@@ -25,13 +25,12 @@ Where the results differ on purpose:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.distributed as dist
 
 from .. import _validate as check
-from ..integrations import check_version
+from ..integrations import warn_once_if_untested
 from ..ops.aggregate import global_loss_normalizer
 from ..ops.fused_linear_policy_loss import fused_linear_policy_loss
 from ..ops.linear_logprobs import linear_token_logprobs
@@ -59,14 +58,8 @@ _UNSUPPORTED_LOSS_TYPES = ("luspo", "vespo")
 _NO_TRUNCATION = 1e30
 
 
-@functools.cache
 def _soft_version_check() -> None:
-    """Once per process: warn when an installed Liger-Kernel is outside the range whose signatures these
-    classes copy; nothing when it is absent (they do not need it)."""
-    try:
-        check_version("liger-kernel", TESTED, *SUPPORTED)
-    except ImportError:
-        pass
+    warn_once_if_untested("liger-kernel", TESTED, *SUPPORTED)
 
 
 def _unsupported(option: str, value, why: str):

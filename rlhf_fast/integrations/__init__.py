@@ -6,6 +6,7 @@ entry point was tested with.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 import warnings
@@ -59,3 +60,13 @@ def check_version(package: str, tested: str, lo: str, hi: str) -> str:
             stacklevel=3,
         )
     return installed
+
+
+@functools.cache
+def warn_once_if_untested(package: str, tested: str, lo: str, hi: str) -> None:
+    """``check_version`` once per process for drop-ins that do not need the peer: warns when an
+    installed ``package`` is outside ``[lo, hi)``, and says nothing when it is absent."""
+    try:
+        check_version(package, tested, lo, hi)
+    except ImportError:
+        pass

@@ -22,7 +22,6 @@ What the drop-ins compute differently, on purpose:
 
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 
@@ -37,7 +36,7 @@ from ..ops.token_logprobs import token_logprobs
 from ..ops.value_loss import value_loss
 from ..options import PolicyLossOptions
 from ..rollout_correction import Correction
-from . import check_version
+from . import check_version, warn_once_if_untested
 
 TESTED = "0.11.2"
 SUPPORTED = ("0.11", "0.12")  # [lo, hi): the releases whose loss.py / utils.py the drop-ins mirror
@@ -52,14 +51,8 @@ def check_openrlhf_version() -> str:
     return check_version("openrlhf", TESTED, *SUPPORTED)
 
 
-@functools.cache
 def _soft_version_check() -> None:
-    """Once per process: warn when an installed OpenRLHF is outside the tested range; nothing when absent
-    (the drop-ins need only rlhf_fast)."""
-    try:
-        check_openrlhf_version()
-    except ImportError:
-        pass
+    warn_once_if_untested("openrlhf", TESTED, *SUPPORTED)
 
 
 def _agg_and_normalizer(token_level_loss: bool, dp_size, batch_num_tokens, global_batch_size):

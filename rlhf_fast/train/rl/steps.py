@@ -91,24 +91,30 @@ def reward_model_scores(trainer, rollout: Rollout) -> torch.Tensor:
     return rm.score(ids, mask).float()
 
 
-def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """model_coef * reward model + fn_coef * reward_fn(prompts, responses), clipped to reward.clip."""
+def response_scores(trainer, rollout: Rollout) -> dict[str, torch.Tensor]:
+    """[B] per response: ``score`` = model_coef * reward model + fn_coef * reward_fn(prompts, responses),
+    clipped to reward.clip, and its parts ``rm_score`` and ``fn_score`` (those configured)."""
     cfg = trainer.config.reward
     device = rollout.input_ids.device
     total = torch.zeros(len(rollout), dtype=torch.float32, device=device)
-    stats: dict[str, torch.Tensor] = {}
+    parts: dict[str, torch.Tensor] = {}
     if trainer.reward_model is not None:
-        rm = reward_model_scores(trainer, rollout)
-        stats["rm_score"] = rm.mean()
-        total = total + cfg.model_coef * rm
+        parts["rm_score"] = reward_model_scores(trainer, rollout)
+        total = total + cfg.model_coef * parts["rm_score"]
     if trainer.reward_fn is not None:
         # trainer.reward_fn is checked_reward_fn's wrapper: one float32 number per response.
-        fn = trainer.reward_fn(rollout.prompts, rollout.responses).to(device)
-        stats["fn_score"] = fn.mean()
-        total = total + cfg.fn_coef * fn
+        parts["fn_score"] = trainer.reward_fn(rollout.prompts, rollout.responses).to(device)
+        total = total + cfg.fn_coef * parts["fn_score"]
     if cfg.clip is not None:
         total = total.clamp(-cfg.clip, cfg.clip)
-    return total, stats
+    return {"score": total, **parts}
+
+
+def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``response_scores``: the scores, and the means of their parts as stats."""
+    parts = response_scores(trainer, rollout)
+    total = parts.pop("score")
+    return total, {key: value.mean() for key, value in parts.items()}
 
 
 # --------------------------------------------------------------------------------------- experience
@@ -473,6 +479,7 @@ __all__ = [
     "make_experience",
     "register_advantage",
     "reinforce_advantage",
+    "response_scores",
     "reward_model_scores",
     "rollout_step",
     "score_step",

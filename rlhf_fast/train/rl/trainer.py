@@ -45,7 +45,8 @@ from ..models import check_vocab, load_policy, load_tokenizer, tokenizer_vocab_s
 from ..reward_model import RewardModel
 from .config import RLConfig
 from .rollout import generate, sequence_logprobs
-from .steps import ADVANTAGE_ESTIMATORS, checked_advantages, explained_variance, loss_step, make_experience, rollout_step, sample_step, score_step, update_step
+from .steps import (ADVANTAGE_ESTIMATORS, checked_advantages, explained_variance, loss_step, make_experience, response_scores,
+                    rollout_step, sample_step, score_step, update_step)
 from ..run import plot_run, save_policy, save_summary, seed_everything, start_run
 from ..task import SyntheticTask
 
@@ -451,7 +452,7 @@ class RLTrainer(checkpoint.CheckpointedRun):
         except ValueError:
             pass
         return evaluate_policy(
-            policy, self.ref_policy, self.tokenizer, self.eval_prompts, self.config.rollout, score_fn=self._eval_scores,
+            policy, self.ref_policy, self.tokenizer, self.eval_prompts, self.config.rollout, score_fn=lambda rollout: response_scores(self, rollout),
             score_keys=self._eval_score_keys(), gold_fn=gold_fn, batch_size=self.config.train.eval_batch_size,
             seed=self.config.train.seed + 1, backend=self.config.train.backend,
         )  # fmt: skip
@@ -459,21 +460,6 @@ class RLTrainer(checkpoint.CheckpointedRun):
     def _eval_score_keys(self) -> tuple[str, ...]:
         parts = ("rm_score",) * (self.reward_model is not None) + ("fn_score",) * (self.reward_fn is not None)
         return ("score", *parts) if parts else ()
-
-    def _eval_scores(self, rollout) -> dict[str, torch.Tensor]:
-        """score_step's reward of a held-out rollout, per response, with its parts."""
-        cfg = self.config.reward
-        from .steps import reward_model_scores
-
-        out, total = {}, torch.zeros(len(rollout), dtype=torch.float32, device=self.device)
-        if self.reward_model is not None:
-            out["rm_score"] = reward_model_scores(self, rollout)
-            total = total + cfg.model_coef * out["rm_score"]
-        if self.reward_fn is not None:
-            out["fn_score"] = self.reward_fn(rollout.prompts, rollout.responses).to(self.device)
-            total = total + cfg.fn_coef * out["fn_score"]
-        out["score"] = total.clamp(-cfg.clip, cfg.clip) if cfg.clip is not None else total
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
