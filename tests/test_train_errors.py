@@ -128,11 +128,17 @@ def test_bad_reward_fn(tmp_path, fn, expected):
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
+def default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_names_the_last_checkpoint_and_resume(tmp_path):
     out = tmp_path / "run"
     argv = ["rl", "--out_dir", str(out), *rl_options(train__steps=500, train__save_every=1, train__keep_checkpoints=2)]
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # under `ci &` the run would never see the Ctrl-C. The terminal's default is what a user has.
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_fast", *argv], cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob("step_*.pt")) and proc.poll() is None and time.monotonic() < deadline:
