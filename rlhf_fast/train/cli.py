@@ -8,6 +8,7 @@ Under torchrun (WORLD_SIZE > 1) the process group is initialised here (NCCL on C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
@@ -56,12 +57,16 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
 def training_session():
-    """The context every training command runs in: quiet transformers, torch.distributed under torchrun."""
+    """The context every training command runs in: quiet transformers, torch.distributed under
+    torchrun, intra-op threads fitted to the CPUs other processes leave free (``threads``)."""
     from .dist import process_group
+    from .threads import fitted_threads
 
     _quiet_transformers()
-    return process_group()
+    with process_group(), fitted_threads():
+        yield
 
 
 def run_trainer(args: argparse.Namespace, config_class: type, make_trainer, steps_done, report) -> int:

@@ -32,6 +32,7 @@ from . import checkpoint, dist
 from .config import LoopConfig, OptimConfig
 from .data import BatchStream
 from .metrics import MetricsLog, ProgressBar
+from .threads import fit_to_load
 
 LossFn = Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
@@ -140,6 +141,7 @@ def run_steps(run, cfg, *, desc: str, shown: tuple[str, ...]) -> dict[str, float
     evaluated = -1
     try:
         while run.step < end:
+            fit_to_load()
             metrics = run.train_step()
             run.step += 1
             metrics["elapsed_s"] = time.monotonic() - start
