@@ -5,6 +5,8 @@
 gae (forward, and forward + backward w.r.t. rewards and values), B = 64, T = 4096:
   eager         rlhf_fast.reference.gae: the readable loop over T, the usual way to write it
   eager-scan    reference.gae_scan: the same recurrence as a vectorised affine scan (log2 T steps)
+  eager-blocked gae_blocked below: matrix products over blocks of 64 tokens, the fastest plain
+                PyTorch formulation we know
   compile       torch.compile of gae_scan (the loop would unroll T steps into one graph)
   backend=<b>   rlhf_fast.gae(..., backend=b) for every backend that serves gae here; the others
                 are rows saying why (registry.can_serve(name, device, float32, op="gae"))
@@ -66,6 +68,7 @@ class GAECase(TensorCase):
         return [
             Impl("eager", make=lambda: reference.gae),
             Impl("eager-scan", make=lambda: reference.gae_scan),
+            Impl("eager-blocked", make=lambda: gae_blocked),
             compile_impl(reference.gae_scan),
         ] + backend_impls("gae", self.device, torch.float32, lambda name: _with_backend(rlhf_fast.gae, name))
 
@@ -100,6 +103,7 @@ class PPOAdvantagesCase(TensorCase):
         return [
             Impl("eager", make=lambda: _ppo_reference(reference.gae)),
             Impl("eager-scan", make=lambda: _ppo_reference(reference.gae_scan)),
+            Impl("eager-blocked", make=lambda: _ppo_reference(gae_blocked)),
             compile_impl(_ppo_reference(reference.gae_scan)),
         ] + backend_impls("ppo_advantages", self.device, torch.float32, _ppo_ours)
 
@@ -128,6 +132,39 @@ class GroupAdvantagesCase(TensorCase):
 
     def work(self, mode):
         return (8 if mode == "fwd" else 20) * self.dims["B"], 0.0
+
+
+def gae_blocked(rewards, values, mask, *, gamma=1.0, lam=0.95, block=64):
+    """GAE as matrix products: the strongest plain-PyTorch formulation we know, the baseline our
+    kernels must beat beside the loop and the scan. A_i = sum over j >= i of (gamma lam)^(j - i) delta_j
+    once each row's valid tokens are packed to its front (a no-op for right-padded masks), so
+    within a block of ``block`` tokens A is delta times one fixed triangular [block, block]
+    matrix, and each block adds (gamma lam)^(distance) times the next block's first advantage,
+    itself a triangular product over the blocks."""
+    mask = mask.bool()
+    b, t = mask.shape
+    packed = not bool((mask[:, 1:] & ~mask[:, :-1]).any())  # right-padded: valid tokens already in front
+    order = None if packed else torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    r = torch.where(mask, rewards, 0.0)
+    v = torch.where(mask, values, 0.0)
+    if order is not None:
+        r, v = r.gather(1, order), v.gather(1, order)
+    n_blocks = -(-t // block)
+    pad = n_blocks * block - t
+    r, v = torch.nn.functional.pad(r, (0, pad)), torch.nn.functional.pad(v, (0, pad))
+    delta = r + gamma * torch.nn.functional.pad(v[:, 1:], (0, 1)) - v
+    k = torch.arange(block, device=mask.device, dtype=r.dtype)
+    within = torch.where(k[None, :] >= k[:, None], (gamma * lam) ** (k[None, :] - k[:, None]), 0.0)
+    local = (delta.view(b, n_blocks, block) @ within.T).view(b, n_blocks, block)
+    n = torch.arange(n_blocks, device=mask.device, dtype=r.dtype)
+    across = torch.where(n[None, :] >= n[:, None], (gamma * lam) ** (block * (n[None, :] - n[:, None])), 0.0)
+    firsts = local[..., 0] @ across.T  # A at the first token of each block
+    following = torch.nn.functional.pad(firsts[:, 1:], (0, 1))
+    advantages = (local + (gamma * lam) ** (block - k) * following[..., None]).reshape(b, -1)[:, :t]
+    if order is not None:
+        advantages = torch.empty_like(advantages).scatter_(1, order, advantages)
+    advantages = torch.where(mask, advantages, 0.0)
+    return advantages, torch.where(mask, advantages + torch.where(mask, values, 0.0), 0.0)
 
 
 def _with_backend(op, name):
