@@ -151,3 +151,13 @@ def test_ctrl_c_names_the_last_checkpoint_and_resume(tmp_path):
     step, path = max((int(p.stem.split("_")[1]), p) for p in (out / "checkpoints").glob("step_*.pt"))
     assert f"interrupted; the last checkpoint is {path} (step {step}): run the same command with --resume" in line
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], "a write cut short left a temporary file"
+
+
+def test_nan_reward_names_the_row(tmp_path):
+    (tmp_path / "my_rewards.py").write_text("def nan_row_3(prompts, responses):\n    return [float('nan') if i == 3 else 1.0 for i in range(len(responses))]\n")
+    out = tmp_path / "run"
+    line = one_line_error(cli("rl", "--out_dir", str(out), *rl_options(reward__gold=False, reward__fn="my_rewards:nan_row_3"), cwd=tmp_path))
+    assert line.startswith("rlhf-fast rl: error: step 1: reward.fn='my_rewards:nan_row_3' returned nan for row 3 of 8 (1 row(s) NaN/inf; prompt '")
+    assert line.endswith("a reward must be a finite number")
+    # Stopped before any update: no checkpoint, metrics or model.
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

@@ -146,7 +146,8 @@ def run_demo_data(args: argparse.Namespace) -> int:
 EPILOG = """Without data paths, the built-in synthetic task is used (no download): a word-level tokenizer,
 prompts "write N words about TOPIC :" and a hidden gold score (see rlhf_fast.train.task).
 A fresh run needs an empty --out_dir (or --overwrite); --resume continues the run there.
-Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors;
+Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors,
+and for training that turns NaN/inf (train.max_nonfinite_skips updates in a row, or a NaN/inf reward);
 Ctrl-C exits 130 naming the last checkpoint, from which --resume continues."""
 
 
@@ -188,14 +189,16 @@ def add_commands(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a training command; configuration, data, file and checkpoint errors exit with status 2 and one line."""
+    """Run a training command; configuration, data, file, checkpoint and non-finite-training errors
+    (``loop.NonFiniteError``) exit with status 2 and one line."""
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .loop import NonFiniteError
     from .run import OutDirError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, CheckpointError, OutDirError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DataError, CheckpointError, OutDirError, NonFiniteError, FileNotFoundError, FileExistsError) as exc:
         print(f"rlhf-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:  # a file of the run that cannot be written (or read) midway

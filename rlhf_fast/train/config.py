@@ -319,6 +319,10 @@ class LoopConfig(Section):
     """cpu, cuda, cuda:N or auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
+    max_nonfinite_skips: int = 3
+    """An optimizer step whose loss or gradient norm is NaN or inf is skipped (weights and AdamW's state
+    unchanged, the LR schedule advances) with a warning and the skipped_updates metric; this many
+    skipped in a row stop the run with an error naming the step and the likely source."""
 
     def validate(self) -> None:
         require_schedule(self)
@@ -328,11 +332,12 @@ class LoopConfig(Section):
 
 def require_schedule(section) -> None:
     """Check the fields every stage's ``train`` section has (LoopConfig, RLLoopConfig): what
-    ``loop.run_steps`` reads, plus eval_batch_size, keep_checkpoints, precision and device."""
+    ``loop.run_steps`` reads, plus eval_batch_size, keep_checkpoints, max_nonfinite_skips, precision
+    and device."""
     section.require(section.steps >= 1, "steps", "must be >= 1")
     if section.stop_after is not None:
         section.require(1 <= section.stop_after <= section.steps, "stop_after", f"must be in [1, train.steps={section.steps}]")
-    for name in ("eval_batch_size", "log_every", "keep_checkpoints"):
+    for name in ("eval_batch_size", "log_every", "keep_checkpoints", "max_nonfinite_skips"):
         section.require(getattr(section, name) >= 1, name, "must be >= 1")
     for name in ("eval_every", "save_every"):
         section.require(getattr(section, name) >= 0, name, "must be >= 0")

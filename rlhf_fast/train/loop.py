@@ -10,6 +10,13 @@ loss, stats)`` and ``eval_fn(model) -> metrics``. RL (``rl.trainer.RLTrainer``) 
 shares the rest: ``run_steps``, ``build_optimizer``, ``build_scheduler``, ``clip_gradients`` and
 ``optimizer_step``.
 
+Non-finite updates are never applied (``guarded_step``): when the loss or the gradient norm of an
+optimizer step is NaN or inf on any process, every process drops the gradient and skips AdamW's
+step, with a warning and the ``skipped_updates`` metric; the LR schedule still advances, so the
+learning rate stays a function of the step count (as torch.amp's GradScaler leaves it when it
+skips a step). ``train.max_nonfinite_skips`` consecutive skips stop the run with
+``NonFiniteError`` naming the step and the likely source.
+
 Gradient accumulation is normalised by tokens (SFT) or pairs (RM): each micro-batch reports its
 weight (``batch.weight()``), and its mean loss is scaled by weight / (sum of weights over the
 micro-batches of the step and over all processes), so the gradient is that of the mean over the
@@ -21,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -113,6 +121,80 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler) -> float:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return lr
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: ``train.max_nonfinite_skips`` optimizer updates in a row had a NaN or inf loss
+    or gradient norm, or a reward came back NaN or inf. The message names the step and the likely source."""
+
+
+def all_finite(*values) -> bool:
+    """Whether every value (floats, or tensors of any shape) is finite on every process: one
+    all-reduce of a one-element flag, so that all processes take the same decision."""
+    bad = 0.0
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            bad += float((~torch.isfinite(value.detach())).any())
+        elif not math.isfinite(value):
+            bad += 1.0
+    if dist.initialized():
+        flag = torch.tensor([bad], dtype=torch.float64, device=dist_device())
+        bad = float(dist.all_reduce_sum(flag).item())
+    return bad == 0.0
+
+
+def dist_device() -> torch.device:
+    """The device collectives of the process group take (NCCL: the current GPU; gloo: the CPU)."""
+    import torch.distributed
+
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def nonfinite_source(modules, loss: float, grad_norm: float) -> str:
+    """The likely source of a non-finite update, for NonFiniteError's message: weights that hold
+    NaN or inf (named), else a NaN/inf loss (inputs, or values the model overflows), else an
+    overflowing gradient with a finite loss."""
+    for module in modules:
+        if module is None:
+            continue
+        for name, param in module.named_parameters():
+            bad = int((~torch.isfinite(param.detach())).sum())
+            if bad:
+                return (f"the model's weights hold {bad} NaN/inf value(s) (first in {name}): they were loaded or "
+                        "initialised that way (the updates of this run were skipped); check the model's checkpoint")
+    if not math.isfinite(loss):
+        return ("the loss itself is NaN/inf with finite weights: inputs (data, rewards, advantages) that hold NaN/inf, "
+                "or activations that overflow (try train.precision=fp32 or a lower optim.lr)")
+    return (f"the gradient overflows (norm {grad_norm}) with a finite loss: lower optim.lr, keep optim.grad_clip > 0, "
+            "or try train.precision=fp32")
+
+
+def guarded_step(run, finite: bool, *, loss: float, grad_norm: float, where: str) -> bool:
+    """``optimizer_step`` when the update is finite (``all_finite``'s agreed answer); else drop the
+    gradient, advance the LR schedule only, warn, and count the skip in ``run.nonfinite_streak``.
+    ``run.max_nonfinite_skips`` skips in a row raise NonFiniteError. Returns whether it stepped."""
+    if finite:
+        run.nonfinite_streak = 0
+        optimizer_step(run.optimizer, run.scheduler)
+        return True
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer's first step
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
+    run.nonfinite_streak = getattr(run, "nonfinite_streak", 0) + 1
+    what = f"non-finite update at {where} (loss {loss}, gradient norm {grad_norm})"
+    if run.nonfinite_streak >= run.max_nonfinite_skips:
+        raise NonFiniteError(
+            f"{what}: {run.nonfinite_streak} optimizer updates in a row skipped (train.max_nonfinite_skips="
+            f"{run.max_nonfinite_skips}), stopping; likely source: {nonfinite_source(run.nonfinite_modules(), loss, grad_norm)}"
+        )
+    if dist.is_main():
+        warnings.warn(f"{what}: skipped it (the weights and AdamW's state are unchanged; "
+                      f"{run.nonfinite_streak} in a row of at most train.max_nonfinite_skips={run.max_nonfinite_skips})",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+    return False
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -214,6 +296,8 @@ class Loop(checkpoint.CheckpointedRun):
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.keep_checkpoints = cfg.keep_checkpoints
         self.grad_clip = optim.grad_clip
+        self.max_nonfinite_skips = cfg.max_nonfinite_skips
+        self.nonfinite_streak = 0
         self.optimizer = build_optimizer(model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, cfg.steps)
         self.autocast = autocast_for(cfg.precision, self.device)
@@ -251,12 +335,21 @@ class Loop(checkpoint.CheckpointedRun):
         return out
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns its metrics (loss and stats, grad_norm, lr, weight). The global
-        gradient norm is clipped to optim.grad_clip (when > 0); grad_norm is the norm before clipping."""
+        """One optimizer step; returns its metrics (loss and stats, grad_norm, lr, weight,
+        skipped_updates). The global gradient norm is clipped to optim.grad_clip (when > 0); grad_norm
+        is the norm before clipping. A NaN or inf loss or gradient norm skips the update (``guarded_step``)."""
         metrics = self.forward_backward(self.micro_batches())
         metrics["grad_norm"] = clip_gradients(self.module.parameters(), self.grad_clip)
-        metrics["lr"] = optimizer_step(self.optimizer, self.scheduler)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        # The loss is already the global one (all-reduced): the flag's all-reduce covers the gradient.
+        finite = all_finite(metrics["loss"], metrics["grad_norm"])
+        stepped = guarded_step(self, finite, loss=metrics["loss"], grad_norm=metrics["grad_norm"], where=f"step {self.step + 1}")
+        metrics["skipped_updates"] = 0.0 if stepped else 1.0
         return metrics
+
+    def nonfinite_modules(self) -> list[torch.nn.Module]:
+        """The models whose weights ``nonfinite_source`` inspects."""
+        return [self.module]
 
     # ----------------------------------------------------------------- scheduled work
     def evaluate(self) -> dict[str, float]:
@@ -277,6 +370,7 @@ class Loop(checkpoint.CheckpointedRun):
         self._window_steps += 1
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
             record = {k: v / self._window_steps for k, v in self._window.items()}
+            record["skipped_updates"] = self._window.get("skipped_updates", 0.0)  # a count, not a mean
             record["lr"] = metrics["lr"]
             record["elapsed_s"] = metrics["elapsed_s"]
             self.metrics.write({"step": self.step, "split": "train", **record})

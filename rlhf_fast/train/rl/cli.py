@@ -44,7 +44,8 @@ prompt, group advantages, KL as a loss term), reinforce (Monte Carlo policy grad
 Rewards: a reward model (--reward.model_path) and/or a function (--reward.fn module:name; --reward.gold true: the
 built-in task's gold score), also scored on the
 held-out prompts (score, rm_score, fn_score). Prompts: JSONL {"prompt": str} or {"messages": [...]} (chat template).
-Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors;
+Exit status 2 and a one-line message for configuration, data, reward-function and output-directory errors,
+and for training that turns NaN/inf (a NaN/inf reward, or train.max_nonfinite_skips updates in a row);
 Ctrl-C exits 130 naming the last checkpoint, from which --resume continues."""
 
 

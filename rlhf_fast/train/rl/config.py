@@ -288,6 +288,11 @@ class RLLoopConfig(Section):
     """Show a progress bar (rank 0)."""
     backend: str = "auto"
     """Backend of the fused ops: auto, triton, cuda, host or torch (pure PyTorch reference)."""
+    max_nonfinite_skips: int = 3
+    """An optimizer update (one minibatch) whose loss or gradient norm is NaN or inf is skipped (weights
+    and AdamW's state unchanged, the LR schedule advances) with a warning and the skipped_updates
+    metric; this many skipped in a row stop the run with an error naming the step and the likely
+    source. NaN or inf rewards stop the run at once, naming the row."""
 
     def validate(self) -> None:
         require_schedule(self)

@@ -23,7 +23,7 @@ from rlhf_fast.ops.aggregate import global_loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
-from ..loop import optimizer_step
+from ..loop import NonFiniteError, all_finite, guarded_step
 from .rollout import Rollout, cat_rollouts, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
 
 
@@ -111,10 +111,34 @@ def response_scores(trainer, rollout: Rollout) -> dict[str, torch.Tensor]:
 
 
 def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``response_scores``: the scores, and the means of their parts as stats."""
+    """``response_scores``: the scores, and the means of their parts as stats. A NaN or inf score
+    stops the run (``checked_scores``)."""
     parts = response_scores(trainer, rollout)
+    checked_scores(trainer, rollout, parts)
     total = parts.pop("score")
     return total, {key: value.mean() for key, value in parts.items()}
+
+
+def checked_scores(trainer, rollout: Rollout, parts: dict[str, torch.Tensor]) -> None:
+    """Raise NonFiniteError when a reward (the reward model's, the reward function's, or their sum)
+    is NaN or inf, naming the first such row, its value, its source, prompt and response. Every
+    process agrees (one all-reduce), so none is left waiting in the next collective."""
+    if all_finite(*parts.values()):
+        return
+    for key, source in (("rm_score", "the reward model"), ("fn_score", getattr(trainer.reward_fn, "name", "reward_fn")),
+                        ("score", "the sum of the rewards")):  # fmt: skip
+        if key not in parts:
+            continue
+        bad = (~torch.isfinite(parts[key])).nonzero().flatten().tolist()
+        if bad:
+            row = bad[0]
+            on = f" on rank {dist.rank()}" if dist.world_size() > 1 else ""
+            raise NonFiniteError(
+                f"step {trainer.step + 1}: {source} returned {float(parts[key][row])} for row {row}{on} of {len(rollout)} "
+                f"({len(bad)} row(s) NaN/inf; prompt {rollout.prompts[row][:60]!r}, response {rollout.responses[row][:60]!r}); "
+                "a reward must be a finite number"
+            )
+    raise NonFiniteError(f"step {trainer.step + 1}: another process's rewards are NaN/inf (see its message)")
 
 
 # --------------------------------------------------------------------------------------- experience
@@ -434,14 +458,16 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def update_step(trainer, exp: Experience) -> dict[str, torch.Tensor]:
     """algo.epochs passes over the batch in shuffled minibatches; one optimizer step per minibatch,
-    gradient accumulated over its micro-batches with the minibatch's global ``agg`` normaliser."""
+    gradient accumulated over its micro-batches with the minibatch's global ``agg`` normaliser. An
+    update whose loss or gradient norm is NaN/inf is skipped (``loop.guarded_step``); the stats count
+    them in ``skipped_updates``."""
     cfg = trainer.config
     algo = cfg.algo
     epochs = 1 if algo.name == "reinforce" else algo.epochs
     B, mb, micro = len(exp), algo.mini_batch_size, algo.micro_batch_size
     autocast = trainer.autocast
     sums: dict[str, torch.Tensor] = {}
-    count = 0
+    count = updates = skipped = 0
     for _ in range(epochs):
         order = torch.randperm(B, device="cpu").to(exp.mask.device)
         for start in range(0, B, mb):
@@ -449,17 +475,26 @@ def update_step(trainer, exp: Experience) -> dict[str, torch.Tensor]:
             # The whole minibatch's, over micro-batches and ranks (token-sum's is 1, not a sum).
             normalizer = global_loss_normalizer([p.mask for p in parts], algo.agg,
                                                 max_response_length=algo.max_response_length)  # fmt: skip
+            losses = []
             for part in parts:
                 with autocast():
                     loss, stats = trainer.loss_fn(trainer, part, normalizer)
                 loss.backward()
+                losses.append(loss.detach().float())
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float()
                 count += 1
             sync_gradients(trainer.trainable_parameters())
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + trainer.clip_gradients() * len(parts)
-            optimizer_step(trainer.optimizer, trainer.scheduler)
-    return {k: v / max(count, 1) for k, v in sums.items()}
+            grad_norm = trainer.clip_gradients()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * len(parts)
+            # A NaN/inf loss or gradient norm on any process skips this update on every process.
+            loss = float(torch.stack(losses).sum())
+            finite = all_finite(loss, *getattr(trainer, "grad_norms", [grad_norm]))
+            updates += 1
+            where = f"step {trainer.step + 1}, update {updates} of {epochs * -(-B // mb)}"
+            if not guarded_step(trainer, finite, loss=loss, grad_norm=grad_norm, where=where):
+                skipped += 1
+    return {**{k: v / max(count, 1) for k, v in sums.items()}, "skipped_updates": torch.tensor(float(skipped))}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,7 @@ def checked_reward_fn(fn: RewardFn, name: str) -> RewardFn:
             raise RewardFnError(f"{name} returned {tuple(scores.shape)} scores for {B} responses; it must return one number per response")
         return scores
 
+    call.name = name  # steps.checked_scores names the function in its NaN/inf message
     return call
 
 
@@ -302,6 +303,9 @@ class RLTrainer(checkpoint.CheckpointedRun):
         self.backend_names = self.backends()
         self.step = 0
         self.last_eval: dict[str, float] = {}
+        self.max_nonfinite_skips = config.train.max_nonfinite_skips
+        self.nonfinite_streak = 0  # optimizer updates skipped in a row (loop.guarded_step)
+        self.grad_norms: list[float] = []
 
     # ------------------------------------------------------------------ construction helpers
     def _read_reward_model_dir(self, path: str):
@@ -378,7 +382,12 @@ class RLTrainer(checkpoint.CheckpointedRun):
         would let the value loss's gradient (often the larger, early on) shrink the policy's step."""
         max_norm = self.config.optim.grad_clip
         norms = [loop.clip_gradients(m.parameters(), max_norm) for m in (self.policy, self.critic) if m is not None]
+        self.grad_norms = norms  # policy's, then critic's: update_step skips the update unless all are finite
         return norms[0]
+
+    def nonfinite_modules(self) -> list[torch.nn.Module]:
+        """The models whose weights ``loop.nonfinite_source`` inspects: the policy and the critic."""
+        return [self.policy, self.critic]
 
     # ------------------------------------------------------------------ one RL step
     def next_prompts(self) -> list[str]:
