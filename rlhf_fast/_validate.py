@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -164,3 +166,109 @@ def group_size(value, batch: int, *, mode: str) -> int:
     if batch % value:
         raise ValueError(f"the batch ({batch} rows) must be divisible by group_size={value}")
     return value
+
+
+# ---------------------------------------------------------------------------------------- check mode
+# The checks above cost nothing that scales with the data (bool masks, shapes, dtypes). The value
+# checks below read every input once more and sync with the device, so they run only in check mode:
+# RLHF_FAST_CHECK=1 in the environment (read once, here, at import), or ``checking()``. The public
+# ops test the one cached bool ``CHECK`` and call nothing when it is off.
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+CHECK: bool = _env_flag("RLHF_FAST_CHECK")
+
+
+@contextlib.contextmanager
+def checking(enabled: bool = True):
+    """Turn check mode on (or off) for the block, whatever RLHF_FAST_CHECK says; not thread-local."""
+    global CHECK
+    previous, CHECK = CHECK, bool(enabled)
+    try:
+        yield
+    finally:
+        CHECK = previous
+
+
+def _first_bad(name: str, value: torch.Tensor, bad: torch.Tensor, where: str, expected: str) -> None:
+    """Raise naming the first True of ``bad`` (value's shape) and how many there are, if any."""
+    if not bool(bad.any()):
+        return
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"RLHF_FAST_CHECK: {name} holds {value[index].item()} at index {index}{where}; {expected} "
+        f"({int(bad.sum())} such value(s); {describe(value)})"
+    )
+
+
+def _at_valid(bad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``bad`` restricted to the positions where ``valid`` (a prefix of bad's shape) is True."""
+    if valid is None:
+        return bad
+    return bad & valid.reshape(tuple(valid.shape) + (1,) * (bad.dim() - valid.dim())).to(bad.device)
+
+
+def finite_values(name: str, value: torch.Tensor | None, valid: torch.Tensor | None = None, where: str = "") -> None:
+    """Check mode: ``value`` is finite wherever ``valid`` (bool, a prefix of its shape) is True."""
+    if value is not None:
+        _first_bad(name, value, _at_valid(~torch.isfinite(value), valid), where, "it must be finite there")
+
+
+def logits_values(name: str, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+    """Check mode: logits [..., V] at valid rows hold no NaN and no +inf, and no -inf at the label
+    (-inf elsewhere masks a token out of the softmax, which the ops support)."""
+    where = ", a valid row"
+    bad = _at_valid(torch.isnan(logits) | torch.isposinf(logits), valid)
+    _first_bad(name, logits, bad, where, "NaN or +inf there makes the row's log-probs and gradient NaN")
+    at_label = logits.gather(-1, labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1).to(logits.device)).squeeze(-1)
+    bad = torch.isneginf(at_label) & valid
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"RLHF_FAST_CHECK: {name} holds -inf at the label of valid row {index} (label {int(labels[index])}): "
+                         f"its log-prob would be -inf ({int(bad.sum())} such row(s); {describe(logits)})")  # fmt: skip
+
+
+def log_prob_values(name: str, value: torch.Tensor | None, valid: torch.Tensor) -> None:
+    """Check mode: log-probabilities at valid positions are finite and <= 0 (0.01 allowed for rounding)."""
+    if value is None:
+        return
+    finite_values(name, value, valid, ", a valid token")
+    _first_bad(name, value, _at_valid(value > 0.01, valid), ", a valid token",
+               "log-probabilities are <= 0 (probabilities or logits passed instead?)")  # fmt: skip
+
+
+def policy_values(mask: torch.Tensor, **values: torch.Tensor | None) -> None:
+    """Check mode, the [B, T] inputs of the policy losses at valid tokens (``mask``, bool): the
+    log-probs (``logp``, ``old_logp``, ``ref_logp``, ``rollout_logp``) finite and <= 0, the
+    ``advantages`` ([B, T], or [B] at sequences with a valid token) and ``entropy`` finite."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "advantages" and value.dim() == 1:
+            finite_values(name, value, mask.any(-1), ", a sequence with valid tokens")
+        elif name in ("advantages", "entropy"):
+            finite_values(name, value, mask, ", a valid token")
+        else:
+            log_prob_values(name, value, mask)
+
+
+def normalizer_value(normalizer) -> None:
+    """Check mode: a tensor normalizer is finite and > 0 (a number is always checked)."""
+    if isinstance(normalizer, torch.Tensor):
+        value = float(normalizer)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"RLHF_FAST_CHECK: normalizer must be finite and > 0, got {value} (a zero one makes the loss "
+                             "+-inf, a negative one flips its sign)")  # fmt: skip
+
+
+def linear_values(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor) -> None:
+    """Check mode, the linear ops: hidden [..., H] finite at valid rows, weight [V, H] finite (every
+    row of it enters every valid row's softmax), bias free of NaN and +inf (-inf masks a token)."""
+    finite_values("hidden", hidden, valid, ", a valid row")
+    finite_values("weight", weight, None)
+    if bias is not None:
+        _first_bad("bias", bias, torch.isnan(bias) | torch.isposinf(bias), "",
+                   "NaN or +inf there makes every valid row's log-probs NaN")  # fmt: skip

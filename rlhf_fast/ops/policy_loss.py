@@ -34,6 +34,9 @@ def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="lo
             f"got {check.describe(advantages)}"
         )
     mask = check.mask("mask", mask, shape=shape, like=(logp_name, logp))
+    if check.CHECK:  # RLHF_FAST_CHECK=1: the values too (a pass over each input and a sync; off by default)
+        check.policy_values(mask, logp=logp if logp_name == "logp" else None, old_logp=old_logp, advantages=advantages,
+                            ref_logp=ref_logp, rollout_logp=rollout_logp)  # fmt: skip
     if options is None or options.rollout_is is None:
         return Correction(mask, None, {})
     return correct(old_logp, rollout_logp, mask, options)
@@ -115,6 +118,14 @@ def policy_loss(
         (loss, stats): loss a float32 scalar (0 with zero gradient when no token is valid);
         stats detached float32 scalars over the valid tokens: "clipfrac", "approx_kl" (k3 of old
         vs new), "ratio_mean", "ratio_max", "kl" (with ref_logp), "dual_clipfrac" (with dual_clip).
+
+    Non-finite values at valid tokens pass through by default (README, "Non-finite values"): NaN in logp,
+    old_logp or advantages makes the loss NaN and that token's gradient NaN (the other tokens'
+    stay finite); +-inf advantages give a +-inf loss. The ratio exp(logp - old_logp) overflows
+    float32 past a log-ratio of 88.7: with A < 0 and no dual clip, the loss and the gradient are
+    then inf (at a log-ratio of 50 they are already ~1e21); dual_clip bounds both. A zero tensor
+    ``normalizer`` gives a +-inf or NaN loss, a negative one flips its sign. RLHF_FAST_CHECK=1
+    checks these inputs (finite, log-probs <= 0, normalizer > 0) and names the first bad index.
     """
     options = take(PolicyLossOptions, options, option_kwargs)
     no_leftovers("policy_loss", option_kwargs, PolicyLossOptions)
@@ -128,6 +139,9 @@ def policy_loss(
         raise ValueError(f"top_entropy_quantile={options.top_entropy_quantile} ranks the tokens by entropy: pass "
                          "entropy=[B, T] (the fused ops compute it themselves)")  # fmt: skip
     normalizer = check_normalizer(normalizer)
+    if check.CHECK:
+        check.normalizer_value(normalizer)
+        check.policy_values(correction.mask, entropy=entropy)
     return policy_loss_with_options(logp, old_logp, advantages, correction, ref_logp, options, normalizer, entropy)
 
 
