@@ -13,6 +13,7 @@ transformers is not imported here: any model with that structure works.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -116,13 +117,8 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return decoder
 
 
-def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the model's output embedding, which must be a plain Linear.
-
-    A family that transforms the head's output (``head_options``) is accepted only where that
-    transform is known: its logits are ``head_options(model)`` applied to hidden @ weight.T + bias,
-    so pass those options to the ops along with the weight.
-    """
+def _head_module(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's output embedding, checked: a plain Linear whose logit transform is known."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(
@@ -130,7 +126,83 @@ def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
             f"{type(head).__name__}"
         )
     head_options(model)  # raises for a logit transform the ops cannot reproduce
+    return head
+
+
+def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the model's output embedding, which must be a plain Linear.
+
+    A family that transforms the head's output (``head_options``) is accepted only where that
+    transform is known: its logits are ``head_options(model)`` applied to hidden @ weight.T + bias,
+    so pass those options to the ops along with the weight.
+
+    These are the parameters registered on the head now: on a model sharded with FSDP2, outside a
+    forward, the rank's shards (DTensors); ``hidden_and_head`` returns the gathered ones.
+    """
+    head = _head_module(model)
     return head.weight, head.bias
+
+
+def _loaded(module: str, name: str):
+    """``module.name`` if that module has been imported, else None: no model is an FSDPModule and no
+    tensor a DTensor before torch.distributed's FSDP / tensor packages are imported, so a single-device
+    model pays no import for the check."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _is_fsdp_module(model: torch.nn.Module) -> bool:
+    FSDPModule = _loaded("torch.distributed.fsdp", "FSDPModule")
+    return FSDPModule is not None and isinstance(model, FSDPModule)
+
+
+def _is_dtensor(tensor: torch.Tensor | None) -> bool:
+    DTensor = _loaded("torch.distributed.tensor", "DTensor")
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _as_root_forward(model: torch.nn.Module, run, **kwargs):
+    """``run(**kwargs)`` called as ``model``'s forward: the hooks FSDP2 put on the root module (lazy
+    init, inputs to the device, all-gather of the root's parameters, the pre-backward hook on the
+    output) run around it, as they do around ``model(**kwargs)``, while the lm_head's [B, T, V]
+    product is never computed.
+
+    The instance attribute shadows the class's forward for the call only (nn.Module.__call__ looks
+    ``self.forward`` up); one the model already had (accelerate puts one there) is put back."""
+    had = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    model.forward = run
+    try:
+        return model(**kwargs)
+    finally:
+        if had:
+            model.forward = saved
+        else:
+            del model.forward
+
+
+def _gathered_head(model: torch.nn.Module, head: torch.nn.Linear):
+    """(weight, bias) of ``head`` as plain gathered parameters, after the root's forward.
+
+    FSDP2 leaves the root's parameters (with ``shard_model``: embeddings, final norm, lm_head)
+    gathered after the forward: the head is then already a plain parameter and nothing moves.
+    Where its group reshards after forward (``reshard_after_forward=True``, its own group), the
+    group that owns it is unsharded again here. Either way the tensors returned are FSDP2's own
+    unsharded parameters: their gradients accumulate where FSDP2's post-backward (the root's
+    final callback, after the whole backward, since the head's group ran no forward of its own
+    on inputs that need a gradient) reduce-scatters them into the sharded parameters' ``.grad``,
+    and then reshards them. No other copy of [V, H] is made."""
+    weight = head.weight
+    if _is_dtensor(weight):
+        owners = [m for m in model.modules() if _is_fsdp_module(m) and any(p is weight for p in m.parameters())]
+        # The owner is the innermost one: fully_shard runs bottom-up and an outer call skips the
+        # parameters an inner one holds. A tied weight grouped with fully_shard([embed, head])
+        # has two owners sharing one state; either unshards it.
+        inner = [m for m in owners if not any(o is not m and any(x is o for x in m.modules()) for o in owners)]
+        if not inner:
+            raise TypeError(f"{type(model).__name__}'s lm_head weight is a DTensor that no FSDP2 module of the model holds")
+        inner[0].unshard()
+        weight = head.weight
+    return weight, head.bias
 
 
 def hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -143,9 +215,31 @@ def hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     head returns the input embedding's weight), so gradients reach the model through them.
     Position t predicts token t + 1: pass ``hidden[:, :-1]`` with labels ``input_ids[:, 1:]``.
     ``model_kwargs`` go to the decoder (position_ids, ...); ``use_cache`` defaults to False.
+
+    A model sharded with FSDP2 (``fully_shard`` applied to the causal LM itself, as the root:
+    ``rlhf_fast.train.fsdp.shard_model``) runs its decoder inside the root's forward hooks, and
+    the weight and bias returned are the gathered parameters FSDP2 holds for that forward (in its
+    ``param_dtype`` under mixed precision), never a copy: run the op and its backward before the
+    model's next forward, and the head's gradient is reduce-scattered into its shard with the
+    rest of the model's.
     """
-    weight, bias = head_of(model)
+    head = _head_module(model)
+    decoder = decoder_of(model)
     model_kwargs.setdefault("use_cache", False)
-    outputs = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-    hidden = outputs[0]  # last_hidden_state, for a ModelOutput and for a return_dict=False tuple
+
+    def run_decoder(**kwargs):
+        return decoder(**kwargs)[0]  # last_hidden_state, for a ModelOutput and for a return_dict=False tuple
+
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    if _is_fsdp_module(model):
+        hidden = _as_root_forward(model, run_decoder, **kwargs)
+    elif _is_dtensor(head.weight):
+        raise TypeError(
+            f"{type(model).__name__}'s lm_head weight is a DTensor but the model is not an FSDP2 module: apply "
+            "fully_shard to the whole causal LM as the root (rlhf_fast.train.fsdp.shard_model), so that its "
+            "forward hooks gather the head and its backward reduces the head's gradient"
+        )
+    else:
+        return run_decoder(**kwargs), head.weight, head.bias
+    weight, bias = _gathered_head(model, head)
     return hidden, weight, bias
