@@ -223,8 +223,9 @@ def logits_values(name: str, logits: torch.Tensor, labels: torch.Tensor, valid: 
     where = ", a valid row"
     bad = _at_valid(torch.isnan(logits) | torch.isposinf(logits), valid)
     _first_bad(name, logits, bad, where, "NaN or +inf there makes the row's log-probs and gradient NaN")
-    at_label = logits.gather(-1, labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1).to(logits.device)).squeeze(-1)
-    bad = torch.isneginf(at_label) & valid
+    vocab = logits.shape[-1]
+    at_label = logits.gather(-1, labels.clamp(0, vocab - 1).unsqueeze(-1).to(logits.device)).squeeze(-1)
+    bad = torch.isneginf(at_label) & valid & (labels >= 0) & (labels < vocab)
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"RLHF_FAST_CHECK: {name} holds -inf at the label of valid row {index} (label {int(labels[index])}): "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -261,3 +262,220 @@ def test_two_processes_take_the_same_decision(tmp_path, case):
     else:  # both stop at step 1; rank 1 names its row, rank 0 points at it
         assert r1["outcome"].startswith("step 1: reward_fn ") and "returned nan for row 4 on rank 1 of 8" in r1["outcome"]
         assert r0["outcome"] == "step 1: another process's rewards are NaN/inf (see its message)"
+
+
+# ------------------------------------------------------------------ what the ops do with NaN and inf
+# The behaviour README's "Non-finite values" documents, measured on every CPU backend.
+from rlhf_fast import _validate  # noqa: E402
+
+B, T, V, H = 2, 3, 11, 5
+
+
+def bad_rows(grad: torch.Tensor) -> list[int]:
+    """Rows (of the flattened leading dims) whose gradient holds a NaN or inf."""
+    return (~torch.isfinite(grad.reshape(-1, grad.shape[-1]))).any(-1).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("backend", ["host", "torch"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_nonfinite_logit_poisons_its_row_only(backend, value):
+    if not rlhf_fast.backends.registry.can_serve(backend, torch.device("cpu"), torch.float32).ok:
+        pytest.skip(f"{backend} unavailable")
+    labels = torch.randint(0, V, (B, T))
+    logits = torch.randn(B, T, V)
+    logits[0, 1, (labels[0, 1] + 1) % V] = value  # a non-label entry of a valid row
+    logits.requires_grad_()
+    logp, entropy = rlhf_fast.token_logprobs(logits, labels, return_entropy=True, backend=backend)
+    (logp.sum() + entropy.sum()).backward()
+    assert (~torch.isfinite(logp)).nonzero().tolist() == [[0, 1]] and bool(entropy[0, 1].isnan())
+    assert bad_rows(logits.grad) == [1]
+
+
+@pytest.mark.parametrize("backend", ["host", "torch"])
+def test_minus_inf_logits_mask_tokens_out(backend):
+    if not rlhf_fast.backends.registry.can_serve(backend, torch.device("cpu"), torch.float32).ok:
+        pytest.skip(f"{backend} unavailable")
+    labels = torch.randint(0, V, (B, T))
+    logits = torch.randn(B, T, V)
+    logits[0, 1, (labels[0, 1] + 1) % V] = -math.inf  # another token: p = 0, everything finite
+    logits[1, 2, labels[1, 2]] = -math.inf  # the label itself: logp -inf, gradient finite
+    logits.requires_grad_()
+    logp = rlhf_fast.token_logprobs(logits, labels, backend=backend)
+    logp.masked_fill(torch.isinf(logp), 0).sum().backward()
+    assert float(logp[1, 2].detach()) == -math.inf and int(torch.isfinite(logp).sum()) == B * T - 1
+    assert bad_rows(logits.grad) == []
+
+
+def test_nan_advantage_gives_a_nan_loss_and_one_nan_gradient_row():
+    labels = torch.randint(0, V, (B, T))
+    advantages = torch.randn(B, T)
+    advantages[0, 2] = math.nan
+    logits = torch.randn(B, T, V, requires_grad=True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    loss, stats = rlhf_fast.fused_policy_loss(logits, labels, torch.randn(B, T) - 2, advantages, mask)
+    loss.backward()
+    assert loss.isnan() and all(torch.isfinite(v) for v in stats.values())
+    assert bad_rows(logits.grad) == [2]
+
+
+def test_ratio_overflow_without_dual_clip_is_inf():
+    logp = torch.zeros(B, T, requires_grad=True)
+    old, advantages, mask = torch.full((B, T), -100.0), -torch.ones(B, T), torch.ones(B, T, dtype=torch.bool)
+    loss, _ = rlhf_fast.policy_loss(logp, old, advantages, mask)
+    loss.backward()
+    assert float(loss) == math.inf and not torch.isfinite(logp.grad).any()
+    logp.grad = None
+    loss, _ = rlhf_fast.policy_loss(logp, old, advantages, mask, dual_clip=3.0)
+    loss.backward()
+    assert float(loss) == 3.0 and torch.isfinite(logp.grad).all()
+
+
+def test_zero_normalizer_is_not_finite_and_negative_flips_the_sign():
+    logp, old = torch.randn(B, T) - 1, torch.randn(B, T) - 1
+    advantages, mask = torch.randn(B, T), torch.ones(B, T, dtype=torch.bool)
+    assert not torch.isfinite(rlhf_fast.policy_loss(logp, old, advantages, mask, normalizer=torch.tensor(0.0))[0])
+    plus = rlhf_fast.policy_loss(logp, old, advantages, mask, normalizer=torch.tensor(2.0))[0]
+    minus = rlhf_fast.policy_loss(logp, old, advantages, mask, normalizer=torch.tensor(-2.0))[0]
+    assert float(minus) == -float(plus)
+
+
+def test_nan_hidden_row_poisons_the_whole_weight_gradient():
+    labels = torch.randint(0, V, (B, T))
+    hidden = torch.randn(B, T, H)
+    hidden[0, 1, 2] = math.nan
+    hidden.requires_grad_()
+    weight = torch.randn(V, H, requires_grad=True)
+    logp = rlhf_fast.linear_token_logprobs(hidden, weight, labels)
+    logp.sum().backward()
+    assert (~torch.isfinite(logp)).nonzero().tolist() == [[0, 1]]
+    assert bad_rows(hidden.grad) == [1] and bad_rows(weight.grad) == list(range(V))
+
+
+# ------------------------------------------------------------------------------ check mode
+def test_check_mode_is_off_by_default_and_read_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RLHF_FAST_CHECK"}
+    code = "import rlhf_fast._validate as v; print(v.CHECK)"
+    read = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,  # noqa: E731
+                                        text=True, check=True).stdout.strip()  # fmt: skip
+    assert read({}) == "False" and read({"RLHF_FAST_CHECK": "0"}) == "False"
+    assert read({"RLHF_FAST_CHECK": "1"}) == "True"
+
+
+def all_ops_with_nan():
+    """Each public op, called on inputs with a NaN at a valid position."""
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    logits = torch.randn(B, T, V)
+    logits[1, 0, 3] = math.nan
+    hidden = torch.randn(B, T, H)
+    hidden[1, 0, 3] = math.nan
+    weight, old, adv = torch.randn(V, H), -torch.rand(B, T) - 1, torch.randn(B, T)
+    return {
+        "token_logprobs": lambda: rlhf_fast.token_logprobs(logits, labels),
+        "sft_loss": lambda: rlhf_fast.sft_loss(logits, labels),
+        "fused_policy_loss": lambda: rlhf_fast.fused_policy_loss(logits, labels, old, adv, mask),
+        "linear_token_logprobs": lambda: rlhf_fast.linear_token_logprobs(hidden, weight, labels),
+        "linear_sft_loss": lambda: rlhf_fast.linear_sft_loss(hidden, weight, labels),
+        "fused_linear_policy_loss": lambda: rlhf_fast.fused_linear_policy_loss(hidden, weight, labels, old, adv, mask),
+        "policy_loss": lambda: rlhf_fast.policy_loss(old.masked_fill(mask & (torch.arange(T) == 0), math.nan), old, adv, mask),
+    }
+
+
+OP_NAMES = list(all_ops_with_nan())
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_check_mode_names_the_argument_and_the_first_bad_index(op):
+    name = {"token_logprobs": "logits", "sft_loss": "logits", "fused_policy_loss": "logits",
+            "policy_loss": "logp"}.get(op, "hidden")  # fmt: skip
+    index = "(0, 0)" if op == "policy_loss" else "(1, 0, 3)" if name == "logits" else "(3, 3)"
+    with _validate.checking(), pytest.raises(ValueError, match=rf"^RLHF_FAST_CHECK: {name} holds nan at index {re.escape(index)}"):
+        all_ops_with_nan()[op]()
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_off_by_default_nothing_is_checked(op, monkeypatch):
+    def called(*args, **kwargs):
+        raise AssertionError("a value check ran with check mode off")
+
+    for name in ("finite_values", "logits_values", "log_prob_values", "policy_values", "normalizer_value", "linear_values"):
+        monkeypatch.setattr(_validate, name, called)
+    monkeypatch.setattr(_validate, "CHECK", False)
+    out = all_ops_with_nan()[op]()
+    loss = out[0] if isinstance(out, tuple) else out
+    assert not torch.isfinite(loss).all()  # the NaN went through, unreported
+
+
+CHECKS = {
+    "advantages": (lambda d: d["adv"].__setitem__((0, 2), math.inf), r"advantages holds inf at index \(0, 2\), a valid token"),
+    "advantages [B]": (lambda d: d.__setitem__("adv", torch.tensor([0.5, math.nan])),
+                       r"advantages holds nan at index \(1,\), a sequence with valid tokens"),
+    "old_logp": (lambda d: d["old"].__setitem__((1, 1), math.nan), r"old_logp holds nan at index \(1, 1\), a valid token"),
+    "old_logp > 0": (lambda d: d["old"].__setitem__((1, 1), 0.5), r"old_logp holds 0.5 at index \(1, 1\), a valid token; "
+                     r"log-probabilities are <= 0"),
+    "ref_logp": (lambda d: d.__setitem__("ref", torch.full((B, T), -math.inf)), r"ref_logp holds -inf at index \(0, 0\)"),
+    "normalizer": (lambda d: d.__setitem__("normalizer", torch.tensor(0.0)), r"normalizer must be finite and > 0, got 0.0"),
+    "label logit -inf": (lambda d: d["logits"].__setitem__((1, 2, int(d["labels"][1, 2])), -math.inf),
+                         r"logits holds -inf at the label of valid row \(1, 2\)"),
+    "logit +inf": (lambda d: d["logits"].__setitem__((0, 1, 0), math.inf), r"logits holds inf at index \(0, 1, 0\), a valid row"),
+}
+
+
+@pytest.mark.parametrize("fused", ["fused_policy_loss", "fused_linear_policy_loss"])
+@pytest.mark.parametrize("case", list(CHECKS))
+def test_each_check_fires(case, fused):
+    if case.startswith(("label logit", "logit")) and fused == "fused_linear_policy_loss":
+        pytest.skip("no logits")
+    labels = torch.randint(0, V, (B, T))
+    d = {"logits": torch.randn(B, T, V), "labels": labels, "old": -torch.rand(B, T) - 1, "adv": torch.randn(B, T),
+         "ref": -torch.rand(B, T) - 1, "normalizer": None}  # fmt: skip
+    setup, message = CHECKS[case]
+    setup(d)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    common = dict(ref_logp=d["ref"], normalizer=d["normalizer"])
+    with _validate.checking(), pytest.raises(ValueError, match="^RLHF_FAST_CHECK: " + message):
+        if fused == "fused_policy_loss":
+            rlhf_fast.fused_policy_loss(d["logits"], labels, d["old"], d["adv"], mask, **common)
+        else:
+            rlhf_fast.fused_linear_policy_loss(torch.randn(B, T, H), torch.randn(V, H), labels, d["old"], d["adv"], mask, **common)
+
+
+def test_linear_weight_and_bias_checks():
+    labels, hidden = torch.randint(0, V, (B, T)), torch.randn(B, T, H)
+    weight = torch.randn(V, H)
+    weight[4, 1] = math.inf
+    with _validate.checking(), pytest.raises(ValueError, match=r"^RLHF_FAST_CHECK: weight holds inf at index \(4, 1\); it must be finite"):
+        rlhf_fast.linear_sft_loss(hidden, weight, labels)
+    bias = torch.zeros(V)
+    bias[2] = -math.inf  # a token masked out: allowed
+    bias_nan = bias.clone()
+    bias_nan[7] = math.nan
+    with _validate.checking():
+        assert torch.isfinite(rlhf_fast.linear_sft_loss(hidden, torch.randn(V, H), labels.clamp(max=1) + 5 * (labels > 1), bias=bias))
+        with pytest.raises(ValueError, match=r"^RLHF_FAST_CHECK: bias holds nan at index \(7,\)"):
+            rlhf_fast.linear_sft_loss(hidden, torch.randn(V, H), labels, bias=bias_nan)
+
+
+def test_check_mode_ignores_masked_and_ignored_positions():
+    """NaN and inf where the mask is False or the label is ignore_index never reach a result: no error."""
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 0] = -100
+    mask = labels != -100
+    logits, hidden = torch.randn(B, T, V), torch.randn(B, T, H)
+    logits[0, 0] = math.nan
+    hidden[0, 0] = math.inf
+    old, adv, ref = -torch.rand(B, T) - 1, torch.randn(B, T), -torch.rand(B, T) - 1
+    for t in (old, adv, ref):
+        t[0, 0] = math.nan
+    logits[1, 1, (labels[1, 1] + 1) % V] = -math.inf  # a masked-out token of a valid row
+    weight = torch.randn(V, H)
+    with _validate.checking():
+        for out in (rlhf_fast.token_logprobs(logits, labels), rlhf_fast.sft_loss(logits, labels),
+                    rlhf_fast.fused_policy_loss(logits, labels, old, adv, mask, ref_logp=ref)[0],
+                    rlhf_fast.linear_sft_loss(hidden, weight, labels),
+                    rlhf_fast.fused_linear_policy_loss(hidden, weight, labels, old, adv, mask, ref_logp=ref)[0]):  # fmt: skip
+            assert torch.isfinite(out).all()

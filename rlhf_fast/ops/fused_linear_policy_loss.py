@@ -122,6 +122,10 @@ def fused_linear_policy_loss(
         bias. Their gradients are computed during the forward (the weight's summed in
         float32 unless ``accum_dtype=None``)
         and scaled by the upstream gradient in the backward.
+
+    Non-finite values: as ``fused_policy_loss`` for the [B, T] inputs, and as
+    ``linear_token_logprobs`` for hidden and weight (one NaN hidden row makes the whole weight
+    gradient NaN). RLHF_FAST_CHECK=1 checks them all.
     """
     options = take(PolicyLossOptions, options, option_kwargs)
     linear = take(LinearOptions, linear, option_kwargs, "linear")
@@ -141,6 +145,9 @@ def fused_linear_policy_loss(
     # As in fused_policy_loss: any label at a masked position becomes ignore_index (logp, entropy
     # and gradient 0 there, and the vocabulary is never indexed with it).
     flat_labels = torch.where(mask.reshape(-1), flat_labels, IGNORE_INDEX)
+    if check.CHECK:  # RLHF_FAST_CHECK=1 (validate_inputs checked the [B, T] inputs)
+        check.linear_values(flat_hidden, weight, bias, mask.reshape(-1))
+        check.normalizer_value(normalizer)
     check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
     # A sequence-coupled objective, or a token mask ranked over the whole batch's entropies.
     if not OBJECTIVES[options.objective].separable or options.top_entropy_quantile < 1:

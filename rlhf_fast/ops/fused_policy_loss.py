@@ -79,6 +79,10 @@ def fused_policy_loss(
         (loss, stats) as ``policy_loss``, plus stats["entropy"], the mean entropy over valid tokens.
         When the logits are the only input that needs a gradient, it is computed during this call
         (module docstring); old_logp, advantages, ref_logp needing one take the composed path.
+
+    Non-finite values: as ``token_logprobs`` for the logits and ``policy_loss`` for the rest (a
+    NaN advantage: a NaN loss, and a NaN gradient in that token's row only). RLHF_FAST_CHECK=1
+    checks them all.
     """
     options = take(PolicyLossOptions, options, option_kwargs)
     no_leftovers("fused_policy_loss", option_kwargs, PolicyLossOptions)
@@ -97,6 +101,9 @@ def fused_policy_loss(
     # Any label id at a masked position becomes ignore_index: its logp, entropy and gradient are 0
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)
+    if check.CHECK:  # RLHF_FAST_CHECK=1 (validate_inputs checked the [B, T] inputs)
+        check.logits_values("logits", logits, labels, mask)
+        check.normalizer_value(normalizer)
     loss_inputs = (old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer)
     if _gradient_in_forward(logits, old_logp, advantages, ref_logp):
         stats: dict = {}

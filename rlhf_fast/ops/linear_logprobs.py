@@ -172,11 +172,18 @@ def linear_token_logprobs(
         differentiable w.r.t. hidden, weight and bias. The weight gradient is summed in float32
         whatever the inputs' dtype, unless ``accum_dtype=None``. The backward recomputes the
         logits chunk by chunk. Rows whose label is ``ignore_index`` (prompts, padding) cost no FLOPs.
+
+    Non-finite values: NaN or inf in a valid row of ``hidden`` makes that row's logp, entropy and
+    hidden gradient NaN, and the whole weight (and bias) gradient NaN, since every vocabulary
+    row's gradient sums over the valid rows; NaN or inf anywhere in ``weight`` makes every valid
+    row NaN. Ignored rows never reach a result. RLHF_FAST_CHECK=1 checks for them.
     """
     linear = take(LinearOptions, linear, option_kwargs, "linear")
     no_leftovers("linear_token_logprobs", option_kwargs, LinearOptions)
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
     spec = make_spec(temperature, ignore_index, linear, hidden, weight)
+    if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values")
+        check.linear_values(flat_hidden, weight, bias, flat_labels != spec.ignore_index)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)

@@ -45,11 +45,15 @@ def linear_sft_loss(
     same pass over the chunks as the loss (the weight gradient summed in float32, or with
     ``accum_dtype=None`` in the weight's dtype, as in ``linear_token_logprobs``); the backward
     scales them by the upstream gradient. Ignored tokens (prompts, padding) cost no FLOPs.
+    NaN or inf in a valid row of ``hidden`` or anywhere in ``weight`` makes the loss and the
+    gradients NaN (or inf), as in ``linear_token_logprobs``; RLHF_FAST_CHECK=1 checks for them.
     """
     linear = take(LinearOptions, linear, option_kwargs, "linear")
     no_leftovers("linear_sft_loss", option_kwargs, LinearOptions)
     flat_hidden, flat_labels = check_linear(hidden, weight, bias, labels)
     spec = make_spec(1.0, ignore_index, linear, hidden, weight)
+    if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values")
+        check.linear_values(flat_hidden, weight, bias, flat_labels != spec.ignore_index)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     kept = flat_labels.numel() if index is None else index.numel()

@@ -21,6 +21,8 @@ def sft_loss(
     With every token ignored the loss is 0 with a zero gradient (the count is clamped to 1), never NaN.
     For gradient accumulation over micro-batches, scale each micro-batch's loss by its token count
     over the global token count.
+    NaN or +inf in a valid row's logits makes the loss NaN (``token_logprobs``); RLHF_FAST_CHECK=1
+    checks them.
     """
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend)
     count = (labels != ignore_index).sum().clamp(min=1)

@@ -194,12 +194,18 @@ def token_logprobs(
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 logits), and entropy if asked.
         Both are differentiable w.r.t. ``logits``.
+
+    NaN or +inf in a valid row's logits makes that row's logp, entropy and gradient NaN (that row
+    only; the torch backend gives logp -inf for +inf); -inf masks a token out (p = 0), and at the
+    label gives logp -inf. RLHF_FAST_CHECK=1 checks for them (README, "Non-finite values").
     """
     check.tensor("logits", logits, dtypes=LOGIT_DTYPES, min_dim=1)
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:-1], like=("logits", logits))
     check_vocabulary(logits)
     temperature = check.temperature(temperature)
     registry.check_backend_name(backend)
+    if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values"); sft_loss comes through here
+        check.logits_values("logits", logits, labels, labels != ignore_index)
     return token_logprobs_validated(logits, labels, temperature, int(ignore_index), return_entropy, inplace_backward, backend)
 
 
