@@ -110,6 +110,28 @@ def test_sft_inf_weight_is_named_as_the_source(tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_rm_skips_a_nonfinite_step(tmp_path):
+    from rlhf_fast.train.config import RMConfig
+    from rlhf_fast.train.rm import RMTrainer, rm_loss_step
+
+    calls = [0]
+
+    def nan_once(model, batch):
+        calls[0] += 1
+        loss, stats = rm_loss_step(model, batch, center_coef=0.0)
+        return (loss * math.nan if calls[0] == 2 else loss), stats
+
+    options = {"out_dir": str(tmp_path / "run"), **MODEL, "task.pref_train": 32, "task.pref_eval": 8, "train.batch_size": 8,
+               "train.steps": 3, "train.log_every": 1, "train.eval_every": 0, "train.save_every": 0, "train.progress": False,
+               "train.device": "cpu"}  # fmt: skip
+    weights = Weights()
+    trainer = RMTrainer(load_config(RMConfig, None, options), loss_fn=nan_once, hooks=Hooks(on_step=[weights]))
+    with pytest.warns(RuntimeWarning, match="non-finite update at step 2"):
+        trainer.train()
+    assert same(weights.after[1], weights.after[2]) and not same(weights.after[2], weights.after[3])
+    assert [r["skipped_updates"] for r in records(tmp_path / "run") if r["split"] == "train"] == [0.0, 1.0, 0.0]
+
+
 def test_gradient_overflow_with_finite_loss_is_told_apart(tmp_path):
     def overflowing_gradient(model, batch):  # a finite loss whose gradient is inf / NaN
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits

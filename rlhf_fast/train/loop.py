@@ -163,7 +163,8 @@ def nonfinite_source(modules, loss: float, grad_norm: float) -> str:
             bad = int((~torch.isfinite(param.detach())).sum())
             if bad:
                 return (f"the model's weights hold {bad} NaN/inf value(s) (first in {name}): they were loaded or "
-                        "initialised that way (the updates of this run were skipped); check the model's checkpoint")
+                        "initialised that way, or changed outside the optimizer (which applied no non-finite update); "
+                        "check the model's checkpoint")
     if not math.isfinite(loss):
         return ("the loss itself is NaN/inf with finite weights: inputs (data, rewards, advantages) that hold NaN/inf, "
                 "or activations that overflow (try train.precision=fp32 or a lower optim.lr)")
