@@ -153,13 +153,19 @@ def remove_temporaries(directory: Path) -> None:
     directory = Path(directory)
     if dist.is_main() and directory.is_dir():
         for path in directory.glob(f".step_*{checkpoint.TMP_MARK}*"):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     dist.barrier()
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """The DCP state: the model's (and optimizer's) sharded state dicts, keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
@@ -211,7 +217,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model sharded as the saved one was (same world size); returns this rank's ``extra``. Collective.
     Raises CheckpointError for a rank file that is damaged or from another world size."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     path = Path(path)
     mine = path / _rank_file(dist.rank())
@@ -236,7 +245,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on rank 0's CPU (empty on the other ranks). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
