@@ -17,6 +17,16 @@ Implementations:
                  rlhf_fast.token_logprobs(..., return_entropy=True, backend=b) alone, its backward
                  fed the loss's per-token gradient: the same logits gradient without the loss math.
                  backend=<b> over this row is what the loss math costs (issue 3: at most 1.1x).
+  <variant>/eager, <variant>/backend=<b>
+                 the same two for every other objective of rlhf_fast.objectives (gspo, cispo, ...:
+                 the registry's, objective=<name> with the loss above's clip, KL and agg), and for
+                 PPO with rollout importance correction ("rollout_is=token": rollout_logp =
+                 old_logp + noise of 0.3, truncated at 2.0). Forward + backward only. "x eager" is
+                 the variant's own eager row; loss_math_ratio is over token_logprobs/backend=<b>,
+                 with issue 15's target beside it (target_ratio: 1.1 for an objective separable per
+                 token, 1.3 for one coupled across the sequence; meets_target on a GPU). The quick
+                 CPU run samples them (the registry's first separable and first non-separable
+                 objective, and rollout_is); a GPU's quick run and --shapes tiny run them all.
 
 Verification: the float64 oracle runs the reference in row chunks (logp and entropy, then the
 loss and its per-token gradient by autograd), and the logits gradient on a sample of rows (as
@@ -26,21 +36,59 @@ bench_logprobs.py). Bytes the op must move: those of token_logprobs with entropy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 import torch
 
 import rlhf_fast
 from rlhf_fast import reference
+from rlhf_fast.objectives import OBJECTIVES
 
 from . import bench_logprobs as bl
 from . import harness
 from .case import Case, Check, Impl, backend_impls, compile_impl, timed, tolerance
 
-POLICY = dict(clip_eps=0.2, kl_coef=0.04, kl_estimator="k3", agg="token-mean")
+POLICY = dict(objective="ppo", clip_eps=0.2, kl_coef=0.04, kl_estimator="k3", agg="token-mean")
 ENTROPY_COEF = 0.0
 SEQ_LEN = 1024  # T of the [B, T] layout when N allows it
+# Clip-Cov cuts the gradient of a random draw among its candidate tokens, from the device's
+# generator: the op's draw and the oracle's differ. With cov_ratio 1 every candidate is cut, so
+# the row is checked against the oracle; the work (covariance, candidates, permutation) is the same.
+OBJECTIVE_OPTIONS = {"clip_cov": dict(cov_ratio=1.0)}
+ROLLOUT = dict(rollout_is="token", rollout_is_mode="truncate", rollout_is_threshold=2.0)
+TARGET = {True: 1.1, False: 1.3}  # issue 15: fwd+bwd over token_logprobs', separable objective or not
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Options of one row family: the base loss (name "", rows without a prefix) or another objective."""
+
+    name: str
+    options: dict = field(hash=False)
+    separable: bool = True
+
+
+BASE = Variant("", POLICY, OBJECTIVES[POLICY["objective"]].separable)
+
+
+def variants() -> list[Variant]:
+    """Every registered objective but the base's, then the base with rollout importance correction."""
+    out = [
+        Variant(name, dict(POLICY, objective=name, **OBJECTIVE_OPTIONS.get(name, {})), objective.separable)
+        for name, objective in OBJECTIVES.items()
+        if name != POLICY["objective"]
+    ]
+    return out + [Variant(f"rollout_is={ROLLOUT['rollout_is']}", dict(POLICY, **ROLLOUT), BASE.separable)]
+
+
+def quick_cpu_variants() -> set[str]:
+    """The CPU quick run's sample: the registry's first separable and first non-separable objective, and rollout_is."""
+    all_ = variants()
+    chosen = {v.name for v in all_ if v.options.get("rollout_is")}
+    for separable in (True, False):
+        chosen.update([v.name for v in all_ if v.separable is separable and not v.options.get("rollout_is")][:1])
+    return chosen
 
 
 @dataclass
@@ -51,7 +99,8 @@ class Inputs:
     ref_logp: torch.Tensor  # [B, T] float32
     advantages: torch.Tensor  # [B] float32
     mask: torch.Tensor  # [B, T] bool
-    g_logp: torch.Tensor | None = None  # [B, T] float32 d loss / d logp (set by the oracle)
+    rollout_logp: torch.Tensor  # [B, T] float32, the rollout engine's (rollout_is rows)
+    g_logp: torch.Tensor | None = None  # [B, T] float32 d loss / d logp of the base loss (set by the oracle)
 
     @property
     def masked_labels(self) -> torch.Tensor:
@@ -61,36 +110,56 @@ class Inputs:
 @dataclass
 class Expected:
     loss: torch.Tensor  # [] float64
-    logp: torch.Tensor  # [N] float64, 0 at masked tokens
-    entropy: torch.Tensor  # [N] float64
     rows: torch.Tensor  # [R] rows whose logits gradient is checked
     grad: torch.Tensor  # [R, V] float64
     torch_grad_err: float  # PyTorch's own error on that gradient in the logits' dtype
+    g_logp: torch.Tensor  # [B, T] float32 d loss / d logp
 
 
-def _eager(logits, labels, old_logp, advantages, mask, ref_logp):
-    return reference.fused_policy_loss(
-        logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, entropy_coef=ENTROPY_COEF, **POLICY
-    )[0]
+@dataclass
+class Oracle:
+    """The float64 log-probs and entropies, and each variant's Expected, computed when first asked for."""
+
+    logits: torch.Tensor  # [N, V] the first copy, detached
+    labels: torch.Tensor  # [N] masked labels
+    logp: torch.Tensor  # [N] float64, 0 at masked tokens
+    entropy: torch.Tensor  # [N] float64
+    rows: torch.Tensor  # [R]
+    by_variant: dict = field(default_factory=dict)  # name -> Expected
+    eager_checks: dict = field(default_factory=dict)  # name -> the variant's eager Check (its tolerances)
 
 
-def _trl(logits, labels, old_logp, advantages, mask, ref_logp):
+def _rollout(options, rollout_logp):
+    return rollout_logp if options.get("rollout_is") else None
+
+
+def _eager(options):
+    def loss(logits, labels, old_logp, advantages, mask, ref_logp, rollout_logp):
+        return reference.fused_policy_loss(
+            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=_rollout(options, rollout_logp),
+            entropy_coef=ENTROPY_COEF, **options,
+        )[0]  # fmt: skip
+
+    return loss
+
+
+def _trl(logits, labels, old_logp, advantages, mask, ref_logp, rollout_logp):
     logp = reference.selective_log_softmax(logits, labels)
     return reference.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, **POLICY)[0]
 
 
-def _ours(name):
-    def loss(logits, labels, old_logp, advantages, mask, ref_logp):
+def _ours(options, name):
+    def loss(logits, labels, old_logp, advantages, mask, ref_logp, rollout_logp):
         return rlhf_fast.fused_policy_loss(
-            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, entropy_coef=ENTROPY_COEF,
-            backend=name, **POLICY,
+            logits, labels, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=_rollout(options, rollout_logp),
+            entropy_coef=ENTROPY_COEF, backend=name, **options,
         )[0]  # fmt: skip
 
     return loss
 
 
 def _logprobs_only(name):
-    def logp_entropy(logits, labels, old_logp, advantages, mask, ref_logp):
+    def logp_entropy(logits, labels, old_logp, advantages, mask, ref_logp, rollout_logp):
         labels = torch.where(mask, labels, reference.IGNORE_INDEX)
         return rlhf_fast.token_logprobs(logits, labels, return_entropy=True, backend=name)
 
@@ -106,7 +175,7 @@ class Step:
 
     def _call(self, logits):
         x = self.x
-        return self.fn(logits, x.labels, x.old_logp, x.advantages, x.mask, x.ref_logp)
+        return self.fn(logits, x.labels, x.old_logp, x.advantages, x.mask, x.ref_logp, x.rollout_logp)
 
     def __call__(self, i: int):
         logits = self.x.logits[i % len(self.x.logits)]
@@ -136,16 +205,26 @@ class PolicyLossCase(Case):
 
     def input_bytes(self):
         b, t = self.bt
-        return b * t * (self.dims["V"] * self.dtype.itemsize + 8 + 4 + 4 + 1) + 4 * b
+        return b * t * (self.dims["V"] * self.dtype.itemsize + 8 + 4 + 4 + 4 + 1) + 4 * b
 
     def implementations(self):
-        ours = backend_impls("token_logprobs", self.device, self.dtype, _ours)
+        ours = backend_impls("token_logprobs", self.device, self.dtype, lambda name: _ours(POLICY, name))
         alone = []
         for impl in backend_impls("token_logprobs", self.device, self.dtype, _logprobs_only):
             impl.name = f"token_logprobs/{impl.name}"
             alone.append(impl)
-        baselines = [Impl("eager", make=lambda: _eager), compile_impl(_eager), Impl("trl", make=lambda: _trl, slow=True)]
-        return baselines + ours + alone
+        eager = _eager(POLICY)
+        baselines = [Impl("eager", make=lambda: eager), compile_impl(eager), Impl("trl", make=lambda: _trl, slow=True)]
+        sampled = quick_cpu_variants()
+        per_variant = []
+        for v in variants():
+            quick = None if v.name in sampled else ("cuda",)
+            rows = [Impl("eager", make=lambda v=v: _eager(v.options))]
+            rows += backend_impls("token_logprobs", self.device, self.dtype, lambda name, v=v: _ours(v.options, name))
+            for impl in rows:
+                impl.name, impl.modes, impl.quick_devices = f"{v.name}/{impl.name}", ("fwd+bwd",), quick
+            per_variant += rows
+        return baselines + ours + alone + per_variant
 
     def make_inputs(self, copies):
         (b, t), vocab, dev = self.bt, self.dims["V"], self.device
@@ -159,10 +238,12 @@ class PolicyLossCase(Case):
         old_logp = logp + 0.2 * torch.randn(b, t, generator=gen, device=dev)
         ref_logp = logp + 0.2 * torch.randn(b, t, generator=gen, device=dev)
         advantages = torch.randn(b, generator=gen, device=dev)
+        # The rollout engine's log-probs: w = pi_old / pi_rollout of spread 0.3 in log, ~1% above 2.
+        rollout_logp = old_logp + 0.3 * torch.randn(b, t, generator=gen, device=dev)
         copies_ = [logits] + [logits.clone() for _ in range(copies - 1)]
-        return Inputs([c.requires_grad_() for c in copies_], labels, old_logp, ref_logp, advantages, mask)
+        return Inputs([c.requires_grad_() for c in copies_], labels, old_logp, ref_logp, advantages, mask, rollout_logp)
 
-    def oracle(self, x: Inputs) -> Expected:
+    def oracle(self, x: Inputs) -> Oracle:
         (b, t), vocab = self.bt, self.dims["V"]
         logits = x.logits[0].detach().view(b * t, vocab)
         labels = x.masked_labels.view(-1)
@@ -172,14 +253,24 @@ class PolicyLossCase(Case):
                 reference.token_logprobs(logits[s : s + chunk].double(), labels[s : s + chunk], return_entropy=True)
                 for s in range(0, b * t, chunk)
             ]
-        logp = torch.cat([p[0] for p in parts]).requires_grad_()
-        entropy = torch.cat([p[1] for p in parts]).requires_grad_()
+        oracle = Oracle(logits, labels, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                        bl.verification_rows(b * t, logits.device))  # fmt: skip
+        x.g_logp = self.expected(x, oracle, BASE).g_logp  # the token_logprobs rows' upstream gradient
+        return oracle
+
+    def expected(self, x: Inputs, oracle: Oracle, variant: Variant) -> Expected:
+        """The variant's loss and logits gradient (on the oracle's rows) in float64, and PyTorch's error on it."""
+        if variant.name in oracle.by_variant:
+            return oracle.by_variant[variant.name]
+        (b, t), o = self.bt, variant.options
+        logp, entropy = oracle.logp.clone().requires_grad_(), oracle.entropy.clone().requires_grad_()
+        rollout = _rollout(o, x.rollout_logp)
         loss = reference.policy_loss(
-            logp.view(b, t), x.old_logp.double(), x.advantages.double(), x.mask, ref_logp=x.ref_logp.double(), **POLICY
-        )[0] - ENTROPY_COEF * reference.aggregate(entropy.view(b, t), x.mask, POLICY["agg"])
+            logp.view(b, t), x.old_logp.double(), x.advantages.double(), x.mask, ref_logp=x.ref_logp.double(),
+            rollout_logp=None if rollout is None else rollout.double(), **o,
+        )[0] - ENTROPY_COEF * reference.aggregate(entropy.view(b, t), x.mask, o["agg"])  # fmt: skip
         g_logp, g_entropy = torch.autograd.grad(loss, (logp, entropy), allow_unused=True, materialize_grads=True)
-        x.g_logp = g_logp.float().view(b, t)
-        rows = bl.verification_rows(b * t, logits.device)
+        rows, labels = oracle.rows, oracle.labels
 
         def rows_grad(values):
             leaf = values.clone().requires_grad_()
@@ -187,20 +278,41 @@ class PolicyLossCase(Case):
             ((lp * g_logp[rows].to(lp.dtype)).sum() + (ent * g_entropy[rows].to(ent.dtype)).sum()).backward()
             return leaf.grad
 
-        exact = rows_grad(logits[rows].double())
-        torch_err = harness.rel_err(rows_grad(logits[rows]), exact)
-        return Expected(loss.detach(), logp.detach(), entropy.detach(), rows, exact, torch_err)
+        exact = rows_grad(oracle.logits[rows].double())
+        torch_err = harness.rel_err(rows_grad(oracle.logits[rows]), exact)
+        result = Expected(loss.detach(), rows, exact, torch_err, g_logp.float().view(b, t))
+        oracle.by_variant[variant.name] = result
+        return result
 
-    def check(self, impl, fn, x: Inputs, expected: Expected, eager, with_grad):
+    def variant_of(self, impl_name: str) -> tuple[Variant, str]:
+        """(variant, the row's name within it): "gspo/backend=cuda" -> (gspo, "backend=cuda"); base rows -> (BASE, name)."""
+        prefix, _, rest = impl_name.partition("/")
+        chosen = next((v for v in variants() if v.name == prefix), None) if rest else None
+        return (BASE, impl_name) if chosen is None else (chosen, rest)
+
+    def _eager_check(self, x: Inputs, oracle: Oracle, variant: Variant) -> Check:
+        """The variant's eager error on the loss, which sets its rows' tolerance (checked once, even when not timed)."""
+        if variant.name not in oracle.eager_checks:
+            impl = Impl(f"{variant.name}/eager", make=lambda: _eager(variant.options))
+            oracle.eager_checks[variant.name] = self.check(impl, impl.make(), x, oracle, None, False)
+        return oracle.eager_checks[variant.name]
+
+    def check(self, impl, fn, x: Inputs, oracle: Oracle, eager, with_grad):
+        variant, within = self.variant_of(impl.name)
+        expected = self.expected(x, oracle, variant)
+        if variant is not BASE:
+            eager = None if within == "eager" else self._eager_check(x, oracle, variant)
         result = Check()
         step = Step(fn, x, "fwd")
         out = step(0)
         if isinstance(out, tuple):
-            for name, value, exp in (("logp", out[0], expected.logp), ("entropy", out[1], expected.entropy)):
+            for name, value, exp in (("logp", out[0], oracle.logp), ("entropy", out[1], oracle.entropy)):
                 result.add(name, harness.rel_err(value.reshape(-1), exp), tolerance(name, value, None), "fwd")
         else:
             result.add("loss", harness.rel_err(out, expected.loss), tolerance("loss", out, eager), "fwd")
         del out
+        if variant is not BASE and within == "eager":
+            oracle.eager_checks[variant.name] = result
         if with_grad:
             step = Step(fn, x, "fwd+bwd")
             step(0)
@@ -214,13 +326,35 @@ class PolicyLossCase(Case):
         return Step(fn, inputs, mode)
 
     def annotate(self, rows):
-        """loss_math_ratio: backend=b's time over token_logprobs/backend=b's, per mode (issue 3: <= 1.1)."""
+        """Per row: its objective and whether it is separable. loss_math_ratio: backend=b's time
+        (<variant>/backend=b's) over token_logprobs/backend=b's, per mode (issue 3: <= 1.1), with
+        issue 15's target for fwd+bwd (target_ratio; meets_target on a GPU, where the target is set).
+        A variant's ratio_vs_eager and mem_vs_eager are against its own eager row."""
         alone = {(r["impl"].removeprefix("token_logprobs/"), r["mode"]): r for r in rows
                  if r["impl"].startswith("token_logprobs/") and timed(r)}  # fmt: skip
+        timed_by = {(r["impl"], r["mode"]): r for r in rows if timed(r)}
         for r in rows:
-            other = alone.get((r["impl"], r["mode"]))
+            if r["impl"].startswith("token_logprobs/"):
+                continue
+            variant, within = self.variant_of(r["impl"])
+            r["objective"], r["separable"] = variant.options["objective"], variant.separable
+            if variant is not BASE:
+                r["variant"] = variant.name
+                eager = timed_by.get((f"{variant.name}/eager", r["mode"]))
+                if timed(r):
+                    r["ratio_vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
+                    r["ratio_vs_compile"] = None  # torch.compile runs the base loss only
+                    if eager and eager.get("peak_mb") and r.get("peak_mb") is not None:
+                        r["mem_vs_eager"] = r["peak_mb"] / eager["peak_mb"]
+                    else:
+                        r.pop("mem_vs_eager", None)
+            other = alone.get((within, r["mode"]))
             if other is not None and timed(r):
                 r["loss_math_ratio"] = r["median_ms"] / other["median_ms"]
+            if r.get("ours") and r["mode"] == "fwd+bwd":
+                r["target_ratio"] = TARGET[variant.separable]
+                if self.device.type == "cuda" and r.get("loss_math_ratio") is not None:
+                    r["meets_target"] = r["loss_math_ratio"] <= r["target_ratio"]
 
     def work(self, mode):
         (b, t), vocab = self.bt, self.dims["V"]

@@ -46,6 +46,9 @@ class Impl:
     ours: bool = False  # rlhf_fast's: out of tolerance is FAILED and not timed (a peer is timed, flagged)
     modes: tuple[str, ...] = MODES
     slow: bool = False  # torch.compile, row loops: left out of the quick run's sweep cases
+    # Device types whose --quick run includes it (None: every one). The quick run on a CPU keeps a
+    # family's many variant rows to a sample; a GPU's, gpu_check.sh's, measures them all.
+    quick_devices: tuple[str, ...] | None = None
 
 
 def backend_impls(op: str, device: torch.device, dtype: torch.dtype, make: Callable[[str], Callable]) -> list[Impl]:

@@ -181,7 +181,7 @@ def highlights(rows: list[dict]) -> list[str]:
         shape = ", ".join(f"{k}={v}" for k, v in (rs[0].get("dims") or {}).items())
         for mode in ("fwd+bwd", "fwd"):
             ours = [r for r in rs if r["mode"] == mode and r.get("ours") and r["status"] == "ok" and r.get("median_ms")
-                    and not r["impl"].startswith("token_logprobs/")]  # fmt: skip
+                    and not r["impl"].startswith("token_logprobs/") and not r.get("variant")]  # fmt: skip
             if ours:
                 break
         if not ours:
@@ -209,6 +209,35 @@ def highlights(rows: list[dict]) -> list[str]:
         if cells:
             lines.append(f"- gae {impl}: " + "; ".join(cells) + " (issue 3 target: >= 50x the loop)")
     return lines
+
+
+def objectives_table(rows: list[dict]) -> str:
+    """Issue 15's target, per objective of fused_policy_loss (bench_policy_loss.py): forward +
+    backward over token_logprobs' with entropy, same backend and shape, at most 1.1x for an
+    objective separable per token and 1.3x for one coupled across the sequence. "meets" is set on
+    a GPU only (the target is a GPU one); "x eager" is against the same objective's eager PyTorch."""
+    shown = [r for r in rows if r["op"] == "policy_loss" and r["mode"] == "fwd+bwd" and r.get("target_ratio")
+             and not r["status"].startswith("skipped")]  # fmt: skip
+    if not shown:
+        return "(no per-objective rows)"
+    shown.sort(key=lambda r: (r["label"], r.get("variant") or "", r["impl"]))
+
+    def meets(r):
+        return "-" if r.get("meets_target") is None else "yes" if r["meets_target"] else "NO"
+
+    columns = [
+        ("shape", lambda r: r["label"]),
+        ("objective", lambda r: r.get("variant") or f"{r.get('objective', '?')} (base)"),
+        ("separable", lambda r: "yes" if r.get("separable") else "no"),
+        ("impl", lambda r: r["impl"].rpartition("/")[2]),
+        ("fwd+bwd ms", lambda r: harness.fmt(r.get("median_ms"), ".4g")),
+        ("x eager", lambda r: harness.fmt(r.get("ratio_vs_eager"), ".2f")),
+        ("x token_logprobs", lambda r: harness.fmt(r.get("loss_math_ratio"), ".2f")),
+        ("target", lambda r: f"<= {r['target_ratio']:g}"),
+        ("meets", meets),
+        ("status", _status),
+    ]
+    return harness.markdown_table(shown, columns)
 
 
 # --------------------------------------------------------------------------- plots
@@ -339,6 +368,8 @@ def report_markdown(rows: list[dict], plots: dict[tuple[str, str], Path], base: 
         lines += [f"## {op}: {TITLES.get(op, op)}", ""]
         for label, dtype, rs in cases_of(rows, op):
             lines += [case_heading(label, dtype, rs), "", case_table(rs), ""]
+        if op == "policy_loss" and any(r.get("variant") for r in rows):
+            lines += ["### Per objective: fwd+bwd over token_logprobs (issue 15's target)", "", objectives_table(rows), ""]
         for sweep in SWEEP_AXIS:
             if (op, sweep) in plots:
                 rel = plots[op, sweep].relative_to(base).as_posix()
@@ -378,7 +409,8 @@ def compact_table(rows: list[dict]) -> str:
         impls = []
         for r in rs:
             keep = r["impl"] == "eager" or r["impl"].startswith(("eager-", "compile") + PEERS) or r.get("ours")
-            if keep and timed(r) and r["impl"] not in impls and not r["impl"].startswith("token_logprobs/"):
+            if (keep and timed(r) and r["impl"] not in impls and not r["impl"].startswith("token_logprobs/")
+                    and not r.get("variant")):  # fmt: skip
                 impls.append(r["impl"])
         for impl in impls:
             fwd, both = _get(rs, impl, "fwd"), _get(rs, impl, "fwd+bwd")
@@ -442,6 +474,9 @@ def summary(results_dir: Path | str, device: str | None = None) -> str:
         if device and kind != device:
             continue
         out += [f"## suite summary: {name}, {date}", ""] + highlights(rows) + ["", compact_table(rows), ""]
+        if any(r.get("variant") for r in rows):
+            out += ["### policy_loss per objective: fwd+bwd over token_logprobs (issue 15's target)", "",
+                    objectives_table(rows), ""]  # fmt: skip
         bad = [r for r in rows if r["status"].startswith(("FAILED", "OOM"))]
         out += [f"- {r['op']} {r['label']} {r['impl']} {r['mode']}: {r['status']}" for r in bad]
     return "\n".join(out) if out else f"no suite results in {results_dir}"

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast.bench import harness, merge, suite
+from rlhf_fast.bench import bench_policy_loss, harness, merge, suite
 from rlhf_fast.bench.bench_pairwise import PairwiseCase
 from rlhf_fast.bench.case import Impl
+from rlhf_fast.bench.report import objectives_table
+from rlhf_fast.objectives import OBJECTIVES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +111,39 @@ def test_wrong_implementations_fail_verification_before_timing(one_thread):
         assert ours["status"].startswith("FAILED: loss rel err") and ours["median_ms"] is None and not ours["verified"]
         peer = by["peer-wrong", mode]  # a peer is timed and flagged, never counted as verified
         assert peer["status"].startswith("inexact: loss rel err") and peer["median_ms"] > 0 and not peer["verified"]
+
+
+def test_policy_loss_rows_per_objective_verified_with_targets(one_thread):
+    """Every registered objective, and rollout correction, has eager and backend rows at a toy shape,
+    each verified against the float64 oracle, with its ratio to token_logprobs and issue 15's target."""
+    case = bench_policy_loss.PolicyLossCase({"B": 2, "T": 16, "V": 1000}, torch.float32, torch.device("cpu"), ("headline",))
+    rows = suite.run_case(case, _args(quick=True, shapes="tiny"), {"device": "cpu", "device_name": "test"},
+                          copy_gbps=1.0, deadline=None)  # fmt: skip
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    names = [v.name for v in bench_policy_loss.variants()]
+    assert set(OBJECTIVES) - {bench_policy_loss.POLICY["objective"]} <= set(names) and "rollout_is=token" in names
+    for name in names:
+        eager = by[f"{name}/eager", "fwd+bwd"]
+        assert eager["status"] == "ok" and eager["ratio_vs_eager"] == 1.0, eager["status"]
+        for backend in ("host", "torch"):
+            r = by[f"{name}/backend={backend}", "fwd+bwd"]
+            assert r["status"] == "ok" and r["err_loss"] <= r["tol_loss"] and r["err_grad"] <= r["tol_grad"]
+            assert r["variant"] == name and r["loss_math_ratio"] > 0 and r["ratio_vs_eager"] > 0
+            assert r["target_ratio"] == (1.1 if r["separable"] else 1.3) and "meets_target" not in r  # a GPU target
+            assert (f"{name}/backend={backend}", "fwd") not in by
+    assert by["gspo/backend=torch", "fwd+bwd"]["separable"] is False and by["gpg/eager", "fwd+bwd"]["separable"]
+    table = objectives_table(rows)
+    assert all(name in table for name in names), table
+
+
+def test_quick_cpu_run_samples_the_objectives():
+    case = bench_policy_loss.PolicyLossCase({"B": 1, "T": 512, "V": 32000}, torch.float32, torch.device("cpu"), ("headline",))
+    chosen = {i.name.split("/")[0] for i in case.implementations() if "/" in i.name and not i.name.startswith("token_")
+              and suite.selected(case, i, _args(quick=True, shapes=None))}  # fmt: skip
+    assert chosen == bench_policy_loss.quick_cpu_variants() and len(chosen) == 3
+    cuda = bench_policy_loss.PolicyLossCase(case.dims, torch.bfloat16, torch.device("cuda"), ("headline",))
+    assert all(suite.selected(cuda, i, _args(quick=True, shapes=None)) for i in cuda.implementations()
+               if "/" in i.name and not i.name.startswith("token_"))  # fmt: skip
 
 
 def test_shapes_filter_and_explicit_shapes():
