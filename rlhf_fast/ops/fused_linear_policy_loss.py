@@ -17,6 +17,7 @@ import torch
 from .. import _validate as check
 from ..reference import IGNORE_INDEX
 from .aggregate import aggregate, check_normalizer
+from . import linear_vocab_parallel
 from .linear_chunks import RowStats, TokenObjective, gather_rows, kept_rows, linear_loss, scatter_rows
 from ..objectives import OBJECTIVES
 from ..options import LinearOptions, PolicyLossOptions, no_leftovers, take
@@ -101,6 +102,7 @@ def fused_linear_policy_loss(
     entropy_coef: float = 0.0,
     options: PolicyLossOptions | None = None,
     linear: LinearOptions | None = None,
+    vocab_group=None,
     **option_kwargs,
 ):
     """``fused_policy_loss(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
@@ -116,6 +118,12 @@ def fused_linear_policy_loss(
         linear: as in ``linear_token_logprobs`` (logit_scale and logit_softcap: the head's logit
             transform). The fields of ``options`` and of ``linear`` (backend, chunk_size,
             accum_dtype, logit_scale, logit_softcap) may also be passed as keyword arguments.
+        vocab_group: a process group whose ranks each hold a contiguous shard of the head's rows,
+            in rank order (``weight`` [V_r, H], ``bias`` [V_r]); labels are global ids, as in
+            ``linear_token_logprobs``. Every rank gets the same loss and stats, its shard's weight
+            and bias gradients and the hidden gradient summed over the group. The loss then takes
+            two sweeps (the logp and entropy of the vocabulary-parallel linear_token_logprobs,
+            then the [B, T] math under autograd). None: the whole head is here.
 
     Returns:
         (loss, stats) as ``fused_policy_loss``: the loss is differentiable w.r.t. hidden, weight and
@@ -148,6 +156,12 @@ def fused_linear_policy_loss(
     if check.CHECK:  # RLHF_FAST_CHECK=1 (validate_inputs checked the [B, T] inputs)
         check.linear_values(flat_hidden, weight, bias, mask.reshape(-1))
         check.normalizer_value(normalizer)
+    if vocab_group is not None:
+        logp, entropy = linear_vocab_parallel.linear_token_logprobs(flat_hidden, weight, bias, flat_labels, spec,
+                                                                    vocab_group, True)  # fmt: skip
+        return loss_with_entropy_bonus(logp.view(mask.shape), entropy.view(mask.shape), old_logp.detach(),
+                                       advantages.detach(), correction, None if ref_logp is None else ref_logp.detach(),
+                                       options, entropy_coef, normalizer)  # fmt: skip
     check.labels_in_range(flat_labels, weight.shape[0], IGNORE_INDEX)
     # A sequence-coupled objective, or a token mask ranked over the whole batch's entropies.
     if not OBJECTIVES[options.objective].separable or options.top_entropy_quantile < 1:

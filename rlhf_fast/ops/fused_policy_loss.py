@@ -50,6 +50,7 @@ def fused_policy_loss(
     entropy_coef: float = 0.0,
     inplace_backward: bool = False,
     backend: str = "auto",
+    vocab_group=None,
     options: PolicyLossOptions | None = None,
     **option_kwargs,
 ):
@@ -74,6 +75,11 @@ def fused_policy_loss(
             holds the gradient from the moment this call returns (as with Liger's in-place
             cross-entropy); only one backward is then possible.
         backend: provider of the [N, V] kernel: "auto", "triton", "cuda", "host" or "torch".
+        vocab_group: a process group whose ranks each hold a contiguous vocabulary shard of the
+            logits [B, T, V_r], in rank order; labels are global ids (see ``token_logprobs``).
+            Every rank gets the same loss and stats and the gradient of its own shard. The loss
+            then takes the composed path (logp and entropy from the vocabulary-parallel
+            token_logprobs, then the [B, T] math under autograd). None: the whole vocabulary here.
 
     Returns:
         (loss, stats) as ``policy_loss``, plus stats["entropy"], the mean entropy over valid tokens.
@@ -90,7 +96,8 @@ def fused_policy_loss(
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V]; got {check.describe(logits)}")
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:2], like=("logits", logits))
-    check_vocabulary(logits)
+    if vocab_group is None:  # else checked on every rank at once (vocab_parallel.shard_of): no rank left waiting
+        check_vocabulary(logits)
     correction = validate_inputs(labels, old_logp, advantages, mask, ref_logp, logp_name="labels",
                                  rollout_logp=rollout_logp, options=options)  # fmt: skip
     mask = correction.mask
@@ -105,11 +112,12 @@ def fused_policy_loss(
         check.logits_values("logits", logits, labels, mask)
         check.normalizer_value(normalizer)
     loss_inputs = (old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer)
-    if _gradient_in_forward(logits, old_logp, advantages, ref_logp):
+    if vocab_group is None and _gradient_in_forward(logits, old_logp, advantages, ref_logp):
         stats: dict = {}
         loss = _GradientInForward.apply(logits, labels, temperature, inplace_backward, backend, loss_inputs, stats)
         return loss, stats
-    logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend)
+    logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend,
+                                             vocab_group)  # fmt: skip
     return loss_with_entropy_bonus(logp, entropy, *loss_inputs)
 
 

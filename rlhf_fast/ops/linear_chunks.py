@@ -316,6 +316,7 @@ def sweep(
     upstream: Upstream | None = None,
     grads: LinearGrads | None = None,
     index: torch.Tensor | None = None,
+    provider=None,
 ) -> None:
     """One pass over the token chunks (see the module docstring); the only loop of the linear ops.
 
@@ -327,6 +328,8 @@ def sweep(
     (called after the forward of those rows, so it may read rows.logp[start:end]; once per chunk,
     or per slab of one under a soft cap) and accumulate the
     linear layer's gradients (rows of grad_hidden not in ``index`` are left as they are).
+    ``provider``: the token_logprobs provider to call instead of the backend's own (the
+    vocabulary-parallel ops pass ``vocab_parallel.ShardProvider``).
     """
     n_rows, vocab = labels.shape[0], weight.shape[0]
     if n_rows == 0:
@@ -335,7 +338,7 @@ def sweep(
     # ``grads`` keeps the inputs' own dtypes.
     hidden, weight = hidden.to(spec.compute_dtype), weight.to(spec.compute_dtype)
     bias = bias.to(spec.compute_dtype) if bias is not None else None
-    prov = registry.resolve(spec.backend, hidden.device, hidden.dtype)
+    prov = provider if provider is not None else registry.resolve(spec.backend, hidden.device, hidden.dtype)
     step = chunk_rows(n_rows, hidden.shape[1], spec.chunk_size, spec.weight_grad_dtype.itemsize)
     buffer = torch.empty(min(step, n_rows), vocab, dtype=hidden.dtype, device=hidden.device)
     softcap = None

@@ -13,6 +13,7 @@ import torch
 from .. import _validate as check
 from ..options import LinearOptions, no_leftovers, take
 from ..reference import IGNORE_INDEX
+from . import linear_vocab_parallel
 from .linear_chunks import LinearGrads, LinearSpec, RowStats, gather_rows, kept_rows, scatter_rows, sweep
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -139,6 +140,7 @@ def linear_token_logprobs(
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     linear: LinearOptions | None = None,
+    vocab_group=None,
     **option_kwargs,
 ):
     """Log-probability of each label (and the entropy) under softmax((hidden @ weight.T + bias) / T).
@@ -166,6 +168,13 @@ def linear_token_logprobs(
             logit_softcap (the head's logit transform, before the temperature:
             logits = c tanh(s (hidden @ weight.T + bias) / c); ``rlhf_fast.hf.head_options`` reads
             them from a transformers model's config).
+        vocab_group: a torch.distributed process group whose ranks each hold a contiguous shard of
+            the lm_head's rows, in rank order: ``weight`` is then this rank's [V_r, H] (``bias``
+            its [V_r]) for the ids [o_r, o_r + V_r), o_r the sum of the lower ranks' V_r, labels
+            are global ids, and every rank gets the whole vocabulary's logp and entropy (two
+            all-reduces of O(N) floats, ``linear_vocab_parallel``). The backward gives this
+            shard's weight and bias gradients and the hidden gradient summed over the group (one
+            all-reduce of [N, H]). None (default): the whole head is here.
 
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 inputs), and the entropy if asked;
@@ -184,9 +193,13 @@ def linear_token_logprobs(
     spec = make_spec(temperature, ignore_index, linear, hidden, weight)
     if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values")
         check.linear_values(flat_hidden, weight, bias, flat_labels != spec.ignore_index)
-    check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
-    index = kept_rows(flat_labels != spec.ignore_index)
-    logp, entropy = LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)
+    if vocab_group is not None:
+        logp, entropy = linear_vocab_parallel.linear_token_logprobs(flat_hidden, weight, bias, flat_labels, spec,
+                                                                    vocab_group, return_entropy)  # fmt: skip
+    else:
+        check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
+        index = kept_rows(flat_labels != spec.ignore_index)
+        logp, entropy = LinearTokenLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, return_entropy)
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)

@@ -7,6 +7,7 @@ import torch
 from .. import _validate as check
 from ..options import LinearOptions, no_leftovers, take
 from ..reference import IGNORE_INDEX
+from . import linear_vocab_parallel
 from .linear_chunks import RowStats, TokenObjective, kept_rows, linear_loss
 from .linear_logprobs import check_linear, make_spec
 
@@ -34,6 +35,7 @@ def linear_sft_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     linear: LinearOptions | None = None,
+    vocab_group=None,
     **option_kwargs,
 ) -> torch.Tensor:
     """``sft_loss(hidden @ weight.T + bias, labels)``: mean -log p(label) over non-ignored tokens.
@@ -47,6 +49,11 @@ def linear_sft_loss(
     scales them by the upstream gradient. Ignored tokens (prompts, padding) cost no FLOPs.
     NaN or inf in a valid row of ``hidden`` or anywhere in ``weight`` makes the loss and the
     gradients NaN (or inf), as in ``linear_token_logprobs``; RLHF_FAST_CHECK=1 checks for them.
+
+    ``vocab_group``: ``weight`` [V_r, H] and ``bias`` [V_r] are this rank's contiguous shard of the
+    head and labels global ids, as in ``linear_token_logprobs``; every rank gets the same loss.
+    The loss then comes from the vocabulary-parallel ``linear_token_logprobs`` (two sweeps: its
+    gradients are computed in the backward, the hidden one all-reduced over the group).
     """
     linear = take(LinearOptions, linear, option_kwargs, "linear")
     no_leftovers("linear_sft_loss", option_kwargs, LinearOptions)
@@ -54,6 +61,10 @@ def linear_sft_loss(
     spec = make_spec(1.0, ignore_index, linear, hidden, weight)
     if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values")
         check.linear_values(flat_hidden, weight, bias, flat_labels != spec.ignore_index)
+    if vocab_group is not None:
+        logp, _ = linear_vocab_parallel.linear_token_logprobs(flat_hidden, weight, bias, flat_labels, spec, vocab_group,
+                                                              False)  # fmt: skip
+        return -logp.sum() / (flat_labels != spec.ignore_index).sum().clamp(min=1)
     check.labels_in_range(flat_labels, weight.shape[0], spec.ignore_index)
     index = kept_rows(flat_labels != spec.ignore_index)
     kept = flat_labels.numel() if index is None else index.numel()

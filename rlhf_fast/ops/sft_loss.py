@@ -15,6 +15,7 @@ def sft_loss(
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     backend: str = "auto",
+    vocab_group=None,
 ) -> torch.Tensor:
     """Mean of -log p(label) over tokens whose label is not ``ignore_index``. [..., V], [...] -> [] float32.
 
@@ -23,7 +24,12 @@ def sft_loss(
     over the global token count.
     NaN or +inf in a valid row's logits makes the loss NaN (``token_logprobs``); RLHF_FAST_CHECK=1
     checks them.
+
+    ``vocab_group``: ``logits`` is this rank's contiguous vocabulary shard [..., V_r] and labels
+    are global ids, as in ``token_logprobs``; every rank gets the same loss, and the gradient of
+    its own shard.
     """
-    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend)
+    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend,
+                          vocab_group=vocab_group)  # fmt: skip
     count = (labels != ignore_index).sum().clamp(min=1)
     return -logp.sum() / count

@@ -14,6 +14,7 @@ import torch
 from .. import _validate as check
 from ..backends import registry
 from ..reference import IGNORE_INDEX
+from . import vocab_parallel
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -175,6 +176,7 @@ def token_logprobs(
     return_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
+    vocab_group=None,
 ):
     """Fused log_softmax(logits / temperature) gathered at ``labels``, and optionally the entropy.
 
@@ -190,6 +192,12 @@ def token_logprobs(
         inplace_backward: let the backward write the logits' gradient into the logits' storage
             (saves one [N, V] buffer). The caller must not use ``logits`` after backward.
         backend: "auto", "triton", "cuda", "host" or "torch" (see ``rlhf_fast.backends``).
+        vocab_group: a torch.distributed process group whose ranks each hold a contiguous shard of
+            the vocabulary, in rank order: ``logits`` is then this rank's [..., V_r] slice (ids
+            [o_r, o_r + V_r), o_r the sum of the lower ranks' V), ``labels`` are global ids in
+            [0, V), V = sum of the V_r, and every rank gets the whole vocabulary's logp and entropy
+            (two all-reduces of O(N) floats; the backward is local to the shard). See
+            ``rlhf_fast.ops.vocab_parallel``. None (default): the whole vocabulary is here.
 
     Returns:
         float32 logp of ``labels.shape`` (float64 for float64 logits), and entropy if asked.
@@ -201,20 +209,29 @@ def token_logprobs(
     """
     check.tensor("logits", logits, dtypes=LOGIT_DTYPES, min_dim=1)
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape=logits.shape[:-1], like=("logits", logits))
-    check_vocabulary(logits)
+    if vocab_group is None:  # else checked on every rank at once (vocab_parallel.shard_of): no rank left waiting
+        check_vocabulary(logits)
     temperature = check.temperature(temperature)
     registry.check_backend_name(backend)
     if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values"); sft_loss comes through here
         check.logits_values("logits", logits, labels, labels != ignore_index)
-    return token_logprobs_validated(logits, labels, temperature, int(ignore_index), return_entropy, inplace_backward, backend)
+    return token_logprobs_validated(logits, labels, temperature, int(ignore_index), return_entropy, inplace_backward,
+                                    backend, vocab_group)  # fmt: skip
 
 
-def token_logprobs_validated(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, backend):
+def token_logprobs_validated(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, backend,
+                             vocab_group=None):  # fmt: skip
     """``token_logprobs`` on arguments already checked (by it, or by a fused op that calls this)."""
     flat_labels = labels.reshape(-1).contiguous()
-    logp, entropy, _ = _forward_op(
-        _flatten_rows(logits), flat_labels, temperature, ignore_index, return_entropy, inplace_backward, backend
-    )
+    if vocab_group is None:
+        logp, entropy, _ = _forward_op(
+            _flatten_rows(logits), flat_labels, temperature, ignore_index, return_entropy, inplace_backward, backend
+        )
+    else:
+        # Shapes first, on every rank at once: a rank with an empty shard has no [N, 0] to flatten.
+        shard = vocab_parallel.shard_of(vocab_group, logits.shape[-1], flat_labels.shape[0], logits.device, what="logits")
+        logp, entropy = vocab_parallel.token_logprobs(_flatten_rows(logits), flat_labels, shard, temperature,
+                                                      ignore_index, return_entropy, inplace_backward, backend)  # fmt: skip
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)

@@ -1,0 +1,72 @@
+"""The linear-head ops on a vocabulary-parallel lm_head: rank r holds weight rows [o_r, o_r + V_r) (bias likewise).
+
+Two sweeps over the token chunks (``linear_chunks.sweep``), as ``linear_token_logprobs``: the
+forward computes each chunk's shard logits and the shard's row statistics, ``vocab_parallel.combine``
+turns them into the whole vocabulary's logp, entropy and lse (two all-reduces of O(N) floats);
+the backward recomputes each chunk's shard logits and writes the global-softmax gradient with
+``vocab_parallel.ShardProvider`` (no communication), pushes it through the head (the weight and
+bias gradients of this shard's rows), and all-reduces (SUM) the hidden-state gradient, a sum over
+the whole vocabulary of which each rank holds its shard's part (Megatron's ColumnParallelLinear
+backward). The gradient-in-forward single sweep of ``linear_loss`` cannot apply: a token's
+gradient needs the other shards' statistics, which exist only once the forward's all-reduce is done.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear_chunks import LinearGrads, LinearSpec, RowStats, gather_rows, kept_rows, scatter_rows, sweep
+from .vocab_parallel import Shard, ShardProvider, all_reduce_sum_, check_labels, combine, shard_of
+
+
+class VocabParallelLinearLogprobs(torch.autograd.Function):
+    """logp (and entropy) [N] of the whole vocabulary for the rows ``index`` keeps (None: all), 0 at the others."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, index, spec: LinearSpec, shard: Shard, with_entropy: bool):
+        kept_labels = gather_rows(labels, index)
+        prov = ShardProvider(shard, spec.backend)
+        rows = RowStats.empty(kept_labels.shape[0], with_entropy, spec.compute_dtype, hidden.device)
+        sweep(hidden, weight, bias, kept_labels, spec, rows, forward=True, index=index, provider=prov)
+        logp, entropy, lse = combine(shard, kept_labels, spec.ignore_index, rows.logp, rows.entropy, rows.lse)
+        entropy = entropy if with_entropy else lse.new_empty(0)
+        ctx.save_for_backward(hidden, weight, bias, kept_labels, index, lse, entropy)
+        ctx.spec, ctx.prov = spec, prov
+        n_rows = labels.shape[0]
+        return scatter_rows(logp, index, n_rows), scatter_rows(entropy, index, n_rows) if with_entropy else entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        grads = LinearGrads.allocate(hidden, weight, bias, ctx.spec, *need, every_row=index is None)
+
+        def kept(grad):
+            return gather_rows(grad.to(lse.dtype), index).contiguous()
+
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else kept(grad_logp)
+        with_entropy = entropy.numel() > 0 and grad_entropy is not None
+        if with_entropy:
+            grad_entropy = kept(grad_entropy)
+        rows = RowStats(None, entropy if with_entropy else None, lse)
+
+        def upstream(start, end):
+            return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None
+
+        sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads, index=index,
+              provider=ctx.prov)  # fmt: skip
+        grad_hidden, grad_weight, grad_bias = grads.results(bias)
+        # Every rank's hidden gradient must be summed, including a rank whose caller froze its head.
+        if need[0]:
+            all_reduce_sum_(grad_hidden, ctx.prov.shard)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def linear_token_logprobs(flat_hidden, weight, bias, flat_labels, spec: LinearSpec, group, with_entropy: bool):
+    """Validated [N, H] hidden, this rank's [V_r, H] weight shard (bias [V_r]), global labels [N]
+    -> the whole vocabulary's (logp [N], entropy [N] or [0])."""
+    shard = shard_of(group, weight.shape[0], flat_labels.shape[0], flat_hidden.device, what="weight",
+                     hidden_size=flat_hidden.shape[1])  # fmt: skip
+    check_labels(flat_labels, shard, spec.ignore_index)
+    index = kept_rows(flat_labels != spec.ignore_index)
+    return VocabParallelLinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, index, spec, shard, with_entropy)
