@@ -217,11 +217,13 @@ def hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     ``model_kwargs`` go to the decoder (position_ids, ...); ``use_cache`` defaults to False.
 
     A model sharded with FSDP2 (``fully_shard`` applied to the causal LM itself, as the root:
-    ``rlhf_fast.train.fsdp.shard_model``) runs its decoder inside the root's forward hooks, and
-    the weight and bias returned are the gathered parameters FSDP2 holds for that forward (in its
-    ``param_dtype`` under mixed precision), never a copy: run the op and its backward before the
-    model's next forward, and the head's gradient is reduce-scattered into its shard with the
-    rest of the model's.
+    ``rlhf_fast.train.fsdp.shard_model``) runs its decoder as the root's forward, inside FSDP2's
+    hooks, and the weight and bias returned are the gathered parameters FSDP2 holds (in its
+    ``param_dtype`` under mixed precision), never a copy; the head's gradient is reduce-scattered
+    into its shard with the rest of the root's at the end of the backward. FSDP2 keeps the root
+    gathered from its forward to its backward, so several calls may precede one backward; a
+    head whose group reshards after forward (``reshard_after_forward=True``) is gathered again
+    here, and then the op and its backward must run before that group's next forward frees it.
     """
     head = _head_module(model)
     decoder = decoder_of(model)

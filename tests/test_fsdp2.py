@@ -168,6 +168,20 @@ def case_other_layouts(rank: int) -> None:
     sft_loss(ref, *batch).backward()
     close(gathered_grads(model), {name: p.grad for name, p in ref.named_parameters()}, "root resharded after forward")
 
+    # Two calls, then one backward (the root stays gathered between them): micro-batches in one graph.
+    model = tiny_llama(False)
+    ref = copy.deepcopy(model)
+    shard_model(model)
+    input_ids, attention_mask, labels = global_batch(7)
+    n_global = (labels != -100).sum()
+    loss = 0
+    for r in range(WORLD):  # this rank's rows, one row per call
+        ids, mask, lab = (t[rank::WORLD][r : r + 1] for t in (input_ids, attention_mask, labels))
+        loss = loss + sft_loss(model, ids, mask, lab, scale=float((lab != -100).sum() / n_global * WORLD))
+    loss.backward()
+    sft_loss(ref, input_ids, attention_mask, labels).backward()
+    close(gathered_grads(model), {name: p.grad for name, p in ref.named_parameters()}, "two calls, one backward")
+
     reference = shard_reference(copy.deepcopy(ref))
     input_ids, attention_mask, labels = mine(*global_batch(5), rank=rank)
     with torch.no_grad():
@@ -280,8 +294,9 @@ def case_steps_and_checkpoints(rank: int, tied: bool, tmp: str) -> None:
     train(ref, ref_optimizer, 1, None)
 
     fsdp.remove_temporaries(directory)
-    assert not half.exists()
+    assert not half.exists(), (rank, sorted(str(p.relative_to(directory)) for p in directory.rglob("*")))
     assert [s for s, _ in fsdp.list_checkpoints(directory)] == [3]
+    torch_dist.barrier()  # both ranks have looked before the next save makes .step_00000004.tmp again
     # keep=1 prunes step 3; saving step 4 again (a resumed run) replaces it, and it still loads.
     for _ in range(2):
         fsdp.save_checkpoint(directory, 4, model, optimizer, keep=1)
