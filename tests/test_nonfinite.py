@@ -245,25 +245,38 @@ def _ddp_worker(rank: int, world: int, port: int, case: str, out_dir: str, resul
         def nan_reward_on_rank_1(prompts, responses):
             return [math.nan if rank == 1 and i == 4 else 0.5 for i in range(len(responses))]
 
+        scorings = [0]
+
+        def nan_in_rank_1s_second_round(prompts, responses):
+            # Dynamic sampling: rank 0's groups all differ (one round); rank 1's first round has no
+            # spread (a second round), whose rewards hold a NaN. The ranks scored 1 and 2 times.
+            scorings[0] += 1
+            if rank == 0:
+                return [float(i) for i in range(len(responses))]
+            return [math.nan if scorings[0] == 2 and i == 4 else 0.5 for i in range(len(responses))]
+
         options = {"algo.name": "grpo", "rollout.group_size": 2, "train.steps": 2, "model.path": None, "reward.gold": False}
         if case == "loss":
             trainer = RLTrainer(tiny_rl(out_dir, **options), loss_fn=nan_loss_on_rank_1_once, reward_fn=lambda p, r: [float(len(x)) for x in r])
-        else:
+        elif case == "reward":
             trainer = RLTrainer(tiny_rl(out_dir, **options), reward_fn=nan_reward_on_rank_1)
+        else:
+            trainer = RLTrainer(tiny_rl(out_dir, **options, **{"rollout.dynamic_sampling": True}),
+                                reward_fn=nan_in_rank_1s_second_round)  # fmt: skip
         try:
             trainer.train()
             outcome = "finished"
         except NonFiniteError as exc:
             outcome = str(exc)
         torch.save({"policy": trainer.policy.state_dict(), "outcome": outcome, "step": trainer.step,
-                    "streak": trainer.nonfinite_streak}, os.path.join(results, f"rank{rank}.pt"))  # fmt: skip
+                    "scorings": scorings[0]}, os.path.join(results, f"rank{rank}.pt"))  # fmt: skip
         torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["loss", "reward"])
+@pytest.mark.parametrize("case", ["loss", "reward", "dynamic sampling"])
 def test_two_processes_take_the_same_decision(tmp_path, case):
     import warnings
 
@@ -281,9 +294,11 @@ def test_two_processes_take_the_same_decision(tmp_path, case):
         assert skipped == [1.0, 0.0]  # rank 1's NaN skipped the update on both processes
         for name, value in r0["policy"].items():
             torch.testing.assert_close(value, r1["policy"][name], atol=0, rtol=0, msg=f"policy.{name} differs between ranks")
-    else:  # both stop at step 1; rank 1 names its row, rank 0 points at it
+    else:  # both stop at step 1, neither left waiting; rank 1 names its row, rank 0 points at it
         assert r1["outcome"].startswith("step 1: reward_fn ") and "returned nan for row 4 on rank 1 of 8" in r1["outcome"]
         assert r0["outcome"] == "step 1: another process's rewards are NaN/inf (see its message)"
+        if case == "dynamic sampling":
+            assert (r0["scorings"], r1["scorings"]) == (1, 2)
 
 
 # ------------------------------------------------------------------ what the ops do with NaN and inf

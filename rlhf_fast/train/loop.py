@@ -128,19 +128,20 @@ class NonFiniteError(RuntimeError):
     or gradient norm, or a reward came back NaN or inf. The message names the step and the likely source."""
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process: one all-reduce of a one-element flag (every process
+    must call it as often as the others), so that all processes take the same decision."""
+    if not dist.initialized():
+        return bool(flag)
+    total = dist.all_reduce_sum(torch.tensor([float(bool(flag))], dtype=torch.float64, device=dist_device()))
+    return float(total.item()) > 0
+
+
 def all_finite(*values) -> bool:
-    """Whether every value (floats, or tensors of any shape) is finite on every process: one
-    all-reduce of a one-element flag, so that all processes take the same decision."""
-    bad = 0.0
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            bad += float((~torch.isfinite(value.detach())).any())
-        elif not math.isfinite(value):
-            bad += 1.0
-    if dist.initialized():
-        flag = torch.tensor([bad], dtype=torch.float64, device=dist_device())
-        bad = float(dist.all_reduce_sum(flag).item())
-    return bad == 0.0
+    """Whether every value (floats, or tensors of any shape) is finite on every process (``any_process``)."""
+    bad = any(bool((~torch.isfinite(v.detach())).any()) if isinstance(v, torch.Tensor) else not math.isfinite(v)
+              for v in values)  # fmt: skip
+    return not any_process(bad)
 
 
 def dist_device() -> torch.device:

@@ -23,7 +23,7 @@ from rlhf_fast.ops.aggregate import global_loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
-from ..loop import NonFiniteError, all_finite, guarded_step
+from ..loop import NonFiniteError, all_finite, any_process, guarded_step
 from .rollout import Rollout, cat_rollouts, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
 
 
@@ -112,7 +112,7 @@ def response_scores(trainer, rollout: Rollout) -> dict[str, torch.Tensor]:
 
 def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``response_scores``: the scores, and the means of their parts as stats. A NaN or inf score
-    stops the run (``checked_scores``)."""
+    raises NonFiniteError (``checked_scores``)."""
     parts = response_scores(trainer, rollout)
     checked_scores(trainer, rollout, parts)
     total = parts.pop("score")
@@ -121,10 +121,9 @@ def score_step(trainer, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch
 
 def checked_scores(trainer, rollout: Rollout, parts: dict[str, torch.Tensor]) -> None:
     """Raise NonFiniteError when a reward (the reward model's, the reward function's, or their sum)
-    is NaN or inf, naming the first such row, its value, its source, prompt and response. Every
-    process agrees (one all-reduce), so none is left waiting in the next collective."""
-    if all_finite(*parts.values()):
-        return
+    is NaN or inf here, naming the first such row, its value, its source, prompt and response. No
+    collective: the callers (``sample_step``, ``remax_advantage``) make every process agree once
+    (``agree_on``), however many times each scored (dynamic sampling's rounds differ by process)."""
     for key, source in (("rm_score", "the reward model"), ("fn_score", getattr(trainer.reward_fn, "name", "reward_fn")),
                         ("score", "the sum of the rewards")):  # fmt: skip
         if key not in parts:
@@ -138,7 +137,21 @@ def checked_scores(trainer, rollout: Rollout, parts: dict[str, torch.Tensor]) ->
                 f"({len(bad)} row(s) NaN/inf; prompt {rollout.prompts[row][:60]!r}, response {rollout.responses[row][:60]!r}); "
                 "a reward must be a finite number"
             )
-    raise NonFiniteError(f"step {trainer.step + 1}: another process's rewards are NaN/inf (see its message)")
+
+
+def agree_on(trainer, error: NonFiniteError | None) -> None:
+    """Raise ``error`` (this process's scoring failed) here, and on every other process an error
+    pointing at it: one all-reduce, so no process is left waiting in a later collective."""
+    if any_process(error is not None):
+        raise error or NonFiniteError(f"step {trainer.step + 1}: another process's rewards are NaN/inf (see its message)")
+
+
+def scored(trainer, rollout: Rollout):
+    """``trainer.score_fn(trainer, rollout)``, or (None, the NonFiniteError it raised)."""
+    try:
+        return trainer.score_fn(trainer, rollout), None
+    except NonFiniteError as error:
+        return None, error
 
 
 # --------------------------------------------------------------------------------------- experience
@@ -185,11 +198,14 @@ def sample_step(trainer) -> tuple[Rollout, torch.Tensor, dict[str, torch.Tensor]
     sampling (groups with a spread of scores only, more rounds until the batch is full) and
     overlong filtering (truncated responses masked out of the loss, after scoring)."""
     cfg = trainer.config.rollout
-    kept, dropped, stats, rounds = [], [], [], 0
+    kept, dropped, stats, rounds, error = [], [], [], 0, None
     while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         rounds += 1
         rollout = trainer.rollout_fn(trainer, trainer.next_prompts())
-        scores, score_stats = trainer.score_fn(trainer, rollout)
+        result, error = scored(trainer, rollout)
+        if error is not None:
+            break
+        scores, score_stats = result
         scores, shaped = overlong_punishment(trainer, rollout, scores)
         stats.append(score_stats | shaped)
         if not cfg.dynamic_sampling:
@@ -201,6 +217,7 @@ def sample_step(trainer) -> tuple[Rollout, torch.Tensor, dict[str, torch.Tensor]
         dropped.append((rollout.select((~rows).nonzero().flatten()), scores[~rows]))
         if sum(len(r) for r, _ in kept) >= cfg.batch_size:
             break
+    agree_on(trainer, error)  # once per step on every process, whatever its rounds
     parts = [(r, s) for r, s in kept + dropped if len(r)]
     pad = trainer.tokenizer.pad_token_id if trainer.tokenizer.pad_token_id is not None else trainer.tokenizer.eos_token_id
     rollout = cat_rollouts([r for r, _ in parts], pad).select(torch.arange(cfg.batch_size))
@@ -368,7 +385,9 @@ def remax_advantage(trainer, exp: Experience):
     greedy = generate(trainer.policy, trainer.tokenizer, exp.rollout.prompts[::group_size], trainer.config.rollout,
                       greedy=True)  # fmt: skip
     with torch.no_grad():
-        baseline, _ = trainer.score_fn(trainer, greedy)
+        result, error = scored(trainer, greedy)
+    agree_on(trainer, error)
+    baseline, _ = result
     rewards = rlhf_fast.kl_penalized_rewards(exp.old_logp, exp.ref_logp, exp.scores, exp.mask, beta=_kl_in_reward(trainer),
                                              estimator=trainer.config.algo.kl_estimator,
                                              kl_clamp=trainer.config.algo.kl_clamp)  # fmt: skip
