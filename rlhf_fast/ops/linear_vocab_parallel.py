@@ -56,7 +56,7 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
         sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads, index=index,
               provider=ctx.prov)  # fmt: skip
         grad_hidden, grad_weight, grad_bias = grads.results(bias)
-        # Every rank's hidden gradient must be summed, including a rank whose caller froze its head.
+        # Each rank holds its shard's part of sum_k G_k W_k: the hidden gradient is their sum.
         if need[0]:
             all_reduce_sum_(grad_hidden, ctx.prov.shard)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
