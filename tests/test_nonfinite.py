@@ -343,6 +343,19 @@ def test_minus_inf_logits_mask_tokens_out(backend):
     assert bad_rows(logits.grad) == []
 
 
+def test_plus_inf_logit_on_the_torch_backend_can_give_a_finite_policy_loss():
+    """The torch backend's logp is -inf there: the PPO ratio is 0 and clipped, so the loss stays
+    finite while that row's gradient is NaN (the trainers' gradient-norm check catches it)."""
+    labels = torch.randint(0, V, (B, T))
+    logits = torch.randn(B, T, V)
+    logits[0, 1, (labels[0, 1] + 1) % V] = math.inf
+    logits.requires_grad_()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    loss, _ = rlhf_fast.fused_policy_loss(logits, labels, -torch.rand(B, T) - 1, torch.randn(B, T), mask, backend="torch")
+    loss.backward()
+    assert torch.isfinite(loss) and bad_rows(logits.grad) == [1]
+
+
 def test_nan_advantage_gives_a_nan_loss_and_one_nan_gradient_row():
     labels = torch.randint(0, V, (B, T))
     advantages = torch.randn(B, T)
