@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +173,11 @@ def _as_root_forward(model: torch.nn.Module, run, **kwargs):
     saved = model.__dict__.get("forward")
     model.forward = run
     try:
-        return model(**kwargs)
+        with warnings.catch_warnings():
+            # GPT-2's decoder returns its last hidden state as a .view(); FSDP2 warns that an in-place
+            # op on a returned view would drop its pre-backward hook. The ops read hidden, never write it.
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+            return model(**kwargs)
     finally:
         if had:
             model.forward = saved

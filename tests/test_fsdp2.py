@@ -40,6 +40,14 @@ def tiny_llama(tied: bool) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).float()
 
 
+def tiny_gpt2() -> torch.nn.Module:
+    """GPT-2: tied head, Conv1D blocks (found through _no_split_modules), a last hidden state that is a view."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
 def global_batch(seed: int, rows: int = 4, T: int = 8):
     """input_ids, attention_mask (one left-padded row), labels (-100 on padding), the same on every rank."""
     g = torch.Generator().manual_seed(seed)
@@ -109,13 +117,15 @@ def close(got: dict, want: dict, what: str):
         torch.testing.assert_close(got[name], value, atol=ATOL, rtol=RTOL, msg=lambda m, name=name: f"{what} {name}: {m}")
 
 
-def case_losses_and_gradients(rank: int, tied: bool) -> None:
+def case_losses_and_gradients(rank: int, family: str) -> None:
     """(a) linear_sft_loss and fused_linear_policy_loss through hidden_and_head on the sharded model:
     the loss (summed over ranks) and every gathered gradient equal the unsharded model's."""
     from rlhf_fast.hf import head_of
     from rlhf_fast.train.fsdp import shard_model
 
-    model = tiny_llama(tied)
+    model = tiny_gpt2() if family == "gpt2" else tiny_llama(tied=family == "llama-tied")
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (family != "llama")
     ref = copy.deepcopy(model)
     shard_model(model)
     assert type(head_of(model)[0]).__name__ == "DTensor"  # sharded outside the forward
@@ -130,8 +140,8 @@ def case_losses_and_gradients(rank: int, tied: bool) -> None:
     want_loss.backward()
     torch.testing.assert_close(total / WORLD, want_loss.detach(), atol=ATOL, rtol=RTOL)
     want = {name: p.grad for name, p in ref.named_parameters()}
-    close(got, want, f"sft tied={tied}")
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    close(got, want, f"sft {family}")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
 
     model.zero_grad(set_to_none=True)
     ref.zero_grad(set_to_none=True)
@@ -146,7 +156,7 @@ def case_losses_and_gradients(rank: int, tied: bool) -> None:
     want_loss = policy_loss(ref, input_ids, attention_mask, labels, *extra)
     want_loss.backward()
     torch.testing.assert_close(total / WORLD, want_loss.detach(), atol=ATOL, rtol=RTOL)
-    close(got, {name: p.grad for name, p in ref.named_parameters()}, f"policy tied={tied}")
+    close(got, {name: p.grad for name, p in ref.named_parameters()}, f"policy {family}")
 
 
 def case_other_layouts(rank: int) -> None:
@@ -325,7 +335,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     failures = []
     try:
-        cases = [(case_losses_and_gradients, (tied,)) for tied in (False, True)]
+        cases = [(case_losses_and_gradients, (family,)) for family in ("llama", "llama-tied", "gpt2")]
         cases += [(case_steps_and_checkpoints, (tied, tmp)) for tied in (False, True)]
         cases += [(case_other_layouts, ())]
         for case, args in cases:
