@@ -161,3 +161,24 @@ def test_nan_reward_names_the_row(tmp_path):
     assert line.endswith("a reward must be a finite number")
     # Stopped before any update: no checkpoint, metrics or model.
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_sft_from_a_model_with_an_inf_weight_stops_naming_it(tmp_path):
+    """The run of issue 14 that trained on NaN losses and saved an all-NaN model with exit 0: now
+    every update is skipped (a warning each) and the third in a row stops it, naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    first = tmp_path / "first"
+    assert cli("sft", "--out_dir", str(first), *TINY_SFT, "--train.steps", "1", cwd=tmp_path).returncode == 0
+    weights = next((first / "model").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = float("inf")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "run"
+    proc = cli("sft", "--out_dir", str(out), "--model.path", str(first / "model"), *TINY_SFT, "--train.steps", "4", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("RuntimeWarning: non-finite update at step") == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlhf-fast sft: error: non-finite update at step 3 (loss nan, gradient norm nan): 3 optimizer updates in a row")
+    assert "likely source: the model's weights hold 1 NaN/inf value(s) (first in model.layers.0.mlp.down_proj.weight)" in last
+    assert not (out / "model").exists()
