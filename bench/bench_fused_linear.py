@@ -23,6 +23,11 @@ Implementations:
   liger-fp32acc  liger_fused_linear_cross_entropy with accum_dtype=float32, as our weight gradient
   cce, cce-compile  Cut Cross-Entropy's linear_cross_entropy (impl "cce", CUDA; impl
                  "torch_compile", any device): logp = -loss with reduction="none", sft = the mean
+  <variant>/eager, <variant>/backend=<b>
+                 linear_policy_loss only, forward + backward: "softcap=30", the head's logits
+                 soft-capped as Gemma 2's (LinearOptions.logit_softcap = 30); and the registry's
+                 first objective coupled across the sequence (gspo: the two-sweep path). "x eager" is
+                 the variant's own eager row.
 "x liger" is Liger's time over this one (same op and mode). The oracle is the reference in
 float64 (CPU) / float32 (CUDA), two passes over row chunks so that it fits. The work is the three
 matmuls of forward + backward, 6 N H V FLOPs (2 N H V forward), set against the measured rate of
@@ -33,22 +38,43 @@ no gradient, and our op skips them; eager and Liger compute all rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import rlhf_fast
 from rlhf_fast import reference
+from rlhf_fast.objectives import OBJECTIVES
 
 from . import harness
 from .bench_policy_loss import POLICY
-from .case import Case, Check, Impl, backend_impls, cce_problem, liger_problem, tolerance
+from .case import Case, Check, Impl, backend_impls, cce_problem, liger_problem, timed, tolerance
 
 SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 SEQ_LEN = 1024
 CHUNK_ROWS = 2048  # rows per oracle chunk
 KINDS = {"linear_logprobs": "logprobs", "linear_sft": "sft", "linear_policy_loss": "policy"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Options of one row family of linear_policy_loss: the base (name "", rows without a prefix) or another."""
+
+    name: str
+    policy: dict = field(hash=False)  # PolicyLossOptions fields
+    linear: dict = field(hash=False, default_factory=dict)  # the head's logit transform (logit_scale, logit_softcap)
+
+
+BASE = Variant("", POLICY)
+
+
+def variants(kind: str) -> list[Variant]:
+    """linear_policy_loss: a soft-capped head (Gemma 2's 30), and the first non-separable objective."""
+    if kind != "policy":
+        return []
+    coupled = next(name for name, objective in OBJECTIVES.items() if not objective.separable)
+    return [Variant("softcap=30", POLICY, dict(logit_softcap=30.0)), Variant(coupled, dict(POLICY, objective=coupled))]
 
 
 @dataclass
@@ -71,14 +97,15 @@ class Inputs:
             t.grad = None
 
 
-def _eager(kind):
+def _eager(kind, variant: Variant = BASE):
     if kind == "logprobs":
         return lambda h, w, x: reference.linear_token_logprobs(h, w, x.labels)
     if kind == "sft":
         return lambda h, w, x: reference.linear_sft_loss(h, w, x.labels)
     return lambda h, w, x: reference.fused_linear_policy_loss(
-        h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp, **POLICY
-    )[0]
+        h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp,
+        **variant.linear, **variant.policy,
+    )[0]  # fmt: skip
 
 
 def _compiled(kind):
@@ -97,7 +124,7 @@ def _compiled(kind):
     return lambda h, w, x: graph(h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, x.ref_logp)
 
 
-def _ours(kind, backend, accum_dtype=torch.float32, chunk_size=None):
+def _ours(kind, backend, accum_dtype=torch.float32, chunk_size=None, variant: Variant = BASE):
     opts = dict(backend=backend, accum_dtype=accum_dtype, chunk_size=chunk_size)
     if kind == "logprobs":
         return lambda h, w, x: rlhf_fast.linear_token_logprobs(h, w, x.labels, **opts)
@@ -105,7 +132,7 @@ def _ours(kind, backend, accum_dtype=torch.float32, chunk_size=None):
         return lambda h, w, x: rlhf_fast.linear_sft_loss(h, w, x.labels, **opts)
     return lambda h, w, x: rlhf_fast.fused_linear_policy_loss(
         h.view(*x.bt, -1), w, x.labels.view(x.bt), x.old_logp, x.advantages, x.mask, ref_logp=x.ref_logp,
-        **opts, **POLICY,
+        **opts, **variant.linear, **variant.policy,
     )[0]  # fmt: skip
 
 
@@ -205,7 +232,19 @@ class LinearCase(Case):
         for name, impl in (("cce", "cce"), ("cce-compile", "torch_compile")):
             reason = cce_problem(dev, impl) or ("Cut Cross-Entropy has no policy loss" if kind == "policy" else None)
             impls.append(Impl(name, skip=reason) if reason else Impl(name, make=lambda impl=impl: _cce(kind, impl)))
+        for v in variants(kind):
+            rows = [Impl("eager", make=lambda v=v: _eager(kind, v))]
+            rows += backend_impls("token_logprobs", dev, self.dtype, lambda name, v=v: _ours(kind, name, variant=v))
+            for impl in rows:
+                impl.name, impl.modes = f"{v.name}/{impl.name}", ("fwd+bwd",)
+            impls += rows
         return impls
+
+    def variant_of(self, impl_name: str) -> tuple[Variant, str]:
+        """(variant, the row's name within it): "softcap=30/backend=cuda" -> (softcap=30, "backend=cuda")."""
+        prefix, _, rest = impl_name.partition("/")
+        chosen = next((v for v in variants(self.kind) if v.name == prefix), None) if rest else None
+        return (BASE, impl_name) if chosen is None else (chosen, rest)
 
     def make_inputs(self, copies):
         n, h, v = self.nhv
@@ -232,41 +271,55 @@ class LinearCase(Case):
         return Inputs([t.requires_grad_() for t in hs], [t.requires_grad_() for t in ws], labels, g, mask, old_logp,
                       ref_logp, advantages)  # fmt: skip
 
-    def _per_token_loss(self, x: Inputs, logp: torch.Tensor) -> torch.Tensor:
+    def _per_token_loss(self, x: Inputs, logp: torch.Tensor, variant: Variant) -> torch.Tensor:
         if self.kind == "logprobs":
             return (logp * x.g.to(logp.dtype)).sum()
         if self.kind == "sft":
             return -logp.mean()
         cast = lambda t: t.to(logp.dtype)  # noqa: E731
         return reference.policy_loss(
-            logp.view(x.bt), cast(x.old_logp), cast(x.advantages), x.mask, ref_logp=cast(x.ref_logp), **POLICY
+            logp.view(x.bt), cast(x.old_logp), cast(x.advantages), x.mask, ref_logp=cast(x.ref_logp), **variant.policy
         )[0]
 
-    def oracle(self, x: Inputs):
-        """(forward value, grad hidden, grad weight): float64 on CPU, float32 on CUDA, in row chunks."""
+    def oracle(self, x: Inputs) -> dict:
+        """Variant name -> (forward value, grad hidden, grad weight), each computed when first asked for (``expected``)."""
+        return {}
+
+    def expected(self, x: Inputs, oracle: dict, variant: Variant):
+        """(forward value, grad hidden, grad weight) of ``variant``: float64 on CPU, float32 on CUDA, in row chunks."""
+        if variant.name in oracle:
+            return oracle[variant.name]
         dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         h, w = x.hidden[0].detach().to(dtype), x.weight[0].detach().to(dtype)
         labels = x.labels if self.kind != "policy" else torch.where(x.mask.view(-1), x.labels, reference.IGNORE_INDEX)
         chunks = [(s, min(s + CHUNK_ROWS, h.shape[0])) for s in range(0, h.shape[0], CHUNK_ROWS)]
+        logits = lambda rows, w: reference.linear_logits(rows, w, **variant.linear)  # noqa: E731
         with torch.no_grad():
-            logp = torch.cat([reference.token_logprobs(h[s:e] @ w.T, labels[s:e]) for s, e in chunks])
+            logp = torch.cat([reference.token_logprobs(logits(h[s:e], w), labels[s:e]) for s, e in chunks])
         logp.requires_grad_()
-        loss = self._per_token_loss(x, logp)
+        loss = self._per_token_loss(x, logp, variant)
         (g_logp,) = torch.autograd.grad(loss, logp)
         grad_h, w = torch.empty_like(h), w.requires_grad_()
         for s, e in chunks:
             hc = h[s:e].clone().requires_grad_()
-            (reference.token_logprobs(hc @ w.T, labels[s:e]) * g_logp[s:e]).sum().backward()
+            (reference.token_logprobs(logits(hc, w), labels[s:e]) * g_logp[s:e]).sum().backward()
             grad_h[s:e] = hc.grad
         value = logp.detach() if self.kind == "logprobs" else loss.detach()
-        return value, grad_h, w.grad
+        oracle[variant.name] = (value, grad_h, w.grad)
+        return oracle[variant.name]
 
-    def check(self, impl, fn, x: Inputs, expected, eager, with_grad):
-        value, grad_h, grad_w = expected
+    def check(self, impl, fn, x: Inputs, oracle, eager, with_grad):
+        variant, within = self.variant_of(impl.name)
+        value, grad_h, grad_w = self.expected(x, oracle, variant)
+        if variant is not BASE and within != "eager":  # the variant's eager error sets its tolerances
+            key = f"{variant.name}/eager-check"
+            if key not in oracle:
+                oracle[key] = self.check(Impl(f"{variant.name}/eager"), _eager(self.kind, variant), x, oracle, None, True)
+            eager = oracle[key]
         result = Check()
         name = "logp" if self.kind == "logprobs" else "loss"
         # Eager itself is held to its logits' dtype (it rounds them to it); everyone else to 2x eager.
-        rounded_to = self.dtype if impl.name == "eager" else None
+        rounded_to = self.dtype if within == "eager" else None
         with torch.no_grad():
             out = fn(x.hidden[0], x.weight[0], x)
         result.add(name, harness.rel_err(out, value), tolerance(name, out, eager, rounded_to), "fwd")
@@ -276,10 +329,30 @@ class LinearCase(Case):
             for key, got, exp in (("grad_hidden", x.hidden[0].grad, grad_h), ("grad_weight", x.weight[0].grad, grad_w)):
                 result.add(key, harness.rel_err(got, exp), tolerance(key, got, eager, rounded_to), "bwd")
             step.clear()
+        if variant is not BASE and within == "eager" and with_grad:
+            oracle[f"{variant.name}/eager-check"] = result
         return result
 
     def step(self, fn, inputs, mode):
         return Step(fn, inputs, mode)
+
+    def annotate(self, rows):
+        """A variant's rows: its name, and ratio_vs_eager / mem_vs_eager against its own eager row."""
+        timed_by = {(r["impl"], r["mode"]): r for r in rows if timed(r)}
+        for r in rows:
+            variant, _ = self.variant_of(r["impl"])
+            if variant is BASE:
+                continue
+            r["variant"] = variant.name
+            if not timed(r):
+                continue
+            eager = timed_by.get((f"{variant.name}/eager", r["mode"]))
+            for key in [k for k in r if k.startswith("ratio_vs_")]:
+                r[key] = None  # the other baselines run the base loss
+            r["ratio_vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
+            r.pop("mem_vs_eager", None)
+            if eager and eager.get("peak_mb") and r.get("peak_mb") is not None:
+                r["mem_vs_eager"] = r["peak_mb"] / eager["peak_mb"]
 
     def work(self, mode):
         _, h, v = self.nhv

@@ -34,7 +34,8 @@ the headline tables of the newest results.
 --quick: the headline shape of every op and small vocabulary / token sweeps, fewer repeats;
 torch.compile runs on the headline cases of the log-prob ops only (on a GPU, token_logprobs
 only: a compile there costs a large share of gpu_check.sh's budget), and TRL's row loop and
-torch.compile are left out of sweep cases. --shapes tiny: toy shapes, a few runs per measurement
+torch.compile are left out of sweep cases; on a CPU, policy_loss's per-objective rows are a
+sample of three (a GPU's quick run, and --shapes tiny, have them all). --shapes tiny: toy shapes, a few runs per measurement
 (the CI test's smoke run). --chunk-size C (repeatable): the linear-head ops also time chunk_size=C
 (rows "auto-c<C>"), the memory / time trade of the chunk.
 
@@ -499,6 +500,8 @@ def main(argv=None) -> int:
             if args.tables:
                 for label, dtype, rs in report.cases_of(rows, case.op):
                     print(f"\n{report.case_heading(label, dtype, rs)}\n\n{report.case_table(rs)}\n", flush=True)
+                if any(r.get("target_ratio") for r in rows):
+                    print(f"per objective, fwd+bwd over token_logprobs:\n\n{report.objectives_table(rows)}\n", flush=True)
             if all_rows:
                 for out in out_dirs:
                     harness.write_results(all_rows, out, bench=BENCH, key_fields=KEY_FIELDS)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast.bench import bench_policy_loss, harness, merge, suite
+from rlhf_fast.bench import bench_fused_linear, bench_policy_loss, harness, merge, suite
 from rlhf_fast.bench.bench_pairwise import PairwiseCase
 from rlhf_fast.bench.case import Impl
 from rlhf_fast.bench.report import objectives_table
@@ -134,6 +134,21 @@ def test_policy_loss_rows_per_objective_verified_with_targets(one_thread):
     assert by["gspo/backend=torch", "fwd+bwd"]["separable"] is False and by["gpg/eager", "fwd+bwd"]["separable"]
     table = objectives_table(rows)
     assert all(name in table for name in names), table
+
+
+def test_linear_policy_loss_rows_softcap_and_coupled_objective(one_thread):
+    """fused_linear_policy_loss with a soft-capped head and with a non-separable objective (the two-sweep
+    path): rows verified against their own oracle, set against their own eager row."""
+    case = bench_fused_linear.LinearPolicyCase({"N": 32, "H": 64, "V": 1000}, torch.float32, torch.device("cpu"), ("headline",))
+    rows = suite.run_case(case, _args(impls=["*/*"]), {"device": "cpu", "device_name": "test"}, copy_gbps=1.0,
+                          deadline=None)  # fmt: skip
+    names = [v.name for v in bench_fused_linear.variants("policy")]
+    assert "softcap=30" in names and not OBJECTIVES[names[1]].separable
+    ran = [r for r in rows if not r["status"].startswith("skipped")]
+    ran_names = {(r["variant"], r["impl"].split("/")[1]) for r in ran}
+    assert ran_names >= {(n, i) for n in names for i in ("eager", "backend=host", "backend=torch")}
+    for r in ran:
+        assert r["mode"] == "fwd+bwd" and r["status"] == "ok" and r["ratio_vs_eager"] > 0, (r["impl"], r["status"])
 
 
 def test_quick_cpu_run_samples_the_objectives():
