@@ -303,7 +303,13 @@ def case_steps_and_checkpoints(rank: int, tied: bool, tmp: str) -> None:
         torch.testing.assert_close(p, gathered_params(model)[name], atol=0, rtol=0, msg=f"step after load {name}")
     train(ref, ref_optimizer, 1, None)
 
+    aside = directory / "step_00000003.old123"  # a re-save of step 3 killed inside its replace
+    if rank == 0:
+        aside.mkdir()
+    torch_dist.barrier()
+    assert [s for s, _ in fsdp.list_checkpoints(directory)] == [3]
     fsdp.remove_temporaries(directory)
+    assert not aside.exists()
     assert not half.exists(), (rank, sorted(str(p.relative_to(directory)) for p in directory.rglob("*")))
     assert [s for s, _ in fsdp.list_checkpoints(directory)] == [3]
     torch_dist.barrier()  # both ranks have looked before the next save makes .step_00000004.tmp again

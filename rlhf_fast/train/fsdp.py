@@ -72,10 +72,16 @@ def default_mesh():
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks, each to be one FSDP2 group: the modules whose class transformers
-    names in ``_no_split_modules`` (LlamaDecoderLayer, GPT2Block, ...), else the children of the
+    names in ``_no_split_modules`` (LlamaDecoderLayer, GPT2Block, ...; read from every submodule, so
+    a reward model or critic around a transformers backbone finds the backbone's), the outermost
+    where they nest (an FSDP2 group must not hold another's parameters); else the children of the
     longest ModuleList in the model."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    layers, kept = [], []
+    for path, module in model.named_modules():  # parents before children
+        if module is not model and type(module).__name__ in names and not any(path.startswith(k + ".") for k in kept):
+            layers.append(module)
+            kept.append(path)
     if layers:
         return layers
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
@@ -149,10 +155,13 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 def remove_temporaries(directory: Path) -> None:
     """Rank 0 deletes the ``.step_*.tmp*`` directories that saves killed before their rename left in
-    ``directory``; every rank waits. Call it when a run starts, before any rank saves there."""
+    ``directory``, and the ``step_*.old*`` ones a re-save of a step killed mid-replace left (never
+    listed: the name is not a checkpoint's); every rank waits. Call it when a run starts, before any
+    rank saves there."""
     directory = Path(directory)
     if dist.is_main() and directory.is_dir():
-        for path in directory.glob(f".step_*{checkpoint.TMP_MARK}*"):
+        leftovers = [*directory.glob(f".step_*{checkpoint.TMP_MARK}*"), *directory.glob("step_*.old*")]
+        for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
