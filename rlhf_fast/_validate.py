@@ -217,12 +217,15 @@ def finite_values(name: str, value: torch.Tensor | None, valid: torch.Tensor | N
         _first_bad(name, value, _at_valid(~torch.isfinite(value), valid), where, "it must be finite there")
 
 
-def logits_values(name: str, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+def logits_values(name: str, logits: torch.Tensor, labels: torch.Tensor | None, valid: torch.Tensor) -> None:
     """Check mode: logits [..., V] at valid rows hold no NaN and no +inf, and no -inf at the label
-    (-inf elsewhere masks a token out of the softmax, which the ops support)."""
+    (-inf elsewhere masks a token out of the softmax, which the ops support). ``labels`` None: no
+    label check (a vocabulary shard, whose local ids the global labels are not)."""
     where = ", a valid row"
     bad = _at_valid(torch.isnan(logits) | torch.isposinf(logits), valid)
     _first_bad(name, logits, bad, where, "NaN or +inf there makes the row's log-probs and gradient NaN")
+    if labels is None:
+        return
     vocab = logits.shape[-1]
     at_label = logits.gather(-1, labels.clamp(0, vocab - 1).unsqueeze(-1).to(logits.device)).squeeze(-1)
     bad = torch.isneginf(at_label) & valid & (labels >= 0) & (labels < vocab)

@@ -109,7 +109,7 @@ def fused_policy_loss(
     # and the kernel never indexes the vocabulary with it.
     labels = torch.where(mask, labels, IGNORE_INDEX)
     if check.CHECK:  # RLHF_FAST_CHECK=1 (validate_inputs checked the [B, T] inputs)
-        check.logits_values("logits", logits, labels, mask)
+        check.logits_values("logits", logits, labels if vocab_group is None else None, mask)
         check.normalizer_value(normalizer)
     loss_inputs = (old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer)
     if vocab_group is None and _gradient_in_forward(logits, old_logp, advantages, ref_logp):

@@ -214,7 +214,7 @@ def token_logprobs(
     temperature = check.temperature(temperature)
     registry.check_backend_name(backend)
     if check.CHECK:  # RLHF_FAST_CHECK=1: values too (README, "Non-finite values"); sft_loss comes through here
-        check.logits_values("logits", logits, labels, labels != ignore_index)
+        check.logits_values("logits", logits, labels if vocab_group is None else None, labels != ignore_index)
     return token_logprobs_validated(logits, labels, temperature, int(ignore_index), return_entropy, inplace_backward,
                                     backend, vocab_group)  # fmt: skip
 
