@@ -81,6 +81,7 @@ def case_token_logprobs(backend, dtype, group, lo, hi):
         x = _leaf(logits)
         logp, ent = fn(x, labels, temperature=TEMPERATURE, return_entropy=True, **kw)
         ((logp * g_logp.to(logp.dtype)).sum() + (ent * g_ent.to(logp.dtype)).sum()).backward()
+        assert torch.equal(x, logits), "the logits were modified"
         return logp.detach(), ent.detach(), x.grad
 
     exact = run(full.double(), reference.token_logprobs)
@@ -163,6 +164,7 @@ def _run_linear(fn, hidden, weight, bias, call, **kw):
     h, w, b = _leaf(hidden), _leaf(weight), _leaf(bias)
     *values, total = call(fn, h, w, b, **kw)
     total.backward()
+    assert torch.equal(h, hidden) and torch.equal(w, weight) and torch.equal(b, bias), "an input was modified"
     return [v.detach() for v in values] + _grads(h, w, b)
 
 

@@ -164,7 +164,8 @@ class ShardProvider(Provider):
         step = max(1, CHUNK_ELEMENTS // max(logits.shape[1], 1))
         for r0 in range(0, logits.shape[0], step):
             rows = slice(r0, min(r0 + step, logits.shape[0]))
-            log_p = logits[rows].to(lse.dtype).div_(temperature).sub_(lse[rows])  # read before any write
+            # A copy (float32 logits too: the logits stay as they were), read before any write to grad_logits.
+            log_p = logits[rows].to(lse.dtype, copy=True).div_(temperature).sub_(lse[rows])
             p = log_p.exp()
             if entropy is None:
                 grad = p.mul_(-g[rows])
