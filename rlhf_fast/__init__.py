@@ -5,6 +5,7 @@ the compiled extension and Triton are loaded on first use.
 """
 
 from . import hf, nn, reference
+from ._validate import checking
 from .backends import BackendUnavailable, explain, use_backend
 from .ops import (
     LinearOptions,
@@ -36,6 +37,7 @@ __all__ = [
     "LinearOptions",
     "PPOAdvantages",
     "PolicyLossOptions",
+    "checking",
     "explain",
     "fused_linear_policy_loss",
     "fused_policy_loss",

@@ -523,7 +523,7 @@ def test_check_mode_ignores_masked_and_ignored_positions():
         t[0, 0] = math.nan
     logits[1, 1, (labels[1, 1] + 1) % V] = -math.inf  # a masked-out token of a valid row
     weight = torch.randn(V, H)
-    with _validate.checking():
+    with rlhf_fast.checking():  # the public name of _validate.checking
         for out in (rlhf_fast.token_logprobs(logits, labels), rlhf_fast.sft_loss(logits, labels),
                     rlhf_fast.fused_policy_loss(logits, labels, old, adv, mask, ref_logp=ref)[0],
                     rlhf_fast.linear_sft_loss(hidden, weight, labels),
