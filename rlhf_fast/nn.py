@@ -23,7 +23,9 @@ from .reference import IGNORE_INDEX
 class _OpModule(torch.nn.Module):
     """A functional op with its keyword options held as attributes (change them between calls if you
     like) and its option groups as validated objects (``options``: PolicyLossOptions, ``linear``:
-    LinearOptions), taken once here and handed to the op as they are; the repr lists every field."""
+    LinearOptions), taken once here and handed to the op as they are; the repr lists every field.
+    The logits and lm_head ops also hold ``vocab_group`` (None, or the process group of a
+    vocabulary-parallel head: see ``rlhf_fast.token_logprobs``)."""
 
     def __init__(self, groups: dict | None = None, **kwargs):
         super().__init__()
@@ -63,10 +65,11 @@ class TokenLogProbs(_OpModule):
         return_entropy: bool = False,
         inplace_backward: bool = False,
         backend: str = "auto",
+        vocab_group=None,
     ):
         super().__init__(
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-            inplace_backward=inplace_backward, backend=backend,
+            inplace_backward=inplace_backward, backend=backend, vocab_group=vocab_group,
         )  # fmt: skip
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
@@ -96,12 +99,14 @@ class FusedPolicyLoss(_OpModule):
         entropy_coef: float = 0.0,
         inplace_backward: bool = False,
         backend: str = "auto",
+        vocab_group=None,
         options: PolicyLossOptions | None = None,
         **option_kwargs,
     ):
         super().__init__(
             _groups("FusedPolicyLoss", option_kwargs, options=options),
             temperature=temperature, entropy_coef=entropy_coef, inplace_backward=inplace_backward, backend=backend,
+            vocab_group=vocab_group,
         )  # fmt: skip
 
     def forward(self, logits, labels, old_logp, advantages, mask, ref_logp=None, normalizer=None, rollout_logp=None):
@@ -145,12 +150,13 @@ class LinearTokenLogProbs(_OpModule):
         temperature: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
         return_entropy: bool = False,
+        vocab_group=None,
         linear: LinearOptions | None = None,
         **option_kwargs,
     ):
         super().__init__(
             _groups("LinearTokenLogProbs", option_kwargs, linear=linear),
-            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, vocab_group=vocab_group,
         )  # fmt: skip
 
     def forward(self, hidden, weight, labels, bias=None):
@@ -161,8 +167,10 @@ class LinearSFTLoss(_OpModule):
     """Module form of ``rlhf_fast.linear_sft_loss``: forward(hidden, weight, labels, bias=None) -> loss.
     Takes ``linear=`` or its fields as keywords."""
 
-    def __init__(self, *, ignore_index: int = IGNORE_INDEX, linear: LinearOptions | None = None, **option_kwargs):
-        super().__init__(_groups("LinearSFTLoss", option_kwargs, linear=linear), ignore_index=ignore_index)
+    def __init__(self, *, ignore_index: int = IGNORE_INDEX, vocab_group=None, linear: LinearOptions | None = None,
+                 **option_kwargs):  # fmt: skip
+        super().__init__(_groups("LinearSFTLoss", option_kwargs, linear=linear), ignore_index=ignore_index,
+                         vocab_group=vocab_group)  # fmt: skip
 
     def forward(self, hidden, weight, labels, bias=None):
         return linear_sft_loss(hidden, weight, labels, bias=bias, **self.op_kwargs())
@@ -178,13 +186,14 @@ class FusedLinearPolicyLoss(_OpModule):
         *,
         temperature: float = 1.0,
         entropy_coef: float = 0.0,
+        vocab_group=None,
         options: PolicyLossOptions | None = None,
         linear: LinearOptions | None = None,
         **option_kwargs,
     ):
         super().__init__(
             _groups("FusedLinearPolicyLoss", option_kwargs, options=options, linear=linear),
-            temperature=temperature, entropy_coef=entropy_coef,
+            temperature=temperature, entropy_coef=entropy_coef, vocab_group=vocab_group,
         )  # fmt: skip
 
     def forward(self, hidden, weight, labels, old_logp, advantages, mask, bias=None, ref_logp=None, normalizer=None,

@@ -262,6 +262,17 @@ def bad_inputs(group, rank, lo, hi):
     _raises(lambda: rlhf_fast.sft_loss(logits, labels, vocab_group=singles[rank]), "vocab_group has 1 process")
 
 
+def modules(group, rank, lo, hi):
+    """The nn modules hold vocab_group and hand it to the op."""
+    logits, labels = torch.randn(B, T, V)[..., lo:hi], _labels()
+    hidden, weight, _ = _head(torch.float32)
+    held = rlhf_fast.nn.TokenLogProbs(return_entropy=True, vocab_group=group)(logits, labels)
+    given = rlhf_fast.token_logprobs(logits, labels, return_entropy=True, vocab_group=group)
+    assert all(torch.equal(a, b) for a, b in zip(held, given)), "TokenLogProbs(vocab_group=)"
+    held = rlhf_fast.nn.LinearSFTLoss(vocab_group=group)(hidden, weight[lo:hi], labels)
+    assert torch.equal(held, rlhf_fast.linear_sft_loss(hidden, weight[lo:hi], labels, vocab_group=group)), "LinearSFTLoss"
+
+
 def _backends():
     return [b for b in BACKENDS if can_serve(b, torch.device("cpu"), torch.bfloat16)]
 
@@ -281,11 +292,12 @@ def _worker(rank: int, port: int, seed: int, backends: list[str]) -> None:
                         case(backend, dtype, dist.group.WORLD, lo, hi)
                     except AssertionError as exc:
                         failures.append(f"{case.__name__} {backend} {dtype}: {exc}")
-        torch.manual_seed(seed)
-        try:
-            bad_inputs(dist.group.WORLD, rank, lo, hi)
-        except (AssertionError, pytest.fail.Exception):
-            failures.append(f"bad inputs: {traceback.format_exc()}")
+        for check in (bad_inputs, modules):
+            torch.manual_seed(seed)
+            try:
+                check(dist.group.WORLD, rank, lo, hi)
+            except (AssertionError, pytest.fail.Exception):
+                failures.append(f"{check.__name__}: {traceback.format_exc()}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
