@@ -12,6 +12,7 @@ INDEXED_GROUP_MODES = GROUP_MODES + ("passk", "opo")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce", "reinforce_plus_plus",
                         "reinforce_plus_plus_baseline", "grpo_passk", "opo", "gpg", "remax")
 ROLLOUT_IS_LEVELS = ("token", "sequence", "geometric")
-ROLLOUT_IS_MODES = ("truncate", "mask")
+# "masked_weight": w inside the thresholds, 0 outside, the tokens kept in the normaliser (TRL's *_mask).
+ROLLOUT_IS_MODES = ("truncate", "mask", "masked_weight")
 BACKENDS = ("triton", "cuda", "host", "torch")
 BACKEND_CHOICES = BACKENDS + ("auto",)

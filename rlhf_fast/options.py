@@ -68,11 +68,15 @@ class PolicyLossOptions:
     """Rollout importance correction (needs rollout_logp): None, "token", "sequence" or "geometric"
     (the level of w = pi_old / pi_rollout; ``rlhf_fast.rollout_correction``)."""
     rollout_is_mode: str = "truncate"
-    """"truncate" (TIS: weight the loss by min(w, threshold)) or "mask" (MIS: drop tokens/responses outside the thresholds)."""
+    """"truncate" (TIS: weight the loss by min(w, threshold), clamped below at rollout_is_threshold_low
+    when given), "mask" (MIS: drop tokens/responses outside the thresholds, normaliser included) or
+    "masked_weight" (weight by w inside the thresholds, 0 outside, the tokens kept in the normaliser
+    and the KL term: TRL's token_mask / sequence_mask)."""
     rollout_is_threshold: float = 2.0
     """Upper threshold of w (> 1)."""
     rollout_is_threshold_low: float | None = None
-    """Lower threshold of w in mask mode (< 1); None: 1 / rollout_is_threshold."""
+    """Lower threshold of w, in [0, 1]: the mask modes' lower bound (None: 1 / rollout_is_threshold;
+    0: none); truncate's lower clamp (None or 0: none)."""
 
     def __post_init__(self):
         check.choice("objective", self.objective, tuple(OBJECTIVES))
@@ -86,7 +90,7 @@ class PolicyLossOptions:
         check.choice("rollout_is_mode", self.rollout_is_mode, ROLLOUT_IS_MODES)
         check.number("rollout_is_threshold", self.rollout_is_threshold, low=1.0, low_open=True)
         if self.rollout_is_threshold_low is not None:
-            check.number("rollout_is_threshold_low", self.rollout_is_threshold_low, low=0.0, high=1.0, low_open=True)
+            check.number("rollout_is_threshold_low", self.rollout_is_threshold_low, low=0.0, high=1.0)
         if not self.clip_cov_lb < self.clip_cov_ub:
             raise ValueError(f"clip_cov_lb must be below clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
         if self.clip_eps is not None:

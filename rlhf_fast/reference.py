@@ -543,8 +543,10 @@ def kl_cov_terms(logp, old_logp, adv, mask, o):
 def rollout_correction(old_logp, rollout_logp, mask, o):
     """Rollout importance correction (TIS / MIS; rlhf_fast.rollout_correction), on [B, T]:
     1. log w_t = old_logp - rollout_logp; "sequence": sum over the response, "geometric": its mean.
-    2. "truncate": weights min(w, threshold), mask unchanged; "mask": keep the tokens with
-       threshold_low <= w <= threshold (threshold_low None: 1 / threshold), weights 1.
+    2. "truncate": weights min(w, threshold) (clamp(w, threshold_low, threshold) when threshold_low
+       is given), mask unchanged; "mask": keep the tokens with threshold_low <= w <= threshold
+       (threshold_low None: 1 / threshold), weights 1; "masked_weight": mask unchanged, weights
+       w where threshold_low <= w <= threshold, else 0 (TRL's token_mask / sequence_mask).
     Returns (mask, weights, stats): the mismatch's |log w_t| mean and max, KL(rollout || old) by
     k1 and k3, chi-square E[w_t^2] - 1, and the weights' mean, max and truncated/masked fraction."""
     log_w_token = torch.where(mask, old_logp - rollout_logp, 0.0)
@@ -563,14 +565,20 @@ def rollout_correction(old_logp, rollout_logp, mask, o):
         "rollout_chi2": masked_mean(w_token**2 - 1, mask),
     }
     if o.rollout_is_mode == "truncate":
-        weights = w.clamp(max=o.rollout_is_threshold)
-        stats["rollout_is_truncated_frac"] = masked_mean((w > o.rollout_is_threshold).to(w.dtype), mask)
+        low = o.rollout_is_threshold_low or 0.0
+        weights = w.clamp(min=low, max=o.rollout_is_threshold)
+        stats["rollout_is_truncated_frac"] = masked_mean(((w > o.rollout_is_threshold) | (w < low)).to(w.dtype), mask)
         stats["rollout_is_weight_mean"] = masked_mean(weights, mask)
         stats["rollout_is_weight_max"] = torch.where(mask, weights, 0.0).amax()
         return mask, weights, stats
     low = 1 / o.rollout_is_threshold if o.rollout_is_threshold_low is None else o.rollout_is_threshold_low
     kept = mask & (w >= low) & (w <= o.rollout_is_threshold)
     stats["rollout_is_masked_frac"] = masked_mean((~kept).to(w.dtype), mask)
+    if o.rollout_is_mode == "masked_weight":
+        weights = torch.where(kept, w, 0.0)
+        stats["rollout_is_weight_mean"] = masked_mean(weights, mask)
+        stats["rollout_is_weight_max"] = torch.where(mask, weights, 0.0).amax()
+        return mask, weights, stats
     stats["rollout_is_weight_mean"] = masked_mean(w, kept)
     stats["rollout_is_weight_max"] = torch.where(kept, w, 0.0).amax()
     return kept, torch.ones_like(w), stats

@@ -4,10 +4,22 @@ loss is an expectation under the trainer's old policy, so each token is reweight
 w = pi_old / pi_rollout = exp(old_logp - rollout_logp), detached (TIS / MIS, as in verl and TRL).
 
 Levels: "token" (w_t), "sequence" (the product over the response, exp(sum_t)) and "geometric"
-(its geometric mean, exp(mean_t)). Modes: "truncate" multiplies the per-token policy-gradient loss
-by min(w, threshold); "mask" drops the tokens (or whole responses) with w outside
-[threshold_low, threshold] from the loss, its normaliser included. Both are known before any
-logit exists (they depend on the inputs only), so every fused op applies them in its per-token pass.
+(its geometric mean, exp(mean_t)). Modes, with lo = threshold_low and hi = threshold:
+
+- "truncate" (TIS) multiplies the per-token policy-gradient loss by min(w, hi), or by
+  clamp(w, lo, hi) when threshold_low is given (TRL's ``*_truncate`` with
+  ``vllm_importance_sampling_clip_min``);
+- "mask" (MIS) drops the tokens (or whole responses) with w outside [lo, hi] from the loss, its
+  normaliser included (lo None: 1 / hi);
+- "masked_weight" multiplies the policy-gradient loss by w * [lo <= w <= hi], 0 outside: the
+  tokens out of range keep their place in the loss's normaliser and their KL term, only their
+  policy-gradient term is zeroed (lo None: 1 / hi; lo = 0: no lower bound). This is TRL's
+  ``token_mask`` / ``sequence_mask`` (trl 1.16, trl/trainer/grpo_trainer.py,
+  ``_generate_and_score_completions``: the ratio is ``masked_fill``-ed with 0 outside
+  [clip_min, clip_max] and ``_compute_loss`` multiplies ``per_token_loss`` by it before adding the KL).
+
+All are known before any logit exists (they depend on the inputs only), so every fused op applies
+them in its per-token pass: each is a ``Correction``, a mask and weights that the ops consume alike.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import torch
 @dataclass
 class Correction:
     mask: torch.Tensor  # [B, T] bool: the tokens the loss keeps
-    weights: torch.Tensor | None  # [B, T] float32 multipliers of the policy-gradient term (truncate)
+    weights: torch.Tensor | None  # [B, T] float32 multipliers of the policy-gradient term (truncate, masked_weight)
     stats: dict[str, torch.Tensor]
 
 
@@ -48,7 +60,7 @@ def correct(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tens
                 total = total / mask.sum(-1, keepdim=True).clamp(min=1)
             log_w = total.expand_as(log_w_token)
         high = math.log(options.rollout_is_threshold)
-        low = -high if options.rollout_is_threshold_low is None else math.log(options.rollout_is_threshold_low)
+        given_low = options.rollout_is_threshold_low
         stats = {
             "rollout_log_ratio_abs_mean": _masked_mean(log_w_token.abs(), mask),
             "rollout_log_ratio_abs_max": _masked_max(log_w_token.abs(), mask),
@@ -59,13 +71,24 @@ def correct(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tens
             "rollout_chi2": _masked_mean(torch.expm1(2 * log_w_token), mask),
         }
         if options.rollout_is_mode == "truncate":
-            weights = torch.exp(log_w.clamp(max=high))
-            stats["rollout_is_truncated_frac"] = _masked_mean((log_w > high).float(), mask)
+            low = -math.inf if not given_low else math.log(given_low)  # None or 0: no lower bound
+            weights = torch.exp(log_w.clamp(min=low, max=high))
+            stats["rollout_is_truncated_frac"] = _masked_mean(((log_w > high) | (log_w < low)).float(), mask)
             stats["rollout_is_weight_mean"] = _masked_mean(weights, mask)
             stats["rollout_is_weight_max"] = _masked_max(weights, mask)
             return Correction(mask, torch.where(mask, weights, 0.0), stats)
-        kept = mask & (log_w <= high) & (log_w >= low)
+        if given_low is None:
+            low = -high
+        else:
+            low = -math.inf if given_low == 0 else math.log(given_low)
+        in_range = (log_w <= high) & (log_w >= low)
+        kept = mask & in_range
         stats["rollout_is_masked_frac"] = _masked_mean((~kept).float(), mask)
+        if options.rollout_is_mode == "masked_weight":
+            weights = torch.where(kept, torch.exp(log_w), 0.0)
+            stats["rollout_is_weight_mean"] = _masked_mean(weights, mask)
+            stats["rollout_is_weight_max"] = _masked_max(weights, mask)
+            return Correction(mask, weights, stats)
         stats["rollout_is_weight_mean"] = _masked_mean(torch.exp(log_w), kept)
         stats["rollout_is_weight_max"] = _masked_max(torch.exp(log_w), kept)
         return Correction(kept, None, stats)

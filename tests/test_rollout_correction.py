@@ -16,7 +16,10 @@ from numerics import poison, random_mask, rel_err
 TOL = 2e-5
 MODES = [("token", "truncate", {}), ("sequence", "truncate", {"rollout_is_threshold": 3.0}),
          ("geometric", "truncate", {}), ("token", "mask", {}), ("sequence", "mask", {"rollout_is_threshold": 4.0}),
-         ("geometric", "mask", {"rollout_is_threshold_low": 0.8})]  # fmt: skip
+         ("geometric", "mask", {"rollout_is_threshold_low": 0.8}), ("token", "truncate", {"rollout_is_threshold_low": 0.5}),
+         ("token", "masked_weight", {}), ("sequence", "masked_weight", {"rollout_is_threshold": 4.0}),
+         ("geometric", "masked_weight", {"rollout_is_threshold_low": 0.0}),
+         ("token", "masked_weight", {"rollout_is_threshold_low": 0.0})]  # fmt: skip
 
 
 def case(rows=8, tokens=9):
@@ -58,7 +61,7 @@ def test_policy_loss_matches_reference(level, mode, extra, objective):
 
 
 @pytest.mark.parametrize("objective", ["ppo", "gspo"])  # one sweep and two sweeps in the lm_head op
-@pytest.mark.parametrize("mode", ["truncate", "mask"])
+@pytest.mark.parametrize("mode", ["truncate", "mask", "masked_weight"])
 def test_fused_ops_match_reference(objective, mode):
     B, T, H, V = 4, 7, 16, 61
     hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
@@ -88,12 +91,33 @@ def test_fused_ops_match_reference(objective, mode):
             assert abs(got_stats[key].item() - value.item()) <= TOL * max(abs(value.item()), 1e-2), key
 
 
+def test_masked_weight_keeps_the_normaliser_and_the_kl_term():
+    """masked_weight zeroes only the policy-gradient term of a token out of range: with every w out
+    of range the loss is the KL term alone, over the given mask's count (mask mode would drop the
+    tokens, KL and count included); with every w in range it is truncate's loss with no bound hit."""
+    logp, old, rollout, adv, mask = case()
+    ref = logp - 0.3
+    kw = dict(ref_logp=ref, kl_coef=0.1, agg="token-mean", rollout_is="token")
+    far = poison(old - 3.0, mask)  # w = e^3 > 2 everywhere
+    got, _ = rlhf_fast.policy_loss(logp, old, adv, mask, rollout_logp=far, rollout_is_mode="masked_weight", **kw)
+    kl_only, _ = rlhf_fast.policy_loss(logp, old, torch.zeros_like(adv), mask, rollout_logp=far, rollout_is_mode="truncate", **kw)
+    torch.testing.assert_close(got, kl_only)
+    near = poison(old - 0.1, mask)
+    got, _ = rlhf_fast.policy_loss(logp, old, adv, mask, rollout_logp=near, rollout_is_mode="masked_weight", **kw)
+    want, _ = rlhf_fast.policy_loss(logp, old, adv, mask, rollout_logp=near, rollout_is_mode="truncate", **kw)
+    torch.testing.assert_close(got, want)
+
+
 def test_the_correction_needs_rollout_logp_and_valid_options():
     logp, old, rollout, adv, mask = case()
     with pytest.raises(ValueError, match="rollout_is='token' needs rollout_logp"):
         rlhf_fast.policy_loss(logp, old, adv, mask, rollout_is="token")
     with pytest.raises(ValueError, match=r"rollout_is must be one of \('token', 'sequence', 'geometric'\)"):
         rlhf_fast.PolicyLossOptions(rollout_is="tok")
+    with pytest.raises(ValueError, match=r"rollout_is_mode must be one of \('truncate', 'mask', 'masked_weight'\)"):
+        rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_mode="weighted")
+    with pytest.raises(ValueError, match="rollout_is_threshold_low must be a finite number >= 0.0 and <= 1.0"):
+        rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_threshold_low=1.5)
     with pytest.raises(ValueError, match="rollout_is_threshold must be a finite number > 1.0"):
         rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_threshold=0.5)
     with pytest.raises(ValueError, match=r"rollout_logp must have shape \(8, 9\)"):
