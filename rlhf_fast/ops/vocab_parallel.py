@@ -166,10 +166,10 @@ class ShardProvider(Provider):
             rows = slice(r0, min(r0 + step, logits.shape[0]))
             # A copy (float32 logits too: the logits stay as they were), read before any write to grad_logits.
             log_p = logits[rows].to(lse.dtype, copy=True).div_(temperature).sub_(lse[rows])
-            p = log_p.exp()
-            if entropy is None:
-                grad = p.mul_(-g[rows])
-            else:
+            if entropy is None:  # one [rows, V_r] float32 slice alive
+                grad = log_p.exp_().mul_(-g[rows])
+            else:  # two: p and the coefficient
+                p = log_p.exp()
                 coef = log_p.clamp_(min=LOG_FLOOR).add_(h[rows]).mul_(g_h[rows]).add_(g[rows])
                 grad = p.mul_(coef).neg_()
             grad.scatter_add_(-1, safe[rows], g_label[rows])
