@@ -194,14 +194,28 @@ def test_unsupported_grpo_options_raise_naming_them(tmp_path, fields, option):
 
 
 @pytest.mark.parametrize("mode, fields, option", [
-    ("token_mask", {}, "vllm_importance_sampling_mode='token_mask'"),
-    ("sequence_mask", {}, "vllm_importance_sampling_mode='sequence_mask'"),
-    ("token_truncate", dict(vllm_importance_sampling_clip_min=0.5), "vllm_importance_sampling_clip_min=0.5"),
+    ("token_mask", dict(vllm_importance_sampling_clip_max=None), "vllm_importance_sampling_clip_max=None"),
+    ("sequence_truncate", dict(vllm_importance_sampling_clip_max=0.9), "vllm_importance_sampling_clip_max=0.9"),
+    ("token_truncate", dict(vllm_importance_sampling_clip_min=1.5), "vllm_importance_sampling_clip_min=1.5"),
 ])  # fmt: skip
 def test_unsupported_vllm_correction_raises_naming_it(tmp_path, mode, fields, option):
     args = config(tmp_path, vllm_importance_sampling_mode=mode, **fields)
     with pytest.raises(NotImplementedError, match=option):
         rf_trl.grpo_options(args, use_vllm=True)
+
+
+@pytest.mark.parametrize("mode, clip_min, want", [
+    ("token_truncate", None, ("token", "truncate", None)),
+    ("token_truncate", 0.5, ("token", "truncate", 0.5)),
+    ("token_mask", None, ("token", "masked_weight", 0.0)),
+    ("sequence_mask", 0.25, ("sequence", "masked_weight", 0.25)),
+])  # fmt: skip
+def test_vllm_correction_modes_map_to_rollout_is(tmp_path, mode, clip_min, want):
+    args = config(tmp_path, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=clip_min,
+                  vllm_importance_sampling_clip_max=3.0)  # fmt: skip
+    options = rf_trl.grpo_options(args, use_vllm=True)
+    assert (options.rollout_is, options.rollout_is_mode, options.rollout_is_threshold_low) == want
+    assert options.rollout_is_threshold == 3.0
 
 
 def test_enable_refuses_a_trainer_it_does_not_know():
@@ -287,18 +301,26 @@ def test_sft_unsupported_loss_type_raises(tiny_dir, tmp_path):
     assert not rf_trl.is_enabled(trainer)
 
 
-@pytest.mark.parametrize("mode", ["token_truncate", "sequence_truncate"])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_grpo_vllm_truncation_equals_stock_loss(mode, loss_type, tiny_dir, tmp_path):
-    """vLLM is not installed here, so the rollout is synthetic: sampler log-probs near the old ones
-    (one unscored NaN), the importance ratio built as TRL's _generate_and_score_completions builds it,
-    then TRL's _compute_loss and ours on the same batch: same loss and gradients."""
-    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, loss_type=loss_type, vllm_importance_sampling_mode=mode,
-                           vllm_importance_sampling_clip_max=1.05)  # fmt: skip
-    trainer.current_gradient_accumulation_steps = 1
-    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+def trl_vllm_is_ratio(old, sampled, mask, mode, clip_min, clip_max):
+    """TRL 1.16's vLLM importance-sampling ratio, copied from trl/trainer/grpo_trainer.py,
+    ``_generate_and_score_completions`` ("Compute the importance sampling ratio when using vLLM",
+    lines 2659-2708 of 1.16.0): that method needs a vLLM engine to run, so the test builds the
+    batch it would build and runs TRL's own ``_compute_loss`` on it."""
+    diff = torch.nan_to_num((old - sampled) * mask, nan=0.0)
+    if mode in ("sequence_mask", "sequence_truncate"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode in ("sequence_truncate", "token_truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = clip_min if clip_min is not None else -math.inf
+    high = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
+
+
+def synthetic_vllm_batch(trainer, g, mode, clip_min, clip_max):
+    """A batch as _generate_and_score_completions returns it with vLLM: sampler log-probs near the
+    old ones (one unscored NaN) and TRL's importance-sampling ratio of them."""
     model = trainer.model
-    g = torch.Generator().manual_seed(0)
     B, P, R, V = 4, 3, 6, model.config.vocab_size
     completion_mask = torch.ones(B, R, dtype=torch.long)
     completion_mask[1, 4:] = 0
@@ -309,16 +331,18 @@ def test_grpo_vllm_truncation_equals_stock_loss(mode, loss_type, tiny_dir, tmp_p
     old = logp + 0.05 * torch.randn(B, R, generator=g, dtype=logp.dtype)
     sampled = old + 0.1 * torch.randn(B, R, generator=g, dtype=logp.dtype)
     sampled[0, 2] = float("nan")
-    diff = torch.nan_to_num((old - sampled) * completion_mask, nan=0.0)
-    if mode == "sequence_truncate":
-        diff = diff.sum(-1, keepdim=True)
-    inputs = {
+    ratio = trl_vllm_is_ratio(old, sampled, completion_mask, mode, clip_min, clip_max)
+    return {
         "prompt_ids": prompt_ids, "prompt_mask": torch.ones(B, P, dtype=torch.long), "completion_ids": completion_ids,
         "completion_mask": completion_mask, "advantages": torch.randn(B, generator=g, dtype=logp.dtype),
         "old_per_token_logps": old, "ref_per_token_logps": logp - 0.02, "sampling_per_token_logps": sampled,
-        "importance_sampling_ratio": torch.exp(diff).clamp(max=1.05), "num_items_in_batch": completion_mask.sum(),
+        "importance_sampling_ratio": ratio, "num_items_in_batch": completion_mask.sum(),
     }  # fmt: skip
-    assert (torch.exp(diff) > 1.05).any(), "no ratio was truncated"
+
+
+def assert_same_loss_and_grads(trainer, inputs, check=None):
+    """TRL's _compute_loss on ``inputs``, then ours after enable(trainer): same loss and gradients."""
+    model = trainer.model
 
     def loss_and_grads():
         model.zero_grad()
@@ -328,10 +352,41 @@ def test_grpo_vllm_truncation_equals_stock_loss(mode, loss_type, tiny_dir, tmp_p
 
     stock_loss, stock_grads = loss_and_grads()
     rf_trl.enable(trainer)
-    assert trainer.__dict__["_rlhf_fast_options"].rollout_is == mode.split("_")[0]
+    if check is not None:
+        check(trainer.__dict__["_rlhf_fast_options"])
     loss, grads = loss_and_grads()
     # Our policy losses are float32 by contract (their aggregation weights too), so float32 rounding
     # of each tensor's scale is the tolerance, even for this float64 model.
     torch.testing.assert_close(loss.double(), stock_loss.double(), rtol=1e-6, atol=1e-7)
     for ours, stock in zip(grads, stock_grads):
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6 * float(stock.abs().max()))
+    return stock_loss
+
+
+@pytest.mark.parametrize("mode, clip_min", [("token_truncate", None), ("sequence_truncate", None), ("token_truncate", 0.97),
+                                            ("token_mask", None), ("sequence_mask", None), ("token_mask", 0.97),
+                                            ("sequence_mask", 0.9)])  # fmt: skip
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_vllm_correction_equals_stock_loss(mode, clip_min, loss_type, tiny_dir, tmp_path):
+    """vLLM is not installed here, so the rollout is synthetic (``synthetic_vllm_batch``); then TRL's
+    _compute_loss and ours on the same batch: same loss and gradients, for each vLLM mode."""
+    clip_max = 1.05
+    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, loss_type=loss_type, vllm_importance_sampling_mode=mode,
+                           vllm_importance_sampling_clip_max=clip_max, vllm_importance_sampling_clip_min=clip_min)  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    inputs = synthetic_vllm_batch(trainer, torch.Generator().manual_seed(0), mode, clip_min, clip_max)
+    unbounded = mode.split("_")[0] + "_mask"  # the ratio before any bound
+    raw = trl_vllm_is_ratio(inputs["old_per_token_logps"], inputs["sampling_per_token_logps"], inputs["completion_mask"],
+                            unbounded, None, None)  # fmt: skip
+    assert (raw > clip_max).any(), "no ratio was above clip_max"
+    if clip_min is not None:
+        assert (raw < clip_min).any(), "no ratio was below clip_min"
+    if mode.endswith("mask"):
+        assert (inputs["importance_sampling_ratio"] == 0).any() and (inputs["importance_sampling_ratio"] > 0).any()
+
+    def check(options):
+        assert options.rollout_is == mode.split("_")[0]
+        assert options.rollout_is_mode == ("truncate" if mode.endswith("truncate") else "masked_weight")
+
+    assert_same_loss_and_grads(trainer, inputs, check)

@@ -62,7 +62,8 @@ def grpo_options(args, *, use_vllm: bool = False):
     loss_type picks the objective and agg (``_GRPO_LOSSES``); epsilon / epsilon_high are clip_eps /
     clip_eps_high (cispo's epsilon_high, a bound on the ratio itself, is 1 + clip_eps_high with no
     lower bound); delta is the dual clip; beta the k3 KL coefficient, with use_bias_correction_kl as
-    kl_is_correction; top_entropy_quantile as is; vLLM's token/sequence truncation as rollout_is.
+    kl_is_correction; top_entropy_quantile as is; vLLM's importance-sampling correction as rollout_is
+    (``_vllm_correction``).
     Raises NotImplementedError naming the first option with no exact counterpart.
     """
     from ..options import PolicyLossOptions
@@ -108,18 +109,31 @@ def grpo_options(args, *, use_vllm: bool = False):
         option = "use_adaptive_entropy" if args.use_adaptive_entropy else "entropy_coef"
         raise _unsupported(option, getattr(args, option), "TRL's entropy bonus is a token mean whatever the loss_type")
     if use_vllm and args.vllm_importance_sampling_correction:
-        mode = args.vllm_importance_sampling_mode
-        if mode not in ("token_truncate", "sequence_truncate"):
-            raise _unsupported("vllm_importance_sampling_mode", mode, "TRL's masked tokens keep their place in "
-                               "the loss's normaliser and KL term; rlhf_fast's mask mode drops them")  # fmt: skip
-        if args.vllm_importance_sampling_clip_min not in (None, 0, 0.0):
-            raise _unsupported("vllm_importance_sampling_clip_min", args.vllm_importance_sampling_clip_min,
-                               "truncation from below")  # fmt: skip
-        clip_max = args.vllm_importance_sampling_clip_max
-        if clip_max is None or not clip_max > 1:
-            raise _unsupported("vllm_importance_sampling_clip_max", clip_max, "truncation needs a bound > 1")
-        fields.update(rollout_is=mode.split("_")[0], rollout_is_mode="truncate", rollout_is_threshold=float(clip_max))
+        fields.update(_vllm_correction(args))
     return PolicyLossOptions(**fields)
+
+
+_VLLM_MODES = {"token_truncate": ("token", "truncate"), "sequence_truncate": ("sequence", "truncate"),
+               "token_mask": ("token", "masked_weight"), "sequence_mask": ("sequence", "masked_weight")}  # fmt: skip
+
+
+def _vllm_correction(args) -> dict:
+    """The rollout_is fields of TRL's vLLM importance-sampling correction (``_generate_and_score_completions``):
+    w = exp(old - sampled) per token or summed per sequence; *_truncate weights the policy-gradient
+    term by clamp(w, clip_min, clip_max), *_mask by w inside [clip_min, clip_max] and 0 outside with
+    the token kept in the normaliser and KL term (rlhf_fast's "masked_weight"; clip_min None: no bound)."""
+    mode = args.vllm_importance_sampling_mode
+    if mode not in _VLLM_MODES:
+        raise _unsupported("vllm_importance_sampling_mode", mode, f"rlhf_fast maps {sorted(_VLLM_MODES)}")
+    level, kind = _VLLM_MODES[mode]
+    clip_min, clip_max = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+    if clip_max is None or not 1 < clip_max < float("inf"):
+        raise _unsupported("vllm_importance_sampling_clip_max", clip_max, "rlhf_fast's upper bound is a finite number > 1")
+    if clip_min is not None and not 0 <= clip_min <= 1:
+        raise _unsupported("vllm_importance_sampling_clip_min", clip_min, "rlhf_fast's lower bound is in [0, 1]")
+    low = (0.0 if clip_min is None else float(clip_min)) if kind == "masked_weight" else clip_min
+    return dict(rollout_is=level, rollout_is_mode=kind, rollout_is_threshold=float(clip_max),
+                rollout_is_threshold_low=None if low is None else float(low))  # fmt: skip
 
 
 def _body(trainer, model):
