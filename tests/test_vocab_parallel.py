@@ -101,6 +101,28 @@ def case_token_logprobs(backend, dtype, group, lo, hi):
     assert torch.equal(grads[0], grads[1]), "in-place backward differs"
 
 
+def case_int32_labels_custom_ignore_float64(backend, dtype, group, lo, hi):
+    """int32 labels, ignore_index=-1, and float64 logits where the backend serves them (once: on the float32 pass)."""
+    if dtype != torch.float32 or not can_serve(backend, torch.device("cpu"), torch.float64):
+        return
+    full, labels = _logits_case()
+    labels = labels.masked_fill(labels == -100, -1).int()
+    g_logp = torch.randn(B, T, dtype=torch.float64)
+
+    def run(logits, fn=rlhf_fast.token_logprobs, **kw):
+        x = _leaf(logits)
+        logp = fn(x, labels, temperature=1.3, ignore_index=-1, **kw)
+        (logp * g_logp).sum().backward()
+        return logp.detach(), x.grad
+
+    exact = run(full, reference.token_logprobs)
+    single = run(full, backend=backend)
+    par = run(full[..., lo:hi], backend=backend, vocab_group=group)
+    assert par[0].dtype == torch.float64
+    _check("logp", par[0], single[0], exact[0])
+    _check("grad logits shard", par[1], single[1][..., lo:hi], exact[1][..., lo:hi], floor=(B * T) ** 0.5)
+
+
 def case_sft_loss(backend, dtype, group, lo, hi):
     full, labels = _logits_case()
     full = full.to(dtype)
@@ -227,7 +249,7 @@ def case_fused_linear_policy_loss(backend, dtype, group, lo, hi):
     _check_linear(("policy loss", "stats entropy"), par, single, exact, lo, hi)
 
 
-CASES = (case_token_logprobs, case_sft_loss, case_fused_policy_loss, case_linear_token_logprobs, case_linear_sft_loss,
+CASES = (case_token_logprobs, case_int32_labels_custom_ignore_float64, case_sft_loss, case_fused_policy_loss, case_linear_token_logprobs, case_linear_sft_loss,
          case_fused_linear_policy_loss)  # fmt: skip
 SLOW_BACKENDS = {"triton": (case_token_logprobs,)}  # interpreted on CPU: its forward kernel on one case
 
