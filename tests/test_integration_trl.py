@@ -30,7 +30,8 @@ from rlhf_fast.integrations import trl as rf_trl  # noqa: E402
 # values near 0) is float32 rounding of the logged number, not slack in the computation.
 REL, ABS = 1e-5, 1e-6
 METRICS = ("loss", "grad_norm", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-           "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio")  # fmt: skip
+           "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio",
+           "policy_loss", "entropy_coef")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,13 @@ GRPO_CASES = {
     "grpo-no-kl": dict(loss_type="grpo", beta=0.0),
     "grpo-top-entropy": dict(loss_type="grpo", top_entropy_quantile=0.2),
     "grpo-delta": dict(loss_type="grpo", delta=1.5, epsilon_high=0.28),
+    # threshold 0: in each second iteration a negative-advantage sequence whose log-probs rose is dropped
+    # (test_grpo_off_policy_mask_equals_stock_loss checks on one batch that some are and some are not)
+    "grpo-off-policy-mask": dict(loss_type="grpo", off_policy_mask_threshold=0.0),
+    "bnpo-entropy-bonus": dict(loss_type="bnpo", entropy_coef=0.05, top_entropy_quantile=0.5),
+    # entropy_target above the tiny model's entropy: the bonus applies and its coefficient climbs each step
+    "dapo-adaptive-entropy": dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0,
+                                  entropy_coef_delta=0.02),
 }
 
 
@@ -182,9 +190,6 @@ def test_grpo_options_follow_the_readme_table(tmp_path):
     (dict(loss_type="vespo"), "loss_type='vespo'"),
     (dict(loss_type="cispo", epsilon_high=4.0, importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
     (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1), "use_bias_correction_kl=True"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
-    (dict(entropy_coef=0.01), "entropy_coef=0.01"),
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy=True"),
     (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high=0.28"),
     (dict(delta=1.1, epsilon_high=0.28), "delta=1.1"),
 ])  # fmt: skip
@@ -390,3 +395,85 @@ def test_grpo_vllm_correction_equals_stock_loss(mode, clip_min, loss_type, tiny_
         assert options.rollout_is_mode == ("truncate" if mode.endswith("truncate") else "masked_weight")
 
     assert_same_loss_and_grads(trainer, inputs, check)
+
+
+def plain_batch(trainer, g):
+    """A batch without vLLM's keys (no sampler log-probs, no IS ratio), old log-probs off the current ones."""
+    inputs = synthetic_vllm_batch(trainer, g, "token_truncate", None, 2.0)
+    del inputs["sampling_per_token_logps"], inputs["importance_sampling_ratio"]
+    return inputs
+
+
+@pytest.mark.parametrize("with_vllm", [False, True])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_off_policy_mask_equals_stock_loss(with_vllm, loss_type, tiny_dir, tmp_path):
+    """TRL's off-policy sequence mask (off_policy_mask_threshold): stock and ours on one batch, with
+    the sampler's log-probs (vLLM; one NaN) or the old ones as the mask's reference."""
+    threshold = 0.0
+    fields = dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0) if with_vllm else {}
+    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, loss_type=loss_type, off_policy_mask_threshold=threshold, **fields)
+    trainer.current_gradient_accumulation_steps = 1
+    g = torch.Generator().manual_seed(1)
+    if with_vllm:
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        inputs = synthetic_vllm_batch(trainer, g, "token_truncate", None, 2.0)
+    else:
+        inputs = plain_batch(trainer, g)
+    inputs["advantages"] = torch.tensor([-1.0, -0.5, 0.7, -1.2], dtype=inputs["advantages"].dtype)
+    mask = inputs["completion_mask"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.cat([inputs["prompt_mask"], mask], 1), mask.size(1))
+    keep = trainer.get_off_policy_mask(inputs["advantages"].unsqueeze(1), logp, inputs.get("sampling_per_token_logps", inputs["old_per_token_logps"]),
+                                       mask, threshold)  # fmt: skip
+    assert 0 < keep[inputs["advantages"] < 0].sum() < 3, "the mask should drop some negative-advantage sequences, not all"
+    assert_same_loss_and_grads(trainer, inputs)
+
+
+@pytest.mark.parametrize("fields", [dict(loss_type="grpo", entropy_coef=0.05), dict(loss_type="dr_grpo", entropy_coef=-0.02),
+                                    dict(loss_type="dapo", entropy_coef=0.05, top_entropy_quantile=0.5)],
+                         ids=["grpo", "dr_grpo-negative", "dapo-top-entropy"])  # fmt: skip
+def test_grpo_entropy_bonus_equals_stock_loss(fields, tiny_dir, tmp_path):
+    """TRL's entropy bonus (a token mean whatever the loss_type): stock and ours on one batch, with
+    gradient accumulation (the bonus is divided by the steps), and the policy_loss metric."""
+    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, **fields)
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()  # train mode: the bonus is divided by the accumulation steps, the metrics go to "train"
+    inputs = plain_batch(trainer, torch.Generator().manual_seed(2))
+    stock = assert_same_loss_and_grads(trainer, inputs)
+    logged = trainer._metrics["train"]["policy_loss"]
+    assert len(logged) == 2 and math.isclose(logged[0], logged[1], rel_tol=REL, abs_tol=1e-7)  # our loss is float32
+    without = grpo_trainer(tiny_dir, tmp_path / "plain", steps=1, **(fields | {"entropy_coef": 0.0}))
+    without.current_gradient_accumulation_steps = 2
+    without.model.train()
+    assert not torch.isclose(without._compute_loss(without.model, inputs), stock), "the bonus changed nothing"
+
+
+def test_grpo_adaptive_entropy_updates_the_controller_as_stock(tiny_dir, tmp_path):
+    """use_adaptive_entropy: same loss and gradients, and the same controller state after the step
+    (the coefficient moved by entropy_coef_delta, the window's entropy recorded)."""
+    fields = dict(loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0)
+    trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, **fields)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()  # the controller updates in train mode only
+    inputs = plain_batch(trainer, torch.Generator().manual_seed(3))
+    before = (trainer.entropy_coef, trainer._last_world_entropy)
+    trainer._last_world_entropy = 1.0  # below the target: the coefficient applies on this step
+    model = trainer.model
+    states = []
+    for patched in (False, True):
+        trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats = 0.05, 1.0, None
+        if patched:
+            rf_trl.enable(trainer)
+        model.zero_grad()
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        states.append((loss.detach(), [p.grad.clone() for p in model.parameters()], trainer.entropy_coef, trainer._last_world_entropy))
+    (stock, stock_grads, coef, world), (ours, grads, our_coef, our_world) = states
+    assert trainer._metrics["train"]["entropy_coef"] == [coef, our_coef]
+    assert before[0] == 0.05
+    torch.testing.assert_close(ours.double(), stock.double(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads, stock_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    assert coef == our_coef == pytest.approx(0.05 + trainer.args.entropy_coef_delta)
+    assert math.isclose(world, our_world, rel_tol=1e-6)  # TRL's fused head's entropies are float32

@@ -63,7 +63,9 @@ def grpo_options(args, *, use_vllm: bool = False):
     clip_eps_high (cispo's epsilon_high, a bound on the ratio itself, is 1 + clip_eps_high with no
     lower bound); delta is the dual clip; beta the k3 KL coefficient, with use_bias_correction_kl as
     kl_is_correction; top_entropy_quantile as is; vLLM's importance-sampling correction as rollout_is
-    (``_vllm_correction``).
+    (``_vllm_correction``). Two TRL options are not options of the op, and ``enable``'s loss applies
+    them around it: off_policy_mask_threshold (``_off_policy_advantages``) and the entropy bonus,
+    entropy_coef / use_adaptive_entropy (``_entropy_bonus``).
     Raises NotImplementedError naming the first option with no exact counterpart.
     """
     from ..options import PolicyLossOptions
@@ -103,11 +105,6 @@ def grpo_options(args, *, use_vllm: bool = False):
             if level == "sequence":
                 raise _unsupported("use_bias_correction_kl", True, "TRL weights the KL by the sequence-level ratio there")
             fields["kl_is_correction"] = True
-    if getattr(args, "off_policy_mask_threshold", None) is not None:
-        raise _unsupported("off_policy_mask_threshold", args.off_policy_mask_threshold, "no off-policy sequence mask")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        option = "use_adaptive_entropy" if args.use_adaptive_entropy else "entropy_coef"
-        raise _unsupported(option, getattr(args, option), "TRL's entropy bonus is a token mean whatever the loss_type")
     if use_vllm and args.vllm_importance_sampling_correction:
         fields.update(_vllm_correction(args))
     return PolicyLossOptions(**fields)
@@ -241,13 +238,72 @@ def _grpo_compute_loss(self, model, inputs):
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        loss, _ = fused_linear_policy_loss(hidden, weight, completion_ids, old_logp, advantages, mask, bias=bias,
+        loss_advantages = advantages
+        if self.off_policy_mask_threshold is not None:
+            loss_advantages = _off_policy_advantages(self, inputs, advantages, logp, old_logp, mask)
+        loss, _ = fused_linear_policy_loss(hidden, weight, completion_ids, old_logp, loss_advantages, mask, bias=bias,
                                            ref_logp=ref_logp, rollout_logp=rollout_logp, normalizer=normalizer,
                                            temperature=self.temperature, options=options, **head)  # fmt: skip
-    if self.loss_type not in _GLOBAL_NORMALIZED:
-        loss = loss / accumulation
+        policy_loss = loss.detach()
+        if self.loss_type not in _GLOBAL_NORMALIZED:
+            loss = loss / accumulation
+        if self._entropy_bonus_enabled:
+            # The bonus's gradient needs entropies with a graph: one more sweep of the head (4 N H V FLOPs).
+            _, bonus_entropies = linear_token_logprobs(hidden, weight, completion_ids.masked_fill(~bool_mask, -100), bias=bias,
+                                                       temperature=self.temperature, return_entropy=True, **head)  # fmt: skip
+            loss = loss - _entropy_bonus(self, mode, bonus_entropies, mask, policy_loss)
     _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options)
     return loss
+
+
+def _off_policy_advantages(self, inputs, advantages, logp, old_logp, mask):
+    """The advantages with TRL's off-policy sequence mask (DeepSeek-V3.2, arXiv:2512.02556, eq. 9)
+    applied: TRL multiplies a dropped sequence's policy-gradient term by 0 (before the KL term,
+    the normaliser unchanged). Every objective TRL has is 0, with zero gradient, at A = 0, so zeroing
+    the dropped sequences' advantages gives the same loss and gradient. The mask is TRL's own
+    ``get_off_policy_mask`` on the same quantities: A >= 0 or the sequence's mean of
+    (sampler's or old log-prob - current log-prob) <= off_policy_mask_threshold."""
+    per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    keep = self.get_off_policy_mask(advantages=per_token, per_token_logps=logp,
+                                    sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_logp), mask=mask,
+                                    off_policy_threshold=self.off_policy_mask_threshold)  # fmt: skip
+    kept = per_token * keep.to(per_token.dtype)
+    return kept.squeeze(1) if advantages.dim() == 1 else kept
+
+
+def _entropy_bonus(self, mode, entropies, mask, policy_loss):
+    """TRL 1.16's entropy bonus (``_compute_loss``, "Entropy bonus"), the term subtracted from the
+    loss: coef times the token mean of the entropy over the mask (times TRL's high-entropy mask with
+    top_entropy_quantile < 1), divided by the accumulation steps, whatever the loss_type; the
+    adaptive controller (use_adaptive_entropy, Skywork-OR1) updated and its metrics logged as TRL does."""
+    entropy_mask = None
+    if self.top_entropy_quantile < 1.0:
+        # in float32, as the op ranks them for the policy-gradient term (and as TRL's fused head gives them)
+        entropy_mask = self.get_high_entropy_mask(entropies.detach().float(), mask, 1 - self.top_entropy_quantile)
+    effective_mask = mask if entropy_mask is None else mask * entropy_mask
+    accumulation_factor = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+    entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation_factor
+    if self.use_adaptive_entropy:
+        apply_coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+    else:
+        apply_coef = self.entropy_coef
+    metrics = self._metrics[mode]
+    metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+    if self.use_adaptive_entropy and mode == "train":
+        stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()
+        self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        if self.accelerator.sync_gradients:
+            window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+            world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+            if world_entropy <= self.args.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min)
+            self._last_world_entropy = world_entropy
+            self._entropy_window_stats = None
+    if mode == "train" and self.accelerator.sync_gradients:
+        metrics["entropy_coef"].append(self.entropy_coef)
+    return apply_coef * entropy_loss
 
 
 def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options):
