@@ -233,30 +233,33 @@ class CheckpointedRun:
     The run provides ``state_dict()`` (what to save; it must hold "step") and
     ``load_state_dict(payload)``, and the attributes ``step``, ``checkpoint_dir``,
     ``keep_checkpoints``, ``hooks`` (``on_checkpoint``) and ``metrics`` (a ``MetricsLog``).
+
+    ``write_checkpoint`` and ``newest_checkpoint`` are the storage: one file per checkpoint written by
+    rank 0 here; ``fsdp.ShardedCheckpoints`` overrides them for runs whose models are sharded.
     """
 
     saved_step = -1  # the step of the newest checkpoint this process wrote or resumed from
 
     def save_checkpoint(self) -> Path:
+        """Write the checkpoint of this step (``write_checkpoint``), then call the on_checkpoint hooks."""
+        path = self.write_checkpoint()
+        self.saved_step = self.step
+        for hook in self.hooks.on_checkpoint:
+            hook(self, path)
+        return path
+
+    def write_checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint of this step (atomically) and prunes old ones; all ranks wait."""
         path = path_for(self.checkpoint_dir, self.step)
         if dist.is_main():
             save(self.state_dict(), path)
             prune(self.checkpoint_dir, self.keep_checkpoints, self.step)
         dist.barrier()
-        self.saved_step = self.step
-        for hook in self.hooks.on_checkpoint:
-            hook(self, path)
         return path
 
-    def resume(self, check: Callable[[dict, Path], None] | None = None) -> Path | None:
-        """Restore the newest loadable checkpoint (every process loads it). Metrics logged after its
-        step (by the interrupted run) are dropped: they will be redone. ``check(saved_config, path)``
-        runs first and may refuse it (``run.check_resume``: options that must not change).
-
-        None when there is no checkpoint at all (the run starts at step 0, without the metrics of an
-        attempt killed before its first checkpoint). Checkpoints that all fail to load are an error:
-        starting again would silently throw away the run they hold."""
+    def newest_checkpoint(self) -> tuple[Path, dict] | None:
+        """(path, payload) of the newest checkpoint that loads, None when there is none at all;
+        CheckpointError when there are checkpoints and none of them loads."""
         found = load_latest(self.checkpoint_dir)
         if found is None:
             unreadable = list_checkpoints(self.checkpoint_dir)
@@ -266,6 +269,18 @@ class CheckpointedRun:
                     f"--resume: no checkpoint in {self.checkpoint_dir} can be loaded ({names}; see the warnings above); "
                     "put a good one back there, or pass --overwrite instead of --resume to start the run again from step 0"
                 )
+        return found
+
+    def resume(self, check: Callable[[dict, Path], None] | None = None) -> Path | None:
+        """Restore the newest loadable checkpoint (every process loads it). Metrics logged after its
+        step (by the interrupted run) are dropped: they will be redone. ``check(saved_config, path)``
+        runs first and may refuse it (``run.check_resume``: options that must not change).
+
+        None when there is no checkpoint at all (the run starts at step 0, without the metrics of an
+        attempt killed before its first checkpoint). Checkpoints that all fail to load are an error:
+        starting again would silently throw away the run they hold."""
+        found = self.newest_checkpoint()
+        if found is None:
             self.metrics.drop_after(0)
             return None
         path, payload = found

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 ARCHS = ("llama", "qwen2", "gpt2")
 TRUNCATION_MODES = ("truncate", "skip", "error")
 PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp2")
 
 
 class ConfigError(ValueError):
@@ -350,6 +351,25 @@ def require_schedule(section) -> None:
 
 
 @dataclass
+class DistConfig(Section):
+    """How a run under torchrun (WORLD_SIZE > 1) spreads the models over its processes; one process
+    trains the whole model with either strategy."""
+
+    SECTION: ClassVar[str] = "dist"
+
+    strategy: str = "ddp"
+    """ddp: every process holds the whole model, gradients are all-reduced (DistributedDataParallel);
+    fsdp2: parameters, gradients and AdamW's state are sharded over the processes (torch's
+    fully_shard, each decoder layer a group), for models that do not fit one GPU; the trained models
+    and RL's frozen reference and reward model are all sharded, checkpoints are sharded
+    (torch.distributed.checkpoint; --resume needs the same number of processes), the final model
+    directory is consolidated by rank 0."""
+
+    def validate(self) -> None:
+        self.require_choice("strategy", STRATEGIES)
+
+
+@dataclass
 class RMLossConfig(Section):
     """Options of the Bradley-Terry loss, passed to rlhf_fast.pairwise_reward_loss."""
 
@@ -398,6 +418,7 @@ class SFTConfig(RunConfig):
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> None:
         super().validate()
@@ -417,6 +438,7 @@ class RMConfig(RunConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=20))
     train: LoopConfig = field(default_factory=lambda: LoopConfig(batch_size=64))
     loss: RMLossConfig = field(default_factory=RMLossConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> None:
         super().validate()

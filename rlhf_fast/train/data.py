@@ -504,3 +504,12 @@ def eval_batches(examples: Sequence, batch_size: int, collate, rank: int = 0, wo
     mine = examples[rank::world_size]
     for start in range(0, len(mine), batch_size):
         yield collate(mine[start : start + batch_size])
+
+
+def idle_eval_batches(examples: Sequence, batch_size: int, collate, rank: int = 0, world_size: int = 1) -> Iterator:
+    """Batches of one example, to be run and their results dropped, so that this process makes as many
+    evaluation forwards as the busiest one does with ``eval_batches``: the forward of a model sharded
+    with FSDP2 is a collective, which every process must join."""
+    busiest, mine = -(-len(examples) // world_size), len(examples[rank::world_size])
+    for _ in range(-(-busiest // batch_size) - -(-mine // batch_size)):
+        yield collate(examples[:1])

@@ -44,6 +44,7 @@ on its ``hidden_and_head`` is done (``hidden_and_head`` gathers the head again f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -116,6 +117,7 @@ def shard_model(model: torch.nn.Module, *, mesh=None, param_dtype: torch.dtype |
     for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_root_after_forward)
+    model._rlhf_fast_reshard_root = bool(reshard_root_after_forward)  # what ``gathered`` restores
     return model
 
 
@@ -125,6 +127,54 @@ def shard_reference(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     every forward (see the module docstring for why it is sharded rather than kept whole in bf16)."""
     model.requires_grad_(False).eval()
     return shard_model(model, reshard_root_after_forward=True, **kwargs)
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` is an FSDP2 root (``shard_model``): its forward is a collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def broadcast_from_rank0(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy rank 0's parameters and buffers to every process, before ``shard_model`` (each rank keeps
+    its slice of its own full tensors: they must be the same everywhere). A no-op in one process."""
+    if dist.initialized():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Within the block every FSDP2 group of ``model`` holds its whole parameters, gathered once and
+    kept across forwards (no collective per forward: processes may run different numbers of them,
+    as generation does, stopping at EOS); on exit they are freed again. FSDP2's own unshard, so the
+    whole model exists once more than its shard only inside the block. A no-op for a model that is
+    not sharded."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for group in groups:
+        group.set_reshard_after_forward(False, recurse=False)
+    handles = [group.unshard(async_op=True) for group in groups]
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
+    try:
+        yield model
+    finally:
+        for group in groups:
+            layer = group is not model  # the layers reshard after forward, the root as it was built (kept)
+            group.set_reshard_after_forward(layer or _root_reshards(group), recurse=False)
+            group.reshard()
+
+
+def _root_reshards(root) -> bool:
+    return bool(getattr(root, "_rlhf_fast_reshard_root", False))
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------------
@@ -247,6 +297,36 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return payload["extra"]
+
+
+class ShardedCheckpoints(checkpoint.CheckpointedRun):
+    """``checkpoint.CheckpointedRun`` whose checkpoints are sharded when the run's ``sharded`` is true
+    (its models are FSDP2 roots; else the one-file checkpoints of DDP and one process).
+
+    The run also provides ``sharded_modules()`` ({name: model}) and ``optimizer``: a checkpoint is
+    ``save_checkpoint``'s directory ``step_XXXXXXXX/``, in which every process writes its shards of
+    those models and of the optimizer (torch.distributed.checkpoint) and its own ``state_dict()`` (the
+    rest: step, schedule, its own RNG states and data position, the config), renamed into place once
+    all have written. A resume loads every shard in place, then each process's own rest."""
+
+    sharded = False
+
+    def _root(self) -> torch.nn.Module:
+        # One module over every sharded model: DCP names their state (and the optimizer's) "model.…", "critic.…".
+        return torch.nn.ModuleDict(self.sharded_modules())
+
+    def write_checkpoint(self) -> Path:
+        if not self.sharded:
+            return super().write_checkpoint()
+        return save_checkpoint(self.checkpoint_dir, self.step, self._root(), self.optimizer, extra=self.state_dict(),
+                               keep=self.keep_checkpoints)  # fmt: skip
+
+    def newest_checkpoint(self) -> tuple[Path, dict] | None:
+        if not self.sharded:
+            return super().newest_checkpoint()
+        remove_temporaries(self.checkpoint_dir)  # saves killed before their rename
+        path = latest_checkpoint(self.checkpoint_dir)
+        return None if path is None else (path, load_checkpoint(path, self._root(), self.optimizer))
 
 
 # ---- the consolidated Hugging Face directory ---------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist
+from . import checkpoint, dist, fsdp
 from .config import LoopConfig, OptimConfig
 from .data import BatchStream
 from .metrics import MetricsLog, ProgressBar
@@ -105,13 +105,23 @@ def apply_optim(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig) -
 
 def clip_gradients(params, max_norm: float) -> float:
     """Clip the gradient norm of ``params`` (those with a gradient) to ``max_norm`` when it is > 0;
-    returns the norm before clipping (0.0 when no parameter has a gradient)."""
+    returns the norm before clipping (0.0 when no parameter has a gradient), a plain float on every
+    process. Under FSDP2 the gradients are DTensor shards: torch computes the global norm over the
+    shards (a DTensor), made whole here, so every process sees the same finite or non-finite value."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    elif _is_dtensor(params[0].grad):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    return float(norm.full_tensor() if _is_dtensor(norm) else norm)
+
+
+def _is_dtensor(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler) -> float:
@@ -161,7 +171,8 @@ def nonfinite_source(modules, loss: float, grad_norm: float) -> str:
         if module is None:
             continue
         for name, param in module.named_parameters():
-            bad = int((~torch.isfinite(param.detach())).sum())
+            local = param.detach().to_local() if _is_dtensor(param) else param.detach()  # this process's shard
+            bad = int((~torch.isfinite(local)).sum())
             if bad:
                 return (f"the model's weights hold {bad} NaN/inf value(s) (first in {name}): they were loaded or "
                         "initialised that way, or changed outside the optimizer (which applied no non-finite update); "
@@ -260,11 +271,13 @@ def record_eval(run, metrics: dict[str, float], progress: ProgressBar) -> None:
         hook(run, metrics)
 
 
-class Loop(checkpoint.CheckpointedRun):
+class Loop(fsdp.ShardedCheckpoints):
     """Runs ``cfg.steps`` optimizer steps of ``model`` on ``batches`` (see the module docstring).
 
     ``model`` must already be on its device; when torch.distributed is initialised it is wrapped in
-    DistributedDataParallel here. ``self.module`` is always the unwrapped model.
+    DistributedDataParallel here (``strategy`` "ddp"), or sharded in place with FSDP2 ("fsdp2",
+    ``fsdp.shard_model``: parameters, gradients and AdamW's state are then DTensor shards, and
+    checkpoints are sharded). ``self.module`` is always the model itself (DDP's unwrapped one).
     """
 
     def __init__(
@@ -280,12 +293,16 @@ class Loop(checkpoint.CheckpointedRun):
         run_config: dict,
         hooks: Hooks | None = None,
         name: str = "train",
+        strategy: str = "ddp",
     ):
         self.cfg = cfg
         self.module = model
         self.device = next(model.parameters()).device
         self.model = model
-        if dist.initialized():
+        self.sharded = dist.initialized() and strategy == "fsdp2"
+        if self.sharded:
+            fsdp.shard_model(fsdp.broadcast_from_rank0(model))
+        elif dist.initialized():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.batches = batches
@@ -318,11 +335,13 @@ class Loop(checkpoint.CheckpointedRun):
         weights = [float(b.weight()) for b in micro_batches]
         total = dist.all_reduce_sum(torch.tensor([sum(weights)], device=self.device, dtype=torch.float64))
         total = max(float(total.item()), 1.0)
-        scale = dist.world_size() / total  # DDP averages gradients over processes; undo that
+        scale = dist.world_size() / total  # DDP and FSDP2 average gradients over processes; undo that
         sums: dict[str, torch.Tensor] = {}
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not dist.initialized() else self.model.no_sync()
+            if self.sharded:  # FSDP2 accumulates the whole gradient and reduce-scatters it at the last
+                self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or self.sharded or not dist.initialized() else self.model.no_sync()
             with sync:
                 with self.autocast():
                     loss, stats = self.loss_fn(self.model, batch)
@@ -378,20 +397,28 @@ class Loop(checkpoint.CheckpointedRun):
             self.metrics.write({"step": self.step, "split": "train", **record})
             self._window, self._window_steps = {}, 0
 
+    def sharded_modules(self) -> dict[str, torch.nn.Module]:
+        """The models a sharded checkpoint holds (``checkpoint.CheckpointedRun``), by name."""
+        return {"model": self.module}
+
     def state_dict(self) -> dict:
-        return {
+        """What a checkpoint holds; sharded (FSDP2), the model's and optimizer's shards are written
+        apart by torch.distributed.checkpoint, and this is every process's own rest."""
+        state = {
             "step": self.step,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoint.rng_state(),
             "data": self.batches.state_dict(),
             "config": self.run_config,
         }
+        if not self.sharded:
+            state.update(model=self.module.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
 
     def load_state_dict(self, payload: dict) -> None:
-        self.module.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if not self.sharded:
+            self.module.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.batches.load_state_dict(payload["data"])
         checkpoint.set_rng_state(payload["rng"])

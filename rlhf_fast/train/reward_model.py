@@ -88,9 +88,10 @@ class RewardModel(torch.nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         return cls(lm.base_model)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, tokenizer=None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, tokenizer=None, state_dict: dict | None = None) -> None:
         """Write reward_model.json and model.safetensors (and the tokenizer's files, if given) into ``directory``,
-        via a temporary sibling directory that is then renamed."""
+        via a temporary sibling directory that is then renamed. ``state_dict``: the weights to write
+        (default this module's own; a sharded model's gathered ``fsdp.full_state_dict``)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -105,7 +106,7 @@ class RewardModel(torch.nn.Module):
             "pooling": "last_non_pad",
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

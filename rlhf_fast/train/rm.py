@@ -28,7 +28,7 @@ import rlhf_fast
 
 from . import dist
 from .config import ConfigError, ModelConfig, RMConfig
-from .data import PreferenceBatch, build_preferences, collate_preferences, eval_batches, load_records
+from .data import PreferenceBatch, build_preferences, collate_preferences, eval_batches, idle_eval_batches, load_records
 from .loop import Hooks, LossFn
 from .models import _require_dir, arch_config, check_vocab, is_reward_model_dir, load_tokenizer, pad_id
 from .reward_model import RewardModel
@@ -87,8 +87,13 @@ def rm_evaluate(model: torch.nn.Module, examples, *, batch_size: int, pad: int, 
     """Held-out pair accuracy and loss (and the gold-based metrics when every pair has gold scores)."""
     has_gold = all(e.gold is not None for e in examples)
     keys = ["loss", "accuracy"] + (["gold_ceiling", "expected_accuracy", "gold_scorer_accuracy"] if has_gold else [])
+    from .fsdp import is_sharded
+
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
-    for batch in eval_batches(examples, batch_size, partial(collate_preferences, pad_id=pad), dist.rank(), dist.world_size()):
+    shard = (batch_size, partial(collate_preferences, pad_id=pad), dist.rank(), dist.world_size())
+    for batch in idle_eval_batches(examples, *shard) if is_sharded(model) else ():  # lockstep (a collective forward)
+        model(batch.input_ids.to(device), batch.attention_mask.to(device))
+    for batch in eval_batches(examples, *shard):
         batch = batch.to(device)
         chosen, rejected = model(batch.input_ids, batch.attention_mask).float().chunk(2)
         loss, _ = rlhf_fast.pairwise_reward_loss(chosen, rejected, margin=batch.margin, center_coef=0.0)
@@ -157,8 +162,7 @@ class RMTrainer:
         start_run(self.config, self.loop)
         metrics = self.loop.run()
         if self.loop.step == self.config.train.steps:
-            if dist.is_main():
-                self.loop.module.save_pretrained(self.out_dir / "reward_model", tokenizer=self.tokenizer)
+            self.save_model(self.out_dir / "reward_model")
             hlines = None
             if "gold_ceiling" in metrics:
                 ceiling = ("gold ceiling", metrics["gold_ceiling"])
@@ -169,3 +173,12 @@ class RMTrainer:
                 print(describe(metrics), flush=True)
         dist.barrier()  # every rank returns once rank 0 has written the run's files
         return metrics
+
+    def save_model(self, directory: Path) -> None:
+        """The reward model and its tokenizer (``RewardModel.save_pretrained``), from rank 0; sharded
+        with FSDP2, its whole state is gathered to rank 0's CPU first (every rank calls this)."""
+        from . import fsdp
+
+        state = fsdp.full_state_dict(self.loop.module) if fsdp.is_sharded(self.loop.module) else None
+        if dist.is_main():
+            self.loop.module.save_pretrained(directory, tokenizer=self.tokenizer, state_dict=state)

@@ -71,6 +71,7 @@ def dataset_loop(config, model, train_examples, eval_examples, *, pad: int, coll
         run_config=to_dict(config),
         hooks=hooks,
         name=name,
+        strategy=config.dist.strategy,
     )
 
 
@@ -210,11 +211,19 @@ def save_summary(out_dir: Path, summary: dict) -> None:
         checkpoint.write_atomically(out_dir / "summary.json", lambda f: f.write(text.encode()))
 
 
-@quiet_transformers()
 def save_policy(model, tokenizer, directory: Path) -> None:
-    """A causal LM and its tokenizer as a transformers directory, written aside then renamed (rank 0)."""
-    if not dist.is_main():
-        return
+    """A causal LM and its tokenizer as a transformers directory, written aside then renamed (rank 0).
+    Sharded with FSDP2, consolidated first (``fsdp.save_hf_model``; every rank must call it then)."""
+    from . import fsdp
+
+    if fsdp.is_sharded(model):
+        fsdp.save_hf_model(model, directory, tokenizer)
+    elif dist.is_main():
+        _save_whole_policy(model, tokenizer, directory)
+
+
+@quiet_transformers()
+def _save_whole_policy(model, tokenizer, directory: Path) -> None:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -19,7 +19,7 @@ import rlhf_fast
 
 from . import dist
 from .config import SFTConfig
-from .data import SFTBatch, build_sft, collate_sft, eval_batches, load_records
+from .data import SFTBatch, build_sft, collate_sft, eval_batches, idle_eval_batches, load_records
 from .loop import Hooks, LossFn
 from .models import check_vocab, load_policy, load_tokenizer, pad_id
 from .run import dataset_loop, plot_run, save_policy, save_summary, seed_everything, start_run
@@ -34,12 +34,17 @@ def sft_loss_step(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor
 
 def sft_evaluate(model: torch.nn.Module, examples, *, batch_size: int, pad: int, device: torch.device) -> dict[str, float]:
     """Token-weighted held-out loss (and perplexity), summed over every process's share."""
+    from .fsdp import is_sharded
+
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in eval_batches(examples, batch_size, partial(collate_sft, pad_id=pad), dist.rank(), dist.world_size()):
+    shard = (batch_size, partial(collate_sft, pad_id=pad), dist.rank(), dist.world_size())
+    for batch in eval_batches(examples, *shard):
         batch = batch.to(device)
         loss, _ = sft_loss_step(model, batch)
         tokens = batch.weight()
         sums += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=device)
+    for batch in idle_eval_batches(examples, *shard) if is_sharded(model) else ():
+        sft_loss_step(model, batch.to(device))
     loss_sum, tokens = dist.all_reduce_sum(sums).tolist()
     loss = loss_sum / max(tokens, 1.0)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens}
@@ -90,4 +95,4 @@ class SFTTrainer:
 
     def save_model(self, directory: Path) -> None:
         """The policy and its tokenizer as a transformers directory (written aside, then renamed)."""
-        save_policy(self.loop.module, self.tokenizer, directory)
+        save_policy(self.loop.module, self.tokenizer, directory)  # consolidated when sharded (every rank calls it)

@@ -17,7 +17,7 @@ from typing import ClassVar
 from ...choices import ADVANTAGE_ESTIMATORS, AGG_MODES, GROUP_MODES, KL_ESTIMATORS, KL_LOSS_ESTIMATORS, ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES
 from ..._validate import MIN_TEMPERATURE
 from ...objectives import OBJECTIVES
-from ..config import ConfigError, ModelConfig, OptimConfig, RunConfig, Section, TaskConfig, TokenizerConfig, require_schedule
+from ..config import ConfigError, DistConfig, ModelConfig, OptimConfig, RunConfig, Section, TaskConfig, TokenizerConfig, require_schedule
 
 ALGOS = ("ppo", "grpo", "reinforce")
 BASELINES = ("none", "mean", "rloo")
@@ -330,10 +330,16 @@ class RLConfig(RunConfig):
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0))
     train: RLLoopConfig = field(default_factory=RLLoopConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> None:
         super().validate()
         rollout, algo = self.rollout, self.algo
+        if self.dist.strategy == "fsdp2" and rollout.dynamic_sampling:
+            # A sharded reward model's forward is a collective: every process must score as often as
+            # the others, and dynamic sampling's rounds differ by process.
+            raise ConfigError("rollout.dynamic_sampling=true does not run with dist.strategy=fsdp2 (each process samples "
+                              "a different number of rounds, and the sharded reward model scores in lockstep); use dist.strategy=ddp")
         if rollout.batch_size % algo.mini_batch_size:
             raise ConfigError(
                 f"algo.mini_batch_size={algo.mini_batch_size} must divide rollout.batch_size={rollout.batch_size} "

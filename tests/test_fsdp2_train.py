@@ -1,0 +1,199 @@
+"""``--dist.strategy fsdp2`` in the trainers, on two CPU processes (gloo) against one process.
+
+Each trainer runs a few steps on the tiny built-in models: sharded over two processes (every
+process a half of each global batch), and whole in one process on the same global batches. The loss
+curves agree within float tolerance, the processes end with identical gathered parameters, equal to
+the single process's, and the consolidated model directory holds them. A run stopped after some
+steps (``train.stop_after``, its sharded checkpoint) and resumed ends exactly where the uninterrupted
+two-process run does.
+
+One spawn runs every case of a test in each worker (starting the processes and importing
+transformers is most of the time); each worker writes what it found to files the test reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+# AdamW's eps at 1e-3, not 1e-8: Adam's first steps are about lr * sign(g) where |g| < eps, which
+# turns the 1e-8 by which the sharded and the whole gradients differ (the order of the reduce-scatter's
+# sums) into up to lr of parameter; with eps 1e-3 that is lr * 1e-5 (see tests/test_fsdp2.py).
+COMMON = {"train.log_every": 1, "train.progress": False, "train.eval_every": 0, "train.save_every": 0,
+          "optim.eps": 1e-3, "optim.warmup_steps": 1}  # fmt: skip
+SMALL = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.intermediate_size": 64}
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sft_config(out_dir, world: int, **overrides):
+    from rlhf_fast.train.config import SFTConfig, load_config
+
+    options = {**COMMON, **SMALL, "out_dir": str(out_dir), "task.sft_train": 64, "task.sft_eval": 9,
+               "train.batch_size": 8 // world, "train.grad_accum": 2, "train.steps": 4, "train.eval_batch_size": 4,
+               "optim.lr": 3e-3, "dist.strategy": "fsdp2"}  # fmt: skip
+    return load_config(SFTConfig, None, {**options, **overrides})
+
+
+def rm_config(out_dir, world: int, **overrides):
+    from rlhf_fast.train.config import RMConfig, load_config
+
+    options = {**COMMON, **SMALL, "out_dir": str(out_dir), "task.pref_train": 64, "task.pref_eval": 9,
+               "train.batch_size": 8 // world, "train.grad_accum": 2, "train.steps": 4, "train.eval_batch_size": 4,
+               "optim.lr": 3e-3, "dist.strategy": "fsdp2"}  # fmt: skip
+    return load_config(RMConfig, None, {**options, **overrides})
+
+
+def run_sft(out_dir, world: int, **overrides):
+    from rlhf_fast.train.sft import SFTTrainer
+
+    trainer = SFTTrainer(sft_config(out_dir, world, **overrides))
+    trainer.train()
+    return trainer.loop.module
+
+
+def run_rm(out_dir, world: int, **overrides):
+    from rlhf_fast.train.rm import RMTrainer
+
+    trainer = RMTrainer(rm_config(out_dir, world, **overrides))
+    trainer.train()
+    return trainer.loop.module
+
+
+def whole_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter, gathered whole on this process (the sharded model's DTensors made full)."""
+    return {name: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().clone()
+            for name, p in model.named_parameters()}  # fmt: skip
+
+
+def train_losses(out_dir) -> list[float]:
+    from rlhf_fast.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(Path(out_dir) / "metrics.jsonl") if r["split"] == "train"]
+
+
+def eval_losses(out_dir) -> list[float]:
+    from rlhf_fast.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(Path(out_dir) / "metrics.jsonl") if r["split"] == "eval"]
+
+
+def case_trainer(rank: int, tmp: Path, name: str, resume: bool) -> None:
+    """Uninterrupted, then (``resume``) stopped after 2 of 4 steps and resumed: each rank saves its
+    gathered parameters of both runs, rank 0 checks the sharded checkpoints' layout."""
+    run = {"sft": run_sft, "rm": run_rm}[name]
+    model = run(tmp / f"{name}_fsdp2", WORLD, **{"train.eval_every": 2})
+    torch.save(whole_params(model), tmp / f"{name}_fsdp2_rank{rank}.pt")
+    if not resume:
+        return
+    run(tmp / f"{name}_resumed", WORLD, **{"train.stop_after": 2, "train.keep_checkpoints": 1})
+    checkpoints = tmp / f"{name}_resumed" / "checkpoints"
+    if rank == 0:
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"], list(checkpoints.iterdir())
+        files = sorted(p.name for p in (checkpoints / "step_00000002").iterdir())
+        assert "rank_00000.pt" in files and "rank_00001.pt" in files and ".metadata" in files, files
+    torch_dist.barrier()
+    model = run(tmp / f"{name}_resumed", WORLD, resume=True)
+    torch.save(whole_params(model), tmp / f"{name}_resumed_rank{rank}.pt")
+
+
+def _worker(rank: int, port: int, tmp: str, names: list[str], resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    failures = []
+    try:
+        for name in names:
+            try:
+                case_trainer(rank, Path(tmp), name, resume)
+            except Exception:
+                failures.append(f"{name} on rank {rank}:\n{traceback.format_exc()}")
+                raise  # the other rank may be waiting in a collective: stop both
+    finally:
+        with open(os.path.join(tmp, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(failures) if failures else "ok")
+        torch_dist.destroy_process_group()
+
+
+def spawn(tmp_path: Path, names: list[str], resume: bool = True) -> None:
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(tmp_path), names, resume), nprocs=WORLD, join=True)
+    finally:
+        reports = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else "no report"
+                   for r in range(WORLD)]  # fmt: skip
+    assert reports == ["ok"] * WORLD, "\n\n".join(reports)
+
+
+def check_trainer(tmp_path: Path, name: str, whole_model, resume: bool = True) -> None:
+    """The two-process run against ``whole_model`` (the one-process run in tmp_path / name_one)."""
+    one = tmp_path / f"{name}_one"
+    sharded, resumed = tmp_path / f"{name}_fsdp2", tmp_path / f"{name}_resumed"
+    want = train_losses(one)
+    assert len(want) == 4
+    torch.testing.assert_close(train_losses(sharded), want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(eval_losses(sharded), eval_losses(one), atol=ATOL, rtol=RTOL)
+    ranks = [torch.load(tmp_path / f"{name}_fsdp2_rank{r}.pt") for r in range(WORLD)]
+    expected = dict(whole_model.named_parameters())
+    for key, value in ranks[0].items():
+        torch.testing.assert_close(ranks[1][key], value, atol=0, rtol=0, msg=f"{name}: {key} differs between ranks")
+        torch.testing.assert_close(value, expected[key].detach(), atol=ATOL, rtol=RTOL, msg=f"{name}: {key} vs one process")
+    assert "strategy: fsdp2" in (sharded / "config.yaml").read_text()
+    if not resume:
+        return
+    # Stopped after 2 steps and resumed: exactly the uninterrupted run.
+    assert train_losses(resumed) == train_losses(sharded)
+    for r in range(WORLD):
+        again = torch.load(tmp_path / f"{name}_resumed_rank{r}.pt")
+        for key, value in ranks[r].items():
+            torch.testing.assert_close(again[key], value, atol=0, rtol=0, msg=f"{name} resumed: {key} on rank {r}")
+
+
+def test_fsdp2_sft_matches_one_process(tmp_path):
+    """The fast check: two sharded processes against one, and the consolidated model directory."""
+    from transformers import AutoModelForCausalLM
+
+    spawn(tmp_path, ["sft"], resume=False)
+    torch.set_num_threads(1)
+    whole = run_sft(tmp_path / "sft_one", 1, **{"train.eval_every": 2})
+    check_trainer(tmp_path, "sft", whole, resume=False)
+    # The consolidated transformers directory rank 0 wrote holds the trained weights.
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft_fsdp2" / "model"), local_files_only=True, dtype=torch.float32)
+    gathered = torch.load(tmp_path / "sft_fsdp2_rank0.pt")
+    for key, value in saved.named_parameters():
+        torch.testing.assert_close(value, gathered[key], atol=0, rtol=0, msg=f"model/ {key}")
+    assert json.loads((tmp_path / "sft_fsdp2" / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_fsdp2_sft_resumes_exactly(tmp_path):
+    spawn(tmp_path, ["sft"])
+    torch.set_num_threads(1)
+    check_trainer(tmp_path, "sft", run_sft(tmp_path / "sft_one", 1, **{"train.eval_every": 2}))
+
+
+@pytest.mark.slow
+def test_fsdp2_rm_matches_one_process_and_resumes_exactly(tmp_path):
+    from rlhf_fast.train.reward_model import RewardModel
+
+    spawn(tmp_path, ["rm"])
+    torch.set_num_threads(1)
+    whole = run_rm(tmp_path / "rm_one", 1, **{"train.eval_every": 2})
+    check_trainer(tmp_path, "rm", whole)
+    saved = RewardModel.from_pretrained(tmp_path / "rm_fsdp2" / "reward_model")
+    gathered = torch.load(tmp_path / "rm_fsdp2_rank0.pt")
+    for key, value in saved.named_parameters():
+        torch.testing.assert_close(value, gathered[key], atol=0, rtol=0, msg=f"reward_model/ {key}")
