@@ -223,6 +223,16 @@ def test_vllm_correction_modes_map_to_rollout_is(tmp_path, mode, clip_min, want)
     assert options.rollout_is_threshold == 3.0
 
 
+def test_trl_has_no_liger_grpo_loss_to_repoint():
+    """TRL 1.16 dropped use_liger_loss: its GRPOTrainer has no Liger GRPO loss to point at
+    rlhf_fast.compat.liger (use_liger_kernel only patches the model's layers, not the loss), so the
+    TRL route to our fused loss is enable(); the README says so. A TRL that brings the flag back fails here."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    assert "use_liger_loss" not in trl.GRPOConfig.__dataclass_fields__
+    assert not hasattr(grpo_module, "LigerFusedLinearGRPOLoss")
+
+
 def test_enable_refuses_a_trainer_it_does_not_know():
     with pytest.raises(TypeError, match="object is not a trainer it knows"):
         rf_trl.enable(object())

@@ -11,8 +11,9 @@ What it changes, per trainer instance (the class and every other trainer stay st
   states and the lm_head (``rlhf_fast.hf``), at TRL's sampling temperature, with the head's
   logit_scale / soft-cap. No [B, T, V] logits.
 - ``GRPOTrainer._compute_loss``: ``fused_linear_policy_loss`` from the hidden states, with TRL's
-  options mapped onto ``PolicyLossOptions`` (``grpo_options``: the README's table), and TRL's own
-  metrics (kl, entropy, clip ratios) logged as TRL defines them.
+  options mapped onto ``PolicyLossOptions`` (``grpo_options``: the README's table), TRL's
+  off-policy sequence mask as zeroed advantages and its entropy bonus as a separate token mean,
+  and TRL's own metrics (kl, entropy, clip ratios, policy_loss, entropy_coef) logged as TRL defines them.
 - ``SFTTrainer.compute_loss``: the completion / assistant cross-entropy through ``linear_sft_loss``.
 - ``RewardTrainer.compute_loss``: the Bradley-Terry loss through ``pairwise_reward_loss``.
 
