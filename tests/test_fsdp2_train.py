@@ -14,6 +14,7 @@ transformers is most of the time); each worker writes what it found to files the
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import traceback
@@ -74,16 +75,56 @@ def run_rm(out_dir, world: int, **overrides):
     return trainer.loop.module
 
 
+def rl_config(out_dir, world: int, **overrides):
+    """PPO with a reward model and a critic: one minibatch per epoch (its composition does not depend on
+    how the rows are split over processes), no whitening (it would be per process)."""
+    from rlhf_fast.train.config import load_config
+    from rlhf_fast.train.rl.config import RLConfig
+
+    options = {**COMMON, **SMALL, "out_dir": str(out_dir), "algo.name": "ppo", "algo.epochs": 2, "algo.whiten": False,
+               "rollout.batch_size": 8 // world, "algo.mini_batch_size": 8 // world, "algo.micro_batch_size": 2,
+               "rollout.max_new_tokens": 5, "reward.gold": True, "data.train_prompts": 32, "train.steps": 2,
+               "train.eval_prompts": 5, "train.eval_batch_size": 2, "train.device": "cpu", "optim.lr": 1e-3,
+               "dist.strategy": "fsdp2"}  # fmt: skip
+    return load_config(RLConfig, None, {**options, **overrides})
+
+
+def greedy_rollout(trainer, prompts):
+    """Greedy responses: the same whatever the split of the prompts over processes (sampling draws
+    from each process's own generator), so that the runs can be compared."""
+    from rlhf_fast.train.fsdp import gathered
+    from rlhf_fast.train.rl.rollout import generate
+
+    with gathered(trainer.policy):
+        return generate(trainer.policy, trainer.tokenizer, prompts, trainer.config.rollout, greedy=True)
+
+
+def run_rl(out_dir, world: int, **overrides):
+    from rlhf_fast.train.config import ModelConfig
+    from rlhf_fast.train.models import arch_config
+    from rlhf_fast.train.reward_model import RewardModel
+    from rlhf_fast.train.rl.trainer import RLTrainer
+    from rlhf_fast.train.task import build_tokenizer
+
+    config = rl_config(out_dir, world, **overrides)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(1234)  # the same reward model in every process and run
+    reward_model = RewardModel.from_backbone_config(arch_config(config.model, tokenizer))
+    trainer = RLTrainer(config, tokenizer=tokenizer, reward_model=reward_model, rollout_fn=greedy_rollout)
+    trainer.train()
+    return torch.nn.ModuleDict({"policy": trainer.policy, "critic": trainer.critic})
+
+
 def whole_params(model) -> dict[str, torch.Tensor]:
     """Every parameter, gathered whole on this process (the sharded model's DTensors made full)."""
     return {name: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().clone()
             for name, p in model.named_parameters()}  # fmt: skip
 
 
-def train_losses(out_dir) -> list[float]:
+def train_losses(out_dir, key: str = "loss") -> list[float]:
     from rlhf_fast.train.metrics import read_metrics
 
-    return [r["loss"] for r in read_metrics(Path(out_dir) / "metrics.jsonl") if r["split"] == "train"]
+    return [r[key] for r in read_metrics(Path(out_dir) / "metrics.jsonl") if r["split"] == "train"]
 
 
 def eval_losses(out_dir) -> list[float]:
@@ -95,16 +136,17 @@ def eval_losses(out_dir) -> list[float]:
 def case_trainer(rank: int, tmp: Path, name: str, resume: bool) -> None:
     """Uninterrupted, then (``resume``) stopped after 2 of 4 steps and resumed: each rank saves its
     gathered parameters of both runs, rank 0 checks the sharded checkpoints' layout."""
-    run = {"sft": run_sft, "rm": run_rm}[name]
-    model = run(tmp / f"{name}_fsdp2", WORLD, **{"train.eval_every": 2})
+    run = {"sft": run_sft, "rm": run_rm, "rl": run_rl}[name]
+    model = run(tmp / f"{name}_fsdp2", WORLD, **({} if name == "rl" else {"train.eval_every": 2}))
     torch.save(whole_params(model), tmp / f"{name}_fsdp2_rank{rank}.pt")
     if not resume:
         return
-    run(tmp / f"{name}_resumed", WORLD, **{"train.stop_after": 2, "train.keep_checkpoints": 1})
+    half = 1 if name == "rl" else 2
+    run(tmp / f"{name}_resumed", WORLD, **{"train.stop_after": half, "train.keep_checkpoints": 1})
     checkpoints = tmp / f"{name}_resumed" / "checkpoints"
     if rank == 0:
-        assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"], list(checkpoints.iterdir())
-        files = sorted(p.name for p in (checkpoints / "step_00000002").iterdir())
+        assert sorted(p.name for p in checkpoints.iterdir()) == [f"step_{half:08d}"], list(checkpoints.iterdir())
+        files = sorted(p.name for p in (checkpoints / f"step_{half:08d}").iterdir())
         assert "rank_00000.pt" in files and "rank_00001.pt" in files and ".metadata" in files, files
     torch_dist.barrier()
     model = run(tmp / f"{name}_resumed", WORLD, resume=True)
@@ -138,14 +180,17 @@ def spawn(tmp_path: Path, names: list[str], resume: bool = True) -> None:
     assert reports == ["ok"] * WORLD, "\n\n".join(reports)
 
 
-def check_trainer(tmp_path: Path, name: str, whole_model, resume: bool = True) -> None:
-    """The two-process run against ``whole_model`` (the one-process run in tmp_path / name_one)."""
+def check_trainer(tmp_path: Path, name: str, whole_model, resume: bool = True, keys=("loss",)) -> None:
+    """The two-process run against ``whole_model`` (the one-process run in tmp_path / name_one): the
+    training metrics ``keys`` of every step, the evaluations' loss (when ``keys`` has it)."""
     one = tmp_path / f"{name}_one"
     sharded, resumed = tmp_path / f"{name}_fsdp2", tmp_path / f"{name}_resumed"
-    want = train_losses(one)
-    assert len(want) == 4
-    torch.testing.assert_close(train_losses(sharded), want, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(eval_losses(sharded), eval_losses(one), atol=ATOL, rtol=RTOL)
+    for key in keys:
+        want = train_losses(one, key)
+        assert len(want) in (2, 4) and all(math.isfinite(x) for x in want), want
+        torch.testing.assert_close(train_losses(sharded, key), want, atol=ATOL, rtol=RTOL, msg=f"{name} {key}")
+    if "loss" in keys:
+        torch.testing.assert_close(eval_losses(sharded), eval_losses(one), atol=ATOL, rtol=RTOL)
     ranks = [torch.load(tmp_path / f"{name}_fsdp2_rank{r}.pt") for r in range(WORLD)]
     expected = dict(whole_model.named_parameters())
     for key, value in ranks[0].items():
@@ -154,8 +199,9 @@ def check_trainer(tmp_path: Path, name: str, whole_model, resume: bool = True) -
     assert "strategy: fsdp2" in (sharded / "config.yaml").read_text()
     if not resume:
         return
-    # Stopped after 2 steps and resumed: exactly the uninterrupted run.
-    assert train_losses(resumed) == train_losses(sharded)
+    # Stopped halfway and resumed: exactly the uninterrupted run.
+    for key in keys:
+        assert train_losses(resumed, key) == train_losses(sharded, key), key
     for r in range(WORLD):
         again = torch.load(tmp_path / f"{name}_resumed_rank{r}.pt")
         for key, value in ranks[r].items():
@@ -197,3 +243,17 @@ def test_fsdp2_rm_matches_one_process_and_resumes_exactly(tmp_path):
     gathered = torch.load(tmp_path / "rm_fsdp2_rank0.pt")
     for key, value in saved.named_parameters():
         torch.testing.assert_close(value, gathered[key], atol=0, rtol=0, msg=f"reward_model/ {key}")
+
+
+@pytest.mark.slow
+def test_fsdp2_rl_matches_one_process_and_resumes_exactly(tmp_path):
+    """PPO with a sharded policy, critic, reference and reward model: generation on the gathered
+    policy, the evaluation's batches in lockstep (5 prompts over 2 processes in batches of 2)."""
+    spawn(tmp_path, ["rl"])
+    torch.set_num_threads(1)
+    whole = run_rl(tmp_path / "rl_one", 1)
+    check_trainer(tmp_path, "rl", whole, keys=("score", "kl", "grad_norm", "rm_score", "response_length"))
+    from rlhf_fast.train.metrics import read_metrics
+
+    evals = [r for r in read_metrics(tmp_path / "rl_fsdp2" / "metrics.jsonl") if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0]["prompts"] == 5

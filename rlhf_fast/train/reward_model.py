@@ -68,6 +68,14 @@ class RewardModel(torch.nn.Module):
         last = hidden[rows, last_token_index(attention_mask)]
         return self.head(last).squeeze(-1).float()
 
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+        """The head read at every position from ``start`` to the last but one (a critic's values of
+        the states that emit tokens start + 1 ...). [B, T], [B, T] -> [B, T - 1 - start] in the head's dtype.
+        One call, so that a model sharded with FSDP2 runs it as its forward (``register_fsdp_forward_method``)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.head(hidden[:, start:-1]).squeeze(-1)
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The score of each sequence, read at its last non-pad token. [B, T], [B, T] -> [B] float32."""
         return self(input_ids, attention_mask)

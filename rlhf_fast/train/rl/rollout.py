@@ -21,6 +21,7 @@ import torch
 import rlhf_fast
 from rlhf_fast.reference import IGNORE_INDEX
 
+from ..fsdp import is_sharded
 from .config import RolloutConfig
 
 
@@ -210,6 +211,8 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float = 1.0, back
         out = rlhf_fast.token_logprobs(
             response_logits(model, rollout), labels, temperature=temperature, return_entropy=return_entropy, backend=backend
         )
+    if is_sharded(model) and not torch.is_grad_enabled():
+        model.reshard()  # no backward will: free the root's head (and embedding) until the next forward
     if return_entropy:
         logp, entropy = out
         return logp.float(), entropy.float()

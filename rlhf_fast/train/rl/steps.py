@@ -23,6 +23,7 @@ from rlhf_fast.ops.aggregate import global_loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
+from ..fsdp import gathered
 from ..loop import NonFiniteError, all_finite, any_process, guarded_step
 from .rollout import Rollout, cat_rollouts, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
 
@@ -56,8 +57,11 @@ class Experience:
 
 # --------------------------------------------------------------------------------------- rollout
 def rollout_step(trainer, prompts: list[str]) -> Rollout:
-    """Sample with the policy (the unwrapped module), KV cache on."""
-    return generate(trainer.policy, trainer.tokenizer, prompts, trainer.config.rollout)
+    """Sample with the policy (the unwrapped module), KV cache on; sharded with FSDP2, with its whole
+    parameters gathered for the rollout only (``fsdp.gathered``: no collective per generated token,
+    and each process stops at its own EOS)."""
+    with gathered(trainer.policy):
+        return generate(trainer.policy, trainer.tokenizer, prompts, trainer.config.rollout)
 
 
 # --------------------------------------------------------------------------------------- score
@@ -158,10 +162,7 @@ def scored(trainer, rollout: Rollout):
 @torch.no_grad()
 def token_values(critic, rollout: Rollout) -> torch.Tensor:
     """[B, R] critic values of the states that emit each response token (0 where masked)."""
-    hidden = critic.backbone(
-        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask)
-    ).last_hidden_state
-    values = critic.head(hidden[:, rollout.prompt_len - 1 : -1]).squeeze(-1).float()
+    values = critic.token_values(rollout.input_ids, rollout.attention_mask, rollout.prompt_len - 1).float()
     return torch.where(rollout.response_mask, values, 0.0)
 
 
@@ -382,8 +383,9 @@ def remax_advantage(trainer, exp: Experience):
     reward-to-go of -beta * KL plus the score at the last token) minus the score of the policy's
     greedy response to the same prompt, generated and scored here, once per group. [B, T]"""
     group_size = trainer.config.rollout.group_size
-    greedy = generate(trainer.policy, trainer.tokenizer, exp.rollout.prompts[::group_size], trainer.config.rollout,
-                      greedy=True)  # fmt: skip
+    with gathered(trainer.policy):
+        greedy = generate(trainer.policy, trainer.tokenizer, exp.rollout.prompts[::group_size], trainer.config.rollout,
+                          greedy=True)  # fmt: skip
     with torch.no_grad():
         result, error = scored(trainer, greedy)
     agree_on(trainer, error)
@@ -446,10 +448,7 @@ def loss_step(trainer, micro: Experience, normalizer: torch.Tensor) -> tuple[tor
         loss, stats = rlhf_fast.fused_policy_loss(response_logits(trainer.policy, rollout), rollout.labels, **common)
     stats = {"pg_loss": loss.detach(), **stats}
     if trainer.critic is not None:
-        hidden = trainer.critic.backbone(
-            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids(rollout.attention_mask)
-        ).last_hidden_state
-        values = trainer.critic.head(hidden[:, rollout.prompt_len - 1 : -1]).squeeze(-1)
+        values = trainer.critic.token_values(rollout.input_ids, rollout.attention_mask, rollout.prompt_len - 1)
         vf = rlhf_fast.value_loss(
             values, micro.values, micro.returns, micro.mask, clip_eps=cfg.algo.value_clip, agg=cfg.algo.agg, normalizer=normalizer
         )
@@ -461,8 +460,9 @@ def loss_step(trainer, micro: Experience, normalizer: torch.Tensor) -> tuple[tor
 # --------------------------------------------------------------------------------------- update
 def sync_gradients(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over processes. Each process's loss is divided by the *global* normaliser, so the
-    sum is the gradient of the global-batch loss (no averaging by world size)."""
-    if not dist.initialized():
+    sum is the gradient of the global-batch loss (no averaging by world size). Sharded with FSDP2 the
+    backward has already reduce-scattered them (``update_step`` scales the loss for FSDP2's mean)."""
+    if not dist.initialized() or any(type(p).__name__ == "DTensor" for p in params):
         return
     grads = []
     for p in params:
@@ -495,10 +495,15 @@ def update_step(trainer, exp: Experience) -> dict[str, torch.Tensor]:
             normalizer = global_loss_normalizer([p.mask for p in parts], algo.agg,
                                                 max_response_length=algo.max_response_length)  # fmt: skip
             losses = []
-            for part in parts:
+            sharded = [m for m in (trainer.policy, trainer.critic) if getattr(trainer, "sharded", False) and m is not None]
+            # FSDP2 averages the gradients over the processes; the losses' global normaliser wants their sum.
+            world = dist.world_size() if sharded else 1
+            for i, part in enumerate(parts):
+                for model in sharded:  # reduce-scatter once, after the minibatch's last backward
+                    model.set_requires_gradient_sync(i == len(parts) - 1)
                 with autocast():
                     loss, stats = trainer.loss_fn(trainer, part, normalizer)
-                loss.backward()
+                (loss * world if sharded else loss).backward()
                 losses.append(loss.detach().float())
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float()

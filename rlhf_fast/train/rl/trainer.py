@@ -36,7 +36,7 @@ import torch
 
 from rlhf_fast.backends import registry
 
-from .. import checkpoint, dist, loop
+from .. import checkpoint, dist, fsdp, loop
 from ..config import ConfigError, to_dict
 from ..data import BatchStream, DataError, chat_prompt, read_jsonl
 from ..loop import Hooks, autocast_for, build_optimizer, build_scheduler, run_steps
@@ -167,10 +167,15 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
     keys = ("gold", *score_keys, "kl", "length")
     sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)  # sum, sum of squares
     count = torch.zeros(1, dtype=torch.float64, device=device)
+    # Sharded (FSDP2), the reward model's and the log-probs' forwards are collectives: every process
+    # runs as many batches as the busiest one, the missing ones on one prompt, their results dropped.
+    busiest = -(-len(prompts) // dist.world_size()) if fsdp.is_sharded(policy) else len(mine)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + 7919 * dist.rank())
-        for start in range(0, len(mine), batch_size):
-            rollout = generate(policy, tokenizer, mine[start : start + batch_size], rollout_cfg)
+        for start in range(0, busiest, batch_size):
+            idle = start >= len(mine)
+            with fsdp.gathered(policy):
+                rollout = generate(policy, tokenizer, prompts[:1] if idle else mine[start : start + batch_size], rollout_cfg)
             values = {"length": rollout.lengths.double()}
             if gold_fn is not None:
                 values["gold"] = torch.as_tensor(gold_fn(rollout.prompts, rollout.responses), dtype=torch.float64, device=device)
@@ -180,6 +185,8 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
                 logp = sequence_logprobs(policy, rollout, temperature=rollout_cfg.temperature, backend=backend)
                 ref = sequence_logprobs(ref_policy, rollout, temperature=rollout_cfg.temperature, backend=backend)
                 values["kl"] = torch.where(rollout.response_mask, logp - ref, 0.0).sum(-1).double()
+            if idle:
+                continue
             for i, key in enumerate(keys):
                 if key in values:
                     sums[i, 0] += values[key].sum()
@@ -198,7 +205,7 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
     return out
 
 
-class RLTrainer(checkpoint.CheckpointedRun):
+class RLTrainer(fsdp.ShardedCheckpoints):
     """Builds (or takes) the policy, reference, reward model and critic from ``config`` and runs RL.
 
     Args:
@@ -292,6 +299,9 @@ class RLTrainer(checkpoint.CheckpointedRun):
 
         # Optimisation: one AdamW over policy (and critic); the schedule spans every optimizer step.
         self._broadcast_parameters()
+        self.sharded = dist.initialized() and config.dist.strategy == "fsdp2"
+        if self.sharded:
+            self._shard_models()
         self.optimizer = build_optimizer(self.trainable_parameters(), config.optim)
         self.epochs = 1 if config.algo.name == "reinforce" else config.algo.epochs
         self.updates_per_step = self.epochs * (config.rollout.batch_size // config.algo.mini_batch_size)
@@ -369,6 +379,27 @@ class RLTrainer(checkpoint.CheckpointedRun):
         for p in self.trainable_parameters():
             torch.distributed.broadcast(p.data, src=0)
         self.ref_policy.load_state_dict(self.policy.state_dict())
+
+    def _shard_models(self) -> None:
+        """FSDP2 (dist.strategy=fsdp2): the policy and the critic sharded for training, the frozen
+        reference and reward model sharded too (``fsdp.shard_reference``; its docstring says why rather
+        than kept whole in bf16), all on one mesh. The critic's ``token_values`` and the reward model's
+        ``score`` run as their forward, so that FSDP2 gathers their parameters for them."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        mesh = fsdp.default_mesh()
+        fsdp.shard_model(self.policy, mesh=mesh)
+        fsdp.shard_reference(self.ref_policy, mesh=mesh)
+        if self.reward_model is not None:
+            fsdp.shard_reference(self.reward_model, mesh=mesh)
+            register_fsdp_forward_method(self.reward_model, "score")
+        if self.critic is not None:
+            fsdp.shard_model(self.critic, mesh=mesh)
+            register_fsdp_forward_method(self.critic, "token_values")
+
+    def sharded_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained models a sharded checkpoint holds (the reference and the reward model are rebuilt)."""
+        return {"model": self.policy, **({"critic": self.critic} if self.critic is not None else {})}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -472,23 +503,27 @@ class RLTrainer(checkpoint.CheckpointedRun):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {
+        """What a checkpoint holds; sharded (FSDP2), the models' and optimizer's shards are written
+        apart (``fsdp.ShardedCheckpoints``), and this is every process's own rest."""
+        state = {
             "step": self.step,
-            "model": self.policy.state_dict(),
-            "critic": self.critic.state_dict() if self.critic is not None else {},
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_coef": self.kl_ctl.value,
             "rng": checkpoint.rng_state(),
             "data": self.prompt_stream.state_dict(),
             "config": to_dict(self.config),
         }
+        if not self.sharded:
+            state.update(model=self.policy.state_dict(), critic=self.critic.state_dict() if self.critic is not None else {},
+                         optimizer=self.optimizer.state_dict())  # fmt: skip
+        return state
 
     def load_state_dict(self, payload: dict) -> None:
-        self.policy.load_state_dict(payload["model"])
-        if self.critic is not None:
-            self.critic.load_state_dict(payload["critic"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if not self.sharded:
+            self.policy.load_state_dict(payload["model"])
+            if self.critic is not None:
+                self.critic.load_state_dict(payload["critic"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.kl_ctl.value = float(payload["kl_coef"])
         self.prompt_stream.load_state_dict(payload["data"])
