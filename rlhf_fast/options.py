@@ -8,6 +8,7 @@ a knob touches its dataclass, the math that uses it and its tests, not every sig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -73,7 +74,7 @@ class PolicyLossOptions:
     "masked_weight" (weight by w inside the thresholds, 0 outside, the tokens kept in the normaliser
     and the KL term: TRL's token_mask / sequence_mask)."""
     rollout_is_threshold: float = 2.0
-    """Upper threshold of w (> 1)."""
+    """Upper threshold of w (> 1); math.inf: no upper bound (TRL's vllm_importance_sampling_clip_max=None)."""
     rollout_is_threshold_low: float | None = None
     """Lower threshold of w, in [0, 1]: the mask modes' lower bound (None: 1 / rollout_is_threshold;
     0: none); truncate's lower clamp (None or 0: none)."""
@@ -88,7 +89,8 @@ class PolicyLossOptions:
         if self.rollout_is is not None:
             check.choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS)
         check.choice("rollout_is_mode", self.rollout_is_mode, ROLLOUT_IS_MODES)
-        check.number("rollout_is_threshold", self.rollout_is_threshold, low=1.0, low_open=True)
+        if self.rollout_is_threshold != math.inf:
+            check.number("rollout_is_threshold", self.rollout_is_threshold, low=1.0, low_open=True)
         if self.rollout_is_threshold_low is not None:
             check.number("rollout_is_threshold_low", self.rollout_is_threshold_low, low=0.0, high=1.0)
         if not self.clip_cov_lb < self.clip_cov_ub:

@@ -4,7 +4,8 @@ loss is an expectation under the trainer's old policy, so each token is reweight
 w = pi_old / pi_rollout = exp(old_logp - rollout_logp), detached (TIS / MIS, as in verl and TRL).
 
 Levels: "token" (w_t), "sequence" (the product over the response, exp(sum_t)) and "geometric"
-(its geometric mean, exp(mean_t)). Modes, with lo = threshold_low and hi = threshold:
+(its geometric mean, exp(mean_t)). Modes, with lo = threshold_low and hi = threshold (math.inf:
+no upper bound):
 
 - "truncate" (TIS) multiplies the per-token policy-gradient loss by min(w, hi), or by
   clamp(w, lo, hi) when threshold_low is given (TRL's ``*_truncate`` with

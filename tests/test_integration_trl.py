@@ -199,7 +199,6 @@ def test_unsupported_grpo_options_raise_naming_them(tmp_path, fields, option):
 
 
 @pytest.mark.parametrize("mode, fields, option", [
-    ("token_mask", dict(vllm_importance_sampling_clip_max=None), "vllm_importance_sampling_clip_max=None"),
     ("sequence_truncate", dict(vllm_importance_sampling_clip_max=0.9), "vllm_importance_sampling_clip_max=0.9"),
     ("token_truncate", dict(vllm_importance_sampling_clip_min=1.5), "vllm_importance_sampling_clip_min=1.5"),
 ])  # fmt: skip
@@ -380,12 +379,16 @@ def assert_same_loss_and_grads(trainer, inputs, check=None):
 
 @pytest.mark.parametrize("mode, clip_min", [("token_truncate", None), ("sequence_truncate", None), ("token_truncate", 0.97),
                                             ("token_mask", None), ("sequence_mask", None), ("token_mask", 0.97),
-                                            ("sequence_mask", 0.9)])  # fmt: skip
+                                            ("sequence_mask", 0.9), ("token_mask", "no clip_max"),
+                                            ("token_truncate", "no clip_max")])  # fmt: skip
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_grpo_vllm_correction_equals_stock_loss(mode, clip_min, loss_type, tiny_dir, tmp_path):
     """vLLM is not installed here, so the rollout is synthetic (``synthetic_vllm_batch``); then TRL's
-    _compute_loss and ours on the same batch: same loss and gradients, for each vLLM mode."""
+    _compute_loss and ours on the same batch: same loss and gradients, for each vLLM mode. "no
+    clip_max": clip_max None (no upper bound, rollout_is_threshold=inf) with clip_min 0.97."""
     clip_max = 1.05
+    if clip_min == "no clip_max":
+        clip_min, clip_max = 0.97, None
     trainer = grpo_trainer(tiny_dir, tmp_path, steps=1, loss_type=loss_type, vllm_importance_sampling_mode=mode,
                            vllm_importance_sampling_clip_max=clip_max, vllm_importance_sampling_clip_min=clip_min)  # fmt: skip
     trainer.current_gradient_accumulation_steps = 1
@@ -394,13 +397,14 @@ def test_grpo_vllm_correction_equals_stock_loss(mode, clip_min, loss_type, tiny_
     unbounded = mode.split("_")[0] + "_mask"  # the ratio before any bound
     raw = trl_vllm_is_ratio(inputs["old_per_token_logps"], inputs["sampling_per_token_logps"], inputs["completion_mask"],
                             unbounded, None, None)  # fmt: skip
-    assert (raw > clip_max).any(), "no ratio was above clip_max"
+    assert clip_max is None or (raw > clip_max).any(), "no ratio was above clip_max"
     if clip_min is not None:
         assert (raw < clip_min).any(), "no ratio was below clip_min"
     if mode.endswith("mask"):
         assert (inputs["importance_sampling_ratio"] == 0).any() and (inputs["importance_sampling_ratio"] > 0).any()
 
     def check(options):
+        assert options.rollout_is_threshold == (math.inf if clip_max is None else clip_max)
         assert options.rollout_is == mode.split("_")[0]
         assert options.rollout_is_mode == ("truncate" if mode.endswith("truncate") else "masked_weight")
 

@@ -4,6 +4,8 @@ sweep and its two sweeps), with the mismatch stats; and the arguments it needs."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -19,7 +21,9 @@ MODES = [("token", "truncate", {}), ("sequence", "truncate", {"rollout_is_thresh
          ("geometric", "mask", {"rollout_is_threshold_low": 0.8}), ("token", "truncate", {"rollout_is_threshold_low": 0.5}),
          ("token", "masked_weight", {}), ("sequence", "masked_weight", {"rollout_is_threshold": 4.0}),
          ("geometric", "masked_weight", {"rollout_is_threshold_low": 0.0}),
-         ("token", "masked_weight", {"rollout_is_threshold_low": 0.0})]  # fmt: skip
+         ("token", "masked_weight", {"rollout_is_threshold_low": 0.0}),
+         ("token", "masked_weight", {"rollout_is_threshold": math.inf, "rollout_is_threshold_low": 0.5}),
+         ("token", "truncate", {"rollout_is_threshold": math.inf, "rollout_is_threshold_low": 0.5})]  # fmt: skip
 
 
 def case(rows=8, tokens=9):
@@ -118,6 +122,9 @@ def test_the_correction_needs_rollout_logp_and_valid_options():
         rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_mode="weighted")
     with pytest.raises(ValueError, match="rollout_is_threshold_low must be a finite number >= 0.0 and <= 1.0"):
         rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_threshold_low=1.5)
+    assert rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_threshold=math.inf).rollout_is_threshold == math.inf
+    with pytest.raises(ValueError, match="rollout_is_threshold must be a finite number > 1.0"):
+        rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_threshold=-math.inf)
     with pytest.raises(ValueError, match="rollout_is_threshold must be a finite number > 1.0"):
         rlhf_fast.PolicyLossOptions(rollout_is="token", rollout_is_threshold=0.5)
     with pytest.raises(ValueError, match=r"rollout_logp must have shape \(8, 9\)"):

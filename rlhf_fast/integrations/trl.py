@@ -27,6 +27,7 @@ loss. Tested with TRL 1.16.0 (``TESTED``); another version warns
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 
 import torch
@@ -119,18 +120,19 @@ def _vllm_correction(args) -> dict:
     """The rollout_is fields of TRL's vLLM importance-sampling correction (``_generate_and_score_completions``):
     w = exp(old - sampled) per token or summed per sequence; *_truncate weights the policy-gradient
     term by clamp(w, clip_min, clip_max), *_mask by w inside [clip_min, clip_max] and 0 outside with
-    the token kept in the normaliser and KL term (rlhf_fast's "masked_weight"; clip_min None: no bound)."""
+    the token kept in the normaliser and KL term (rlhf_fast's "masked_weight"). A bound that is None is
+    none (clip_max None: rollout_is_threshold=math.inf)."""
     mode = args.vllm_importance_sampling_mode
     if mode not in _VLLM_MODES:
         raise _unsupported("vllm_importance_sampling_mode", mode, f"rlhf_fast maps {sorted(_VLLM_MODES)}")
     level, kind = _VLLM_MODES[mode]
     clip_min, clip_max = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
-    if clip_max is None or not 1 < clip_max < float("inf"):
-        raise _unsupported("vllm_importance_sampling_clip_max", clip_max, "rlhf_fast's upper bound is a finite number > 1")
+    if clip_max is not None and not clip_max > 1:
+        raise _unsupported("vllm_importance_sampling_clip_max", clip_max, "rlhf_fast's upper bound is > 1")
     if clip_min is not None and not 0 <= clip_min <= 1:
         raise _unsupported("vllm_importance_sampling_clip_min", clip_min, "rlhf_fast's lower bound is in [0, 1]")
     low = (0.0 if clip_min is None else float(clip_min)) if kind == "masked_weight" else clip_min
-    return dict(rollout_is=level, rollout_is_mode=kind, rollout_is_threshold=float(clip_max),
+    return dict(rollout_is=level, rollout_is_mode=kind, rollout_is_threshold=math.inf if clip_max is None else float(clip_max),
                 rollout_is_threshold_low=None if low is None else float(low))  # fmt: skip
 
 
