@@ -257,3 +257,16 @@ def test_fsdp2_rl_matches_one_process_and_resumes_exactly(tmp_path):
 
     evals = [r for r in read_metrics(tmp_path / "rl_fsdp2" / "metrics.jsonl") if r["split"] == "eval"]
     assert len(evals) == 1 and evals[0]["prompts"] == 5
+
+
+def test_resume_refuses_checkpoints_of_the_other_strategy(tmp_path):
+    """One process finds only a sharded checkpoint (a two-process fsdp2 run's): refused, not restarted."""
+    from rlhf_fast.train.checkpoint import CheckpointError
+    from rlhf_fast.train.sft import SFTTrainer
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    trainer = SFTTrainer(sft_config(tmp_path / "run", 1, resume=True, **{"task.sft_train": 16, "train.steps": 2}))
+    with pytest.raises(CheckpointError, match="holds sharded checkpoints .dist.strategy=fsdp2"):
+        trainer.train()

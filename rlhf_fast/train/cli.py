@@ -98,9 +98,10 @@ def _resume_hint(out_dir: Path) -> str:
     """Where an interrupted run stands: its newest checkpoint and the option that continues from it.
     Every file of a run is written aside and renamed (checkpoint.write_atomically), so a write cut
     short leaves only a temporary file, which the next start removes."""
+    from . import fsdp
     from .checkpoint import list_checkpoints
 
-    found = list_checkpoints(out_dir / "checkpoints")
+    found = sorted(list_checkpoints(out_dir / "checkpoints") + fsdp.list_checkpoints(out_dir / "checkpoints"))
     if not found:
         return f"interrupted before the first checkpoint; nothing to resume in {out_dir} (train.save_every sets how often one is written)"
     step, path = found[-1]

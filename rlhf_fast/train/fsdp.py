@@ -322,11 +322,26 @@ class ShardedCheckpoints(checkpoint.CheckpointedRun):
                                keep=self.keep_checkpoints)  # fmt: skip
 
     def newest_checkpoint(self) -> tuple[Path, dict] | None:
+        """As ``CheckpointedRun``'s, sharded or not; a run that finds only checkpoints of the other
+        kind is refused (CheckpointError) rather than started again from step 0 over them."""
         if not self.sharded:
-            return super().newest_checkpoint()
+            found = super().newest_checkpoint()
+            if found is None and list_checkpoints(self.checkpoint_dir):
+                raise checkpoint.CheckpointError(
+                    f"--resume: {self.checkpoint_dir} holds sharded checkpoints (dist.strategy=fsdp2): resume with "
+                    "--dist.strategy fsdp2 under torchrun, with as many processes as wrote them"
+                )
+            return found
         remove_temporaries(self.checkpoint_dir)  # saves killed before their rename
         path = latest_checkpoint(self.checkpoint_dir)
-        return None if path is None else (path, load_checkpoint(path, self._root(), self.optimizer))
+        if path is None:
+            if checkpoint.list_checkpoints(self.checkpoint_dir):
+                raise checkpoint.CheckpointError(
+                    f"--resume: {self.checkpoint_dir} holds one-file checkpoints (dist.strategy=ddp, or one process), "
+                    "not sharded ones: resume with --dist.strategy ddp"
+                )
+            return None
+        return path, load_checkpoint(path, self._root(), self.optimizer)
 
 
 # ---- the consolidated Hugging Face directory ---------------------------------------------------------------
