@@ -202,7 +202,8 @@ def _grpo_compute_loss(self, model, inputs):
 
     The same value and gradient (the options: ``grpo_options``) and the same metrics, which TRL
     computes from the per-token log-probs and entropies: those come from one more forward sweep of
-    ``linear_token_logprobs`` without gradient (2 N H V FLOPs besides the loss's 6 N H V).
+    ``linear_token_logprobs`` without gradient (2 N H V FLOPs besides the loss's 6 N H V). With TRL's
+    entropy bonus that sweep keeps its graph, and its backward (4 N H V more) is the bonus's gradient.
     """
     from ..ops.fused_linear_policy_loss import fused_linear_policy_loss
     from ..ops.linear_logprobs import linear_token_logprobs
@@ -225,10 +226,16 @@ def _grpo_compute_loss(self, model, inputs):
     with self.accelerator.autocast():
         hidden, weight, bias, head = _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep)
     with self.accelerator.autocast(), _head_context(self, hidden):
-        with torch.no_grad():  # TRL's metrics (and its old log-probs when it has none) need them per token
-            logp, entropies = linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids.masked_fill(~bool_mask, -100),
-                                                    bias=None if bias is None else bias.detach(),
-                                                    temperature=self.temperature, return_entropy=True, **head)  # fmt: skip
+        labels = completion_ids.masked_fill(~bool_mask, -100)
+        if self._entropy_bonus_enabled:  # the bonus's gradient needs the entropies with a graph: this sweep keeps one
+            logp, graph_entropies = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                                          return_entropy=True, **head)  # fmt: skip
+            logp, entropies = logp.detach(), graph_entropies.detach()
+        else:
+            with torch.no_grad():  # TRL's metrics (and its old log-probs when it has none) need them per token
+                logp, entropies = linear_token_logprobs(hidden.detach(), weight.detach(), labels,
+                                                        bias=None if bias is None else bias.detach(),
+                                                        temperature=self.temperature, return_entropy=True, **head)  # fmt: skip
         old_logp = inputs.get("old_per_token_logps")
         old_logp = logp if old_logp is None else old_logp
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
@@ -251,10 +258,7 @@ def _grpo_compute_loss(self, model, inputs):
         if self.loss_type not in _GLOBAL_NORMALIZED:
             loss = loss / accumulation
         if self._entropy_bonus_enabled:
-            # The bonus's gradient needs entropies with a graph: one more sweep of the head (4 N H V FLOPs).
-            _, bonus_entropies = linear_token_logprobs(hidden, weight, completion_ids.masked_fill(~bool_mask, -100), bias=bias,
-                                                       temperature=self.temperature, return_entropy=True, **head)  # fmt: skip
-            loss = loss - _entropy_bonus(self, mode, bonus_entropies, mask, policy_loss)
+            loss = loss - _entropy_bonus(self, mode, graph_entropies, mask, policy_loss)
     _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options)
     return loss
 
