@@ -153,6 +153,29 @@ def case_trainer(rank: int, tmp: Path, name: str, resume: bool) -> None:
     torch.save(whole_params(model), tmp / f"{name}_resumed_rank{rank}.pt")
 
 
+def case_nonfinite(rank: int, tmp: Path) -> None:
+    """A NaN loss on rank 1 only, in step 2's second micro-batch: the sharded gradient and the norm
+    are NaN on both ranks (FSDP2's reduce-scatter spreads it), so both skip that update."""
+    import warnings
+
+    from rlhf_fast.train.sft import SFTTrainer, sft_loss_step
+
+    calls = [0]
+
+    def nan_on_rank_1(model, batch):
+        calls[0] += 1
+        loss, stats = sft_loss_step(model, batch)
+        return (loss * math.nan if rank == 1 and calls[0] == 4 else loss), stats
+
+    trainer = SFTTrainer(sft_config(tmp / "sft_nan", WORLD), loss_fn=nan_on_rank_1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.train()
+    params = whole_params(trainer.loop.module)
+    assert all(bool(torch.isfinite(p).all()) for p in params.values())
+    torch.save(params, tmp / f"sft_nan_rank{rank}.pt")
+
+
 def _worker(rank: int, port: int, tmp: str, names: list[str], resume: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -161,7 +184,10 @@ def _worker(rank: int, port: int, tmp: str, names: list[str], resume: bool) -> N
     try:
         for name in names:
             try:
-                case_trainer(rank, Path(tmp), name, resume)
+                if name == "sft_nan":
+                    case_nonfinite(rank, Path(tmp))
+                else:
+                    case_trainer(rank, Path(tmp), name, resume)
             except Exception:
                 failures.append(f"{name} on rank {rank}:\n{traceback.format_exc()}")
                 raise  # the other rank may be waiting in a collective: stop both
@@ -225,10 +251,14 @@ def test_fsdp2_sft_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_sft_resumes_exactly(tmp_path):
-    spawn(tmp_path, ["sft"])
+def test_fsdp2_sft_resumes_exactly_and_skips_a_nonfinite_update(tmp_path):
+    spawn(tmp_path, ["sft", "sft_nan"])
     torch.set_num_threads(1)
     check_trainer(tmp_path, "sft", run_sft(tmp_path / "sft_one", 1, **{"train.eval_every": 2}))
+    assert train_losses(tmp_path / "sft_nan", "skipped_updates") == [0.0, 1.0, 0.0, 0.0]
+    ranks = [torch.load(tmp_path / f"sft_nan_rank{r}.pt") for r in range(WORLD)]
+    for key, value in ranks[0].items():
+        torch.testing.assert_close(ranks[1][key], value, atol=0, rtol=0, msg=f"after a skip: {key} differs between ranks")
 
 
 @pytest.mark.slow
