@@ -18,7 +18,10 @@ algo.kl_place=reward. The reference policy is a frozen copy of the policy at the
 
 Distributed (torchrun): every process samples its own shard of prompts; gradients are summed over
 processes after each minibatch (losses are divided by the global normaliser), so all processes take
-the same optimizer step and keep identical parameters. Only rank 0 writes files.
+the same optimizer step and keep identical parameters. Only rank 0 writes files. With
+dist.strategy=fsdp2 the policy, critic, reference and reward model are sharded (``_shard_models``),
+the rollout generates on the policy gathered for it (``fsdp.gathered``), and checkpoints are sharded
+(``fsdp.ShardedCheckpoints``).
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], rollout_c
     count = torch.zeros(1, dtype=torch.float64, device=device)
     # Sharded (FSDP2), the reward model's and the log-probs' forwards are collectives: every process
     # runs as many batches as the busiest one, the missing ones on one prompt, their results dropped.
-    busiest = -(-len(prompts) // dist.world_size()) if fsdp.is_sharded(policy) else len(mine)
+    lockstep = fsdp.is_sharded(policy) or fsdp.is_sharded(ref_policy)
+    busiest = -(-len(prompts) // dist.world_size()) if lockstep else len(mine)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + 7919 * dist.rank())
         for start in range(0, busiest, batch_size):
