@@ -100,7 +100,6 @@ def greedy_rollout(trainer, prompts):
 
 
 def run_rl(out_dir, world: int, **overrides):
-    from rlhf_fast.train.config import ModelConfig
     from rlhf_fast.train.models import arch_config
     from rlhf_fast.train.reward_model import RewardModel
     from rlhf_fast.train.rl.trainer import RLTrainer

@@ -25,7 +25,7 @@ from rlhf_fast.options import PolicyLossOptions
 from .. import dist
 from ..fsdp import gathered
 from ..loop import NonFiniteError, all_finite, any_process, guarded_step
-from .rollout import Rollout, cat_rollouts, generate, has_linear_head, position_ids, response_hidden, response_logits, sequence_logprobs
+from .rollout import Rollout, cat_rollouts, generate, has_linear_head, response_hidden, response_logits, sequence_logprobs
 
 
 @dataclass
