@@ -147,8 +147,13 @@ def case_trainer(rank: int, tmp: Path, name: str, resume: bool) -> None:
         assert sorted(p.name for p in checkpoints.iterdir()) == [f"step_{half:08d}"], list(checkpoints.iterdir())
         files = sorted(p.name for p in (checkpoints / f"step_{half:08d}").iterdir())
         assert "rank_00000.pt" in files and "rank_00001.pt" in files and ".metadata" in files, files
+        # What a job killed while saving the next step leaves: shards without the rename. Never loaded.
+        killed = checkpoints / f".step_{half + 1:08d}.tmp"
+        killed.mkdir()
+        (killed / "__0_0.distcp").write_bytes(b"half")
     torch_dist.barrier()
     model = run(tmp / f"{name}_resumed", WORLD, resume=True)
+    assert not (checkpoints / f".step_{half + 1:08d}.tmp").exists()
     torch.save(whole_params(model), tmp / f"{name}_resumed_rank{rank}.pt")
 
 
