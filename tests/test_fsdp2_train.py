@@ -111,6 +111,10 @@ def run_rl(out_dir, world: int, **overrides):
     reward_model = RewardModel.from_backbone_config(arch_config(config.model, tokenizer))
     trainer = RLTrainer(config, tokenizer=tokenizer, reward_model=reward_model, rollout_fn=greedy_rollout)
     trainer.train()
+    if world > 1:  # no model is left gathered after the rollouts, evaluations and log-probs
+        for model in (trainer.policy, trainer.ref_policy, trainer.reward_model, trainer.critic):
+            whole = [n for n, p in model.named_parameters() if type(p).__name__ != "DTensor"]
+            assert not whole, f"{type(model).__name__} left gathered: {whole[:3]}"
     return torch.nn.ModuleDict({"policy": trainer.policy, "critic": trainer.critic})
 
 
