@@ -20,6 +20,12 @@ directory, which ``list_checkpoints`` never returns and ``remove_temporaries`` d
 start: a half-written checkpoint is never picked up. The directory must be one that every rank
 sees (a shared file system across nodes), and a resume must use the same number of processes.
 ``load_checkpoint`` restores the model's and optimizer's shards in place, exactly.
+``ShardedCheckpoints`` is how the trainers (``loop.Loop``, ``rl.trainer.RLTrainer``, with
+``dist.strategy=fsdp2``) save and resume through these: every trained model in one DCP state, and each
+rank's own rest of the run (step, schedule, its RNG states and data position, config) as ``extra``.
+
+``gathered(model)`` unshards every group of a sharded model for a block (RL's generation): the
+forwards inside it make no collective, so processes may run different numbers of them.
 
 ``save_hf_model`` writes the consolidated transformers directory from rank 0: the full state dict
 is gathered to rank 0's CPU one tensor at a time (``full_state_dict=True, cpu_offload=True``), so no
