@@ -50,7 +50,7 @@ class GAECase(TensorCase):
     op = "gae"
     leaves = ("rewards", "values")
     outputs = ("advantages", "returns")
-    ratio_to = ("eager", "eager-scan")
+    ratio_to = ("eager", "eager-scan", "eager-blocked")
 
     def tensors(self, gen):
         b, t = self.dims["B"], self.dims["T"]
@@ -82,7 +82,7 @@ class PPOAdvantagesCase(TensorCase):
     modes = ("fwd",)  # rollout-side: the op has no autograd
     leaves = ()
     outputs = ("advantages", "returns", "rewards")
-    ratio_to = ("eager", "eager-scan")
+    ratio_to = ("eager", "eager-scan", "eager-blocked")
 
     def tensors(self, gen):
         b, t = self.dims["B"], self.dims["T"]
