@@ -109,6 +109,17 @@ else
   echo "== integrations: not run, trl is not installed (carry its wheels in .whl/)"
 fi
 
+# Vocab-parallel ops (vocab_group=) against all-gathering the logits, one rank per GPU, NCCL: only
+# where the machine has more than one GPU (the device lent so far has one).
+gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if ((gpus > 1)); then
+  step vocab_parallel "${VOCAB_PARALLEL_TIMEOUT_S:-60}" $((BENCH_MIN_S + 10)) torchrun --nproc_per_node 2 \
+    -m rlhf_fast.bench.bench_vocab_parallel --tokens 16384 --vocab 128256 --hidden 4096 --dtype bfloat16 \
+    --json "$LOG_DIR/results/vocab_parallel.json"
+else
+  echo "== vocab_parallel: not run, it needs 2 GPUs (this machine has ${gpus})"
+fi
+
 # The suite runs the headline cases first and starts no new implementation in its last 45 s, so it
 # ends on its own and writes its rows, report and plots (it also writes rows after each case, and
 # on SIGTERM writes the report of what it measured). 280 s: the 240 s the suite had before the

@@ -204,7 +204,8 @@ def test_each_algorithm_runs_end_to_end(tmp_path, algo):
     assert (tmp_path / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("objective, correction", [("gspo", "sequence_mask"), ("gspo_token", None), ("cispo", "token_truncate")])
+@pytest.mark.parametrize("objective, correction", [("gspo", "sequence_mask"), ("gspo_token", None), ("cispo", "token_truncate"),
+                                                   ("ppo", "sequence_masked_weight")])
 def test_objectives_and_rollout_correction_train_through_the_config_and_the_demo_cli(tmp_path, objective, correction):
     """algo.objective and rollout_correction.mode reach the loss: the step's options carry them, a
     GRPO run with them trains (the sampler's log-probs as rollout_logp), and the demo command takes
@@ -216,6 +217,7 @@ def test_objectives_and_rollout_correction_train_through_the_config_and_the_demo
     trainer = RLTrainer(tiny(tmp_path, **ALGOS["grpo"], **overrides))
     options = policy_loss_options(trainer)
     assert options.objective == objective and options.rollout_is == (correction and correction.split("_")[0])
+    assert correction is None or options.rollout_is_mode == correction.split("_", 1)[1]
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))

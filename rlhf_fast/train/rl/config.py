@@ -234,24 +234,26 @@ class RolloutCorrectionConfig(Section):
     SECTION: ClassVar[str] = "rollout_correction"
 
     mode: str | None = None
-    """Unset (none), or LEVEL_MODE with LEVEL token, sequence or geometric and MODE truncate (TIS) or mask (MIS): e.g. token_truncate."""
+    """Unset (none), or LEVEL_MODE with LEVEL token, sequence or geometric and MODE truncate (TIS), mask (MIS) or
+    masked_weight (TRL's *_mask: w inside the thresholds, 0 outside, the normaliser kept): e.g. token_truncate."""
     threshold: float = 2.0
     """Upper threshold of the weight pi_old / pi_rollout (> 1)."""
     threshold_low: float | None = None
-    """Lower threshold in mask mode (in (0, 1)); unset: 1 / threshold."""
+    """Lower threshold, in [0, 1): the mask modes' lower bound (unset: 1 / threshold; 0: none), truncate's lower
+    clamp of the weight (unset or 0: none)."""
 
     def validate(self) -> None:
         if self.mode is not None:
             self.require_choice("mode", ROLLOUT_CORRECTION_MODES)
         self.require(self.threshold > 1, "threshold", "must be > 1")
         if self.threshold_low is not None:
-            self.require(0 < self.threshold_low < 1, "threshold_low", "must be in (0, 1)")
+            self.require(0 <= self.threshold_low < 1, "threshold_low", "must be in [0, 1)")
 
     def options(self) -> dict:
         """The PolicyLossOptions fields of this correction."""
         if self.mode is None:
             return {}
-        level, mode = self.mode.split("_")
+        level, mode = self.mode.split("_", 1)
         return {"rollout_is": level, "rollout_is_mode": mode, "rollout_is_threshold": self.threshold,
                 "rollout_is_threshold_low": self.threshold_low}  # fmt: skip
 
