@@ -24,7 +24,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.backends.registry import BACKENDS, can_serve
 
-from numerics import random_mask, rel_err, tolerance
+from numerics import policy_term_scale, random_mask, rel_err, tolerance
 
 WORLD = 2
 B, T, V, H = 4, 9, 203, 32  # V odd: shards of 102 and 101
@@ -148,6 +148,14 @@ def _policy_inputs(logp_exact):
 
 
 POLICY = {"kl_coef": 0.1, "kl_estimator": "k3", "entropy_coef": 0.01, "temperature": TEMPERATURE}
+
+
+def _loss_scale(logp_exact, old_logp, adv, mask, ref_logp, entropy):
+    """The policy loss sums terms of both signs and can cancel: its rounding is measured against
+    the terms' size (numerics.policy_term_scale), plus the entropy bonus's."""
+    agg = rlhf_fast.PolicyLossOptions().agg
+    terms = policy_term_scale(logp_exact, old_logp, adv, mask, agg, ref_logp=ref_logp, kl_coef=POLICY["kl_coef"])
+    return terms + POLICY["entropy_coef"] * abs(entropy.item())
 HEAD = {"logit_scale": 0.8, "logit_softcap": 3.0}  # a transformed head (Gemma's soft cap) in the linear policy case
 
 
@@ -166,7 +174,9 @@ def case_fused_policy_loss(backend, dtype, group, lo, hi):
     exact = run(full.double(), reference.fused_policy_loss)
     single = run(full, backend=backend)
     par = run(full[..., lo:hi], backend=backend, vocab_group=group)
-    _check("policy loss", par[0], single[0], exact[0])
+    logp_exact = reference.token_logprobs(full.double(), labels.clamp(min=0), temperature=TEMPERATURE)
+    _check("policy loss", par[0], single[0], exact[0],
+           floor=_loss_scale(logp_exact, old_logp, adv, mask, ref_logp, exact[1]))
     _check("stats entropy", par[1], single[1], exact[1])
     _check("grad logits shard", par[2], single[2][..., lo:hi], exact[2][..., lo:hi], floor=(B * T) ** 0.5)
 
@@ -190,10 +200,10 @@ def _run_linear(fn, hidden, weight, bias, call, **kw):
     return [v.detach() for v in values] + _grads(h, w, b)
 
 
-def _check_linear(names, par, single, exact, lo, hi):
+def _check_linear(names, par, single, exact, lo, hi, floors=None):
     n_values = len(names)
     for name, p, s, e in zip(names, par[:n_values], single[:n_values], exact[:n_values]):
-        _check(name, p, s, e)
+        _check(name, p, s, e, floor=(floors or {}).get(name))
     (ph, pw, pb), (sh, sw, sb), (eh, ew, eb) = par[n_values:], single[n_values:], exact[n_values:]
     _check("grad hidden", ph, sh, eh)
     _check("grad weight shard", pw, sw[lo:hi], ew[lo:hi])
@@ -246,7 +256,8 @@ def case_fused_linear_policy_loss(backend, dtype, group, lo, hi):
     single = _run_linear(rlhf_fast.fused_linear_policy_loss, hidden, weight, bias, call, backend=backend, chunk_size=16)
     par = _run_linear(rlhf_fast.fused_linear_policy_loss, hidden, weight[lo:hi], bias[lo:hi], call, backend=backend,
                       chunk_size=16, vocab_group=group)  # fmt: skip
-    _check_linear(("policy loss", "stats entropy"), par, single, exact, lo, hi)
+    scale = _loss_scale(logp_exact, old_logp, adv, mask, ref_logp, exact[1])
+    _check_linear(("policy loss", "stats entropy"), par, single, exact, lo, hi, floors={"policy loss": scale})
 
 
 CASES = (case_token_logprobs, case_int32_labels_custom_ignore_float64, case_sft_loss, case_fused_policy_loss, case_linear_token_logprobs, case_linear_sft_loss,
