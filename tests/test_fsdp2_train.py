@@ -5,7 +5,7 @@ process a half of each global batch), and whole in one process on the same globa
 curves agree within float tolerance, the processes end with identical gathered parameters, equal to
 the single process's, and the consolidated model directory holds them. A run stopped after some
 steps (``train.stop_after``, its sharded checkpoint) and resumed ends exactly where the uninterrupted
-two-process run does.
+two-process run does, and so does a torchrun run killed outright (SIGKILL) mid-run, then resumed.
 
 One spawn runs every case of a test in each worker (starting the processes and importing
 transformers is most of the time); each worker writes what it found to files the test reads.
@@ -13,10 +13,15 @@ transformers is most of the time); each worker writes what it found to files the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -308,3 +313,67 @@ def test_resume_refuses_checkpoints_of_the_other_strategy(tmp_path):
     trainer = SFTTrainer(sft_config(tmp_path / "run", 1, resume=True, **{"task.sft_train": 16, "train.steps": 2}))
     with pytest.raises(CheckpointError, match="holds sharded checkpoints .dist.strategy=fsdp2"):
         trainer.train()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+@pytest.mark.slow
+def test_fsdp2_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """A real kill: torchrun and its two processes get SIGKILL a few steps in, at a random moment
+    (a sharded checkpoint is written every step, so the kill may land in one); ``--resume`` finishes
+    the run, and its losses and consolidated model equal those of a run never interrupted."""
+    from safetensors.torch import load_file
+
+    from rlhf_fast.train.metrics import read_metrics
+
+    steps = 40  # a step takes tens of ms here: enough of them that the kill lands mid-run
+    options = {**COMMON, **SMALL, "task.sft_train": 64, "task.sft_eval": 9, "train.batch_size": 4, "train.steps": steps,
+               "train.save_every": 1, "train.eval_batch_size": 4, "optim.lr": 3e-3, "dist.strategy": "fsdp2"}  # fmt: skip
+
+    def command(out, *extra):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+                str(_free_port()), "-m", "rlhf_fast", "sft", "--out_dir", str(out)]  # fmt: skip
+        for key, value in options.items():
+            argv += [f"--{key}", str(value)]
+        return argv + list(extra)
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    due, delay = int(torch.randint(2, 5, ())), float(torch.rand(())) * 0.3
+    process = subprocess.Popen(command(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and (not (run / "metrics.jsonl").exists() or len(losses(run)) < due):
+        assert time.monotonic() < deadline, "no training step within 300 s"
+        time.sleep(0.01)
+    time.sleep(delay)
+    for pid in [process.pid, *descendants(process.pid)]:  # torchrun starts its workers in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _, err = process.communicate()
+    assert process.returncode == -signal.SIGKILL, (due, delay, err.decode()[-2000:])
+    assert len(losses(run)) < steps, "the run ended before the kill: nothing was tested"
+
+    for out, extra in ((run, ["--resume"]), (straight, [])):
+        done = subprocess.run(command(out, *extra), env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (due, delay, done.stderr[-3000:])
+    assert losses(run) == losses(straight), (due, delay)
+    resumed, uninterrupted = (load_file(out / "model" / "model.safetensors") for out in (run, straight))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), (name, due, delay)
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name], "a save cut short was left behind"
