@@ -156,7 +156,9 @@ def test_fused_ops_equal_the_composition(objective, backend):
     torch.manual_seed(0)
     got, got_stats = rlhf_fast.fused_policy_loss(z, labels, old_logp, advantages, mask, backend=backend, **kw)
     got.backward()
-    assert abs(got.item() - want.item()) <= TOL * max(abs(want.item()), 1e-2)
+    # The backends' kernels compute in float32: the loss's rounding is that of its terms, which cancel.
+    scale = policy_term_scale(logp, old_logp, advantages, mask, options.agg, ref_logp=ref_logp, kl_coef=options.kl_coef)
+    assert abs(got.item() - want.item()) <= TOL * max(abs(want.item()), scale, 1e-2)
     assert rel_err(z.grad, logits.grad) < TOL
 
     params = (hidden, weight, bias)
@@ -168,7 +170,7 @@ def test_fused_ops_equal_the_composition(objective, backend):
     torch.manual_seed(0)
     want, _ = reference.fused_policy_loss(logits, labels, old_logp, advantages, mask, **kw)
     want_grads = torch.autograd.grad(want, params)
-    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), 1e-2)
+    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), scale, 1e-2)
     for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads):
         assert rel_err(g, w) < TOL, f"{name}: {rel_err(g, w):.3g}"
     for key, value in want_stats.items():

@@ -13,7 +13,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.objectives import OBJECTIVES
 
-from numerics import poison, random_mask, rel_err
+from numerics import poison, policy_term_scale, random_mask, rel_err
 
 TOL = 2e-5
 MODES = [("token", "truncate", {}), ("sequence", "truncate", {"rollout_is_threshold": 3.0}),
@@ -83,16 +83,20 @@ def test_fused_ops_match_reference(objective, mode):
     logits = (hidden @ weight.T).detach().requires_grad_()
     got, stats = rlhf_fast.fused_policy_loss(logits, labels, old, adv, mask, backend="host", **kw)
     (logits_grad,) = torch.autograd.grad(got, logits)
-    assert abs(got.item() - want.item()) <= TOL * max(abs(want.item()), 1e-2)
+    # float32 kernels: the loss rounds like its terms, which cancel, and the stats like the float32
+    # log-ratios old - rollout of log-probs of this size they are computed from.
+    scale = policy_term_scale(logp, old, adv, mask, "token-mean")
+    stat_scale = torch.where(mask, old, 0.0).abs().sum().item() / mask.sum().item()
+    assert abs(got.item() - want.item()) <= TOL * max(abs(want.item()), scale, 1e-2)
     assert rel_err(logits_grad @ weight.detach(), want_grads[0].reshape(B, T, H)) < TOL
     loss, stats_linear = rlhf_fast.fused_linear_policy_loss(hidden, weight, labels, old, adv, mask, chunk_size=5, **kw)
     grads = torch.autograd.grad(loss, (hidden, weight))
-    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), 1e-2)
+    assert abs(loss.item() - want.item()) <= TOL * max(abs(want.item()), scale, 1e-2)
     for g, w in zip(grads, want_grads):
         assert rel_err(g, w) < TOL
     for key, value in want_stats.items():
         for got_stats in (stats, stats_linear):
-            assert abs(got_stats[key].item() - value.item()) <= TOL * max(abs(value.item()), 1e-2), key
+            assert abs(got_stats[key].item() - value.item()) <= TOL * max(abs(value.item()), stat_scale, 1e-2), key
 
 
 def test_masked_weight_keeps_the_normaliser_and_the_kl_term():
