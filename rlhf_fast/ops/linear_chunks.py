@@ -442,3 +442,27 @@ def linear_loss(hidden, weight, bias, labels, index, spec: LinearSpec, objective
     tensors = (hidden, weight) + ((bias,) if bias is not None else ())
     need_grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return _LinearLoss.apply(hidden, weight, bias, gather_rows(labels, index), index, spec, objective, need_grads)
+
+
+def logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=None):
+    """The backward of the linear log-prob ops (``ctx`` saved hidden, weight, bias, kept labels,
+    index, lse, entropy; ``ctx.spec``): the upstream gradients of the kept rows through a second
+    sweep; returns (grad hidden, grad weight, grad bias), None where not needed."""
+    hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
+    grads = LinearGrads.allocate(hidden, weight, bias, ctx.spec, *ctx.needs_input_grad[:3], every_row=index is None)
+
+    def kept(grad):
+        return gather_rows(grad.to(lse.dtype), index).contiguous()
+
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else kept(grad_logp)
+    with_entropy = entropy.numel() > 0 and grad_entropy is not None
+    if with_entropy:
+        grad_entropy = kept(grad_entropy)
+    rows = RowStats(None, entropy if with_entropy else None, lse)
+
+    def upstream(start, end):
+        return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None
+
+    sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads, index=index,
+          provider=provider)  # fmt: skip
+    return grads.results(bias)

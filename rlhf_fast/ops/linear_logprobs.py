@@ -14,7 +14,7 @@ from .. import _validate as check
 from ..options import LinearOptions, no_leftovers, take
 from ..reference import IGNORE_INDEX
 from . import linear_vocab_parallel
-from .linear_chunks import LinearGrads, LinearSpec, RowStats, gather_rows, kept_rows, scatter_rows, sweep
+from .linear_chunks import LinearSpec, RowStats, gather_rows, kept_rows, logprobs_backward_sweep, scatter_rows, sweep
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -111,23 +111,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
-        grads = LinearGrads.allocate(hidden, weight, bias, ctx.spec, *ctx.needs_input_grad[:3], every_row=index is None)
-
-        def kept(grad):
-            return gather_rows(grad.to(lse.dtype), index).contiguous()
-
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else kept(grad_logp)
-        with_entropy = entropy.numel() > 0 and grad_entropy is not None
-        if with_entropy:
-            grad_entropy = kept(grad_entropy)
-        rows = RowStats(None, entropy if with_entropy else None, lse)
-
-        def upstream(start, end):
-            return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None
-
-        sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads, index=index)
-        return grads.results(bias) + (None, None, None, None)
+        return logprobs_backward_sweep(ctx, grad_logp, grad_entropy) + (None, None, None, None)
 
 
 def linear_token_logprobs(

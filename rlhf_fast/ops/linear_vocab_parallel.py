@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_chunks import LinearGrads, LinearSpec, RowStats, gather_rows, kept_rows, scatter_rows, sweep
+from .linear_chunks import LinearSpec, RowStats, gather_rows, kept_rows, logprobs_backward_sweep, scatter_rows, sweep
 from .vocab_parallel import Shard, ShardProvider, all_reduce_sum_, check_labels, combine, shard_of
 
 
@@ -37,25 +37,8 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        grads = LinearGrads.allocate(hidden, weight, bias, ctx.spec, *need, every_row=index is None)
-
-        def kept(grad):
-            return gather_rows(grad.to(lse.dtype), index).contiguous()
-
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else kept(grad_logp)
-        with_entropy = entropy.numel() > 0 and grad_entropy is not None
-        if with_entropy:
-            grad_entropy = kept(grad_entropy)
-        rows = RowStats(None, entropy if with_entropy else None, lse)
-
-        def upstream(start, end):
-            return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None
-
-        sweep(hidden, weight, bias, labels, ctx.spec, rows, forward=False, upstream=upstream, grads=grads, index=index,
-              provider=ctx.prov)  # fmt: skip
-        grad_hidden, grad_weight, grad_bias = grads.results(bias)
+        grad_hidden, grad_weight, grad_bias = logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=ctx.prov)
         # Each rank holds its shard's part of sum_k G_k W_k: the hidden gradient is their sum.
         if need[0]:
             all_reduce_sum_(grad_hidden, ctx.prov.shard)
