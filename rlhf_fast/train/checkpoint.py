@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import dist
+from .interrupts import held_interrupts
 
 FORMAT = "rlhf_fast.train.checkpoint/1"
 MAGIC = b"rlhf_fast.ckpt.sha256\n"
@@ -241,8 +242,10 @@ class CheckpointedRun:
     saved_step = -1  # the step of the newest checkpoint this process wrote or resumed from
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of this step (``write_checkpoint``), then call the on_checkpoint hooks."""
-        path = self.write_checkpoint()
+        """Write the checkpoint of this step (``write_checkpoint``, a Ctrl-C held until it is whole),
+        then call the on_checkpoint hooks."""
+        with held_interrupts():
+            path = self.write_checkpoint()
         self.saved_step = self.step
         for hook in self.hooks.on_checkpoint:
             hook(self, path)
