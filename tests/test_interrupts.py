@@ -12,6 +12,15 @@ from rlhf_fast.train import checkpoint
 from rlhf_fast.train.interrupts import held_interrupts
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own handler, as in a terminal: a shell starts background jobs (CI under `&`) with
+    SIGINT ignored, which Python keeps, and held_interrupts then has nothing to hold."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def ctrl_c():
     os.kill(os.getpid(), signal.SIGINT)
 
@@ -42,6 +51,13 @@ def test_no_ctrl_c_changes_nothing():
     with held_interrupts():
         value = 1
     assert value == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with held_interrupts():
+        ctrl_c()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 class Run(checkpoint.CheckpointedRun):
