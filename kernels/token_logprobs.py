@@ -44,6 +44,7 @@ def _token_logprobs_fwd_kernel(
     stride_logits_n,  # elements between rows of logits
     inv_temperature,  # 1 / T
     ignore_index,  # label value of rows that get logp = entropy = 0
+    vocab_offset,  # the logits are columns [vocab_offset, vocab_offset + V) of the labels' vocabulary
     WITH_ENTROPY: tl.constexpr,  # also accumulate t and write entropy
     ROWS: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # vocabulary chunk per step (power of two)
@@ -54,6 +55,8 @@ def _token_logprobs_fwd_kernel(
     row_start = logits_ptr + rows.to(tl.int64) * stride_logits_n  # int64: N*V may exceed 2^31
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     keep = labels != ignore_index
+    columns = labels.to(tl.int64) - vocab_offset  # the label's column here, if this shard owns it
+    owned = keep & (columns >= 0) & (columns < V)
 
     m = tl.full([ROWS], float("-inf"), tl.float32)  # running max of the raw logits x
     s = tl.zeros([ROWS], tl.float32)  # sum e^d, d = (x - m) / T
@@ -84,10 +87,10 @@ def _token_logprobs_fwd_kernel(
     log_s = tl.log(s)
     ref = tl.where(m == float("-inf"), 0.0, m)
     lse = ref * inv_temperature + log_s
-    safe_labels = tl.where(keep, labels, 0)
-    x_label = tl.load(row_start + safe_labels, mask=row_mask & keep, other=0.0)
+    safe_columns = tl.where(owned, columns, 0)
+    x_label = tl.load(row_start + safe_columns, mask=row_mask & owned, other=0.0)
     logp = (x_label.to(tl.float32) - ref) * inv_temperature - log_s
-    tl.store(logp_ptr + rows, tl.where(keep, logp, 0.0), mask=row_mask)
+    tl.store(logp_ptr + rows, tl.where(owned, logp, 0.0), mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if WITH_ENTROPY:
         entropy = log_s - t / s
@@ -110,6 +113,12 @@ def _token_logprobs_fwd_kernel(
 # Saving m with lse in the forward would cost 8 bytes a row instead of a read, but a second saved
 # tensor is not in the op's contract (lse alone is); typical LM logits (|lse| ~ 10-50) never pay.
 # Both cases are log p_k = (x_k - shift) / T - base, with (shift, base) = (0, lse) or (m, log s).
+#
+# A vocabulary shard (SHARD; ops/vocab_parallel.py) holds the columns [vocab_offset, vocab_offset + V):
+# lse, m and s are the shard's own, and the whole vocabulary's log p_k is the shard's minus the
+# shard's log share of the probability mass (log_mass <= 0, from the all-reduced row statistics),
+# so base -= log_mass. The label's one-hot term lands on column label - vocab_offset, which lies
+# outside [0, V) when another shard owns the label.
 
 
 @triton.jit
@@ -129,6 +138,9 @@ def _token_logprobs_bwd_kernel(
     stride_grad_entropy,  # elements between entries of grad_entropy
     inv_temperature,  # 1 / T
     ignore_index,  # label value of rows whose gradient is 0
+    vocab_offset,  # the logits are columns [vocab_offset, vocab_offset + V) of the labels' vocabulary
+    log_mass_ptr,  # [N] float32: the shard's log share of the whole softmax; read only SHARD
+    SHARD: tl.constexpr,  # a vocabulary shard: log p gains log_mass (see the comment above)
     WITH_ENTROPY: tl.constexpr,  # add the entropy term
     ROWS: tl.constexpr,  # rows per program
     BLOCK_V: tl.constexpr,  # vocabulary chunk per step (power of two)
@@ -141,6 +153,7 @@ def _token_logprobs_bwd_kernel(
     g_start = grad_logits_ptr + rows64 * stride_grad_logits_n
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     keep = labels != ignore_index
+    columns = labels.to(tl.int64) - vocab_offset  # outside [0, V) where another shard owns the label
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     # Ignored rows get zero upstream gradients and are zeroed again below, whatever lse holds.
     g_logp = tl.load(grad_logp_ptr + rows64 * stride_grad_logp, mask=row_mask & keep, other=0.0)
@@ -167,6 +180,8 @@ def _token_logprobs_bwd_kernel(
             m = m_new
         shift = tl.where(recompute & (m != float("-inf")), m, 0.0)
         base = tl.where(recompute, tl.log(s), lse)
+    if SHARD:
+        base -= tl.load(log_mass_ptr + rows, mask=row_mask & keep, other=0.0)
 
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
@@ -181,7 +196,7 @@ def _token_logprobs_bwd_kernel(
             coef = coef + g_h[:, None] * (log_p + h[:, None])
         # p = 0 with log p = -inf (a -inf logit) would give 0 * -inf = NaN; its gradient is 0.
         dz = tl.where(p > 0.0, -p * coef, 0.0)
-        dz += tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0)
+        dz += tl.where(cols[None, :] == columns[:, None], g_logp[:, None], 0.0)
         dz = tl.where(keep[:, None], dz, 0.0)
         dx = dz * inv_temperature
         tl.store(g_start[:, None] + offsets, dx.to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -213,7 +228,7 @@ def _launch_config(V: int, backward: bool = False):
     raise AssertionError("unreachable: the last tile takes any V")
 
 
-def token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, ignore_index):
+def token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, ignore_index, vocab_offset=0):
     """Write logp, lse and (if entropy is not None) entropy for [N, V] logits. See Provider."""
     N, V = logits.shape
     if N == 0:
@@ -224,14 +239,15 @@ def token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, igno
     _token_logprobs_fwd_kernel[grid](
         logits, labels, logp, lse,
         entropy if with_entropy else lse,  # placeholder, never touched
-        N, V, logits.stride(0), 1.0 / temperature, ignore_index,
+        N, V, logits.stride(0), 1.0 / temperature, ignore_index, vocab_offset,
         WITH_ENTROPY=with_entropy, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
 
 
 def token_logprobs_backward(
-    logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-):
+    logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index, vocab_offset=0,
+    log_mass=None,
+):  # fmt: skip
     """Write d(loss)/d(logits) into grad_logits (may be logits itself). See Provider."""
     N, V = logits.shape
     if N == 0:
@@ -247,8 +263,9 @@ def token_logprobs_backward(
         grad_logits,
         N, V, logits.stride(0), grad_logits.stride(0),
         grad_logp.stride(0), grad_entropy.stride(0) if with_entropy else 0,
-        1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
+        1.0 / temperature, ignore_index, vocab_offset,
+        lse if log_mass is None else log_mass,  # placeholder, never read
+        SHARD=log_mass is not None, WITH_ENTROPY=with_entropy, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -276,7 +293,7 @@ def compile_targets():
                         "logits_ptr": x, "labels_ptr": lab, "logp_ptr": "*fp32",
                         "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
                         "N": "i32", "V": "i32", "stride_logits_n": "i32",
-                        "inv_temperature": "fp32", "ignore_index": "i32",
+                        "inv_temperature": "fp32", "ignore_index": "i32", "vocab_offset": "i32",
                     }  # fmt: skip
                     bwd = {
                         "logits_ptr": x, "labels_ptr": lab, "lse_ptr": "*fp32",
@@ -285,18 +302,20 @@ def compile_targets():
                         "N": "i32", "V": "i32", "stride_logits_n": "i32",
                         "stride_grad_logits_n": "i32", "stride_grad_logp": "i32",
                         "stride_grad_entropy": "i32",
-                        "inv_temperature": "fp32", "ignore_index": "i32",
+                        "inv_temperature": "fp32", "ignore_index": "i32", "vocab_offset": "i32",
+                        "log_mass_ptr": "*fp32",
                     }  # fmt: skip
                     tag = f"{x[1:]}_{lab[1:]}_H{int(with_entropy)}_R{rows}_B{block_v}"
-                    for kernel, signature, kind, num_warps in (
-                        (_token_logprobs_fwd_kernel, fwd, "fwd", fwd_warps),
-                        (_token_logprobs_bwd_kernel, bwd, "bwd", bwd_warps),
+                    for kernel, signature, kind, num_warps, switches in (
+                        (_token_logprobs_fwd_kernel, fwd, "fwd", fwd_warps, constexprs),
+                        (_token_logprobs_bwd_kernel, bwd, "bwd", bwd_warps, {**constexprs, "SHARD": False}),
+                        (_token_logprobs_bwd_kernel, bwd, "bwd_shard", bwd_warps, {**constexprs, "SHARD": True}),
                     ):
                         targets.append({
                             "name": f"token_logprobs_{kind}_{tag}_w{num_warps}",
                             "kernel": kernel,
-                            "signature": {**signature, **{k: "constexpr" for k in constexprs}},
-                            "constexprs": dict(constexprs),
+                            "signature": {**signature, **{k: "constexpr" for k in switches}},
+                            "constexprs": dict(switches),
                             "num_warps": num_warps,
                         })  # fmt: skip
     return targets

@@ -31,6 +31,8 @@ YES = Support(True)
 TOKEN_OPS = frozenset({"token_logprobs"})
 # The [B, T] ops of PPO / GRPO: rewards, advantages, whitening (see the methods below).
 BT_OPS = frozenset({"kl_rewards", "gae", "whiten", "ppo_advantages", "group_advantages"})
+# fused_policy_loss's whole gradient in one kernel (``policy_epilogue_forward``): Triton only.
+LOSS_OPS = frozenset({"policy_epilogue"})
 
 
 class Provider:
@@ -57,7 +59,7 @@ class Provider:
         raise NotImplementedError
 
     def supports_op(self, op: str) -> Support:
-        """Whether this provider has a kernel for the op family ``op`` (a name in TOKEN_OPS | BT_OPS)."""
+        """Whether this provider has a kernel for the op family ``op`` (a name in TOKEN_OPS | BT_OPS | LOSS_OPS)."""
         if op in self.ops:
             return YES
         return Support(False, f"the {self.name} backend has no {op} kernel")
@@ -71,8 +73,15 @@ class Provider:
         lse: torch.Tensor,
         temperature: float,
         ignore_index: int,
+        vocab_offset: int = 0,
     ) -> None:
-        """Write logp, lse and (if given) entropy for every row. Ignored rows: logp = entropy = 0."""
+        """Write logp, lse and (if given) entropy for every row. Ignored rows: logp = entropy = 0.
+
+        ``vocab_offset``: the logits are the columns [vocab_offset, vocab_offset + V) of a larger
+        vocabulary (a vocabulary-parallel shard; 0 for the whole vocabulary) and labels are ids of
+        the whole one. lse and entropy are then the shard's own; a kept row whose label lies
+        outside the shard gets logp = 0 (the label's owner supplies it; see ops/vocab_parallel.py).
+        """
         raise NotImplementedError
 
     def token_logprobs_backward(
@@ -86,6 +95,8 @@ class Provider:
         grad_logits: torch.Tensor,
         temperature: float,
         ignore_index: int,
+        vocab_offset: int = 0,
+        log_mass: torch.Tensor | None = None,
     ) -> None:
         """Write d(loss)/d(logits) into grad_logits ([N, V], logits' dtype, stride(1) == 1).
 
@@ -94,6 +105,54 @@ class Provider:
             d/dz_k = g_logp * (1[k == label] - p_k) - g_H * p_k * (log p_k + H)
             d/dlogits = d/dz / T; rows whose label is ignore_index get 0.
         ``entropy`` and ``grad_entropy`` are both given or both None.
+
+        A vocabulary shard (``vocab_offset`` as in the forward): lse is the shard's own, as its
+        forward wrote it, and ``log_mass`` [N] (lse's dtype) the log of the probability mass the
+        shard holds of the whole vocabulary's softmax (<= 0), so that the whole-vocabulary
+        log p_k = z_k - lse + log_mass; entropy is the whole vocabulary's. The one-hot term goes to
+        column label - vocab_offset, on the rows whose label the shard owns. None: log_mass = 0.
+        """
+        raise NotImplementedError
+
+    def policy_epilogue_forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        pg_weight: torch.Tensor,
+        weight: torch.Tensor,
+        ref_logp: torch.Tensor | None,
+        logp: torch.Tensor,
+        entropy: torch.Tensor,
+        lse: torch.Tensor,
+        grad_logp: torch.Tensor,
+        grad_entropy: torch.Tensor,
+        grad_logits: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+        options,
+        entropy_coef: float,
+    ) -> None:
+        """fused_policy_loss's forward and its logits' gradient in one kernel (op family
+        "policy_epilogue"), for the separable objectives ``rlhf_fast.kernels.policy_epilogue``
+        lists: per row, token_logprobs' forward (logp, entropy, lse, written as there), then
+
+            g_logp_t = pg_weight_t * d objective_t / d logp_t
+                       + weight_t * kl_coef * d kl_t / d logp_t     (when ref_logp is given and kl_coef != 0)
+            g_H_t    = -entropy_coef * weight_t
+
+        written to grad_logp and grad_entropy (0 on ignored rows), then token_logprobs' backward
+        with those into grad_logits (which may be the logits themselves: read before write).
+
+        logits, labels, logp, entropy, lse, grad_logits: as in token_logprobs_forward/backward
+        (labels int64). old_logp, advantages, ref_logp: [N] float32 contiguous, finite on kept rows.
+        weight: [N] float32, d loss / d (per-token loss) of the options' aggregation (normaliser
+        included); pg_weight: weight times the rollout correction's weight (or weight itself).
+        ``options``: a PolicyLossOptions whose objective, clip_eps, clip_eps_high, dual_clip,
+        sapo_tau_pos/neg, kl_coef, kl_estimator and kl_clamp the kernel reads; the caller sends
+        only what the kernel computes exactly (not kl_is_correction, not top_entropy_quantile < 1).
+        The formulas are those of rlhf_fast.objectives and rlhf_fast.kl_estimators under autograd.
         """
         raise NotImplementedError
 

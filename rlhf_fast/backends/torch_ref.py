@@ -43,6 +43,13 @@ def _shifted(x: torch.Tensor, dtype: torch.dtype, temperature: float):
     return torch.sub(x, row_max).div_(temperature), row_max  # bf16 - float32 promotes: one temporary
 
 
+def _owned_columns(labels, keep, vocab_offset: int, vocab: int):
+    """([N] bool: kept rows whose label is a column of these logits, [N, 1] int64 column or 0)."""
+    columns = labels.long() - vocab_offset
+    owned = keep & (columns >= 0) & (columns < vocab)
+    return owned, torch.where(owned, columns, 0).unsqueeze(-1)
+
+
 class TorchProvider(Provider):
     name = "torch"
     ops = TOKEN_OPS | BT_OPS
@@ -53,9 +60,9 @@ class TorchProvider(Provider):
     def supports(self, device: torch.device, dtype: torch.dtype) -> Support:
         return YES
 
-    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index, vocab_offset=0):
         keep = labels != ignore_index
-        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
+        owned, safe_labels = _owned_columns(labels, keep, vocab_offset, logits.shape[1])
         for rows in _row_chunks(logits):
             d, row_max = _shifted(logits[rows], logp.dtype, temperature)  # d = (x - max) / T <= 0
             log_p_label = d.gather(-1, safe_labels[rows]).squeeze(-1)
@@ -69,38 +76,40 @@ class TorchProvider(Provider):
                 t = e.mul_(d).sum(-1)
                 log_sum = s.log()
                 entropy[rows] = torch.where(keep[rows], log_sum - t / s, 0.0)
-            logp[rows] = torch.where(keep[rows], log_p_label - log_sum, 0.0)
+            logp[rows] = torch.where(owned[rows], log_p_label - log_sum, 0.0)
             lse[rows] = torch.where(keep[rows], row_max.squeeze(-1) / temperature + log_sum, 0.0)
 
-    def token_logprobs_backward(
-        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-    ):
+    def token_logprobs_backward(self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature,
+                                ignore_index, vocab_offset=0, log_mass=None):  # fmt: skip
         # The saved lse is not read: at logits near 1e6 a float32 lse is off by up to half an ulp
         # (0.03), an error every p = e^(z - lse) would share. The row's max and sum are recomputed
         # as in the forward instead, which costs this provider one max reduction per row.
         #   d/dz_k = g (1[k = label] - p_k) - g_H p_k (log p_k + H) = 1[k = label] g - p_k coef_k,
         #   coef_k = g + g_H (log p_k + H);  d/dx_k = d/dz_k / T.
+        # A vocabulary shard's log p_k is its own softmax's plus log_mass (kernels/token_logprobs.py).
         compute_dtype = lse.dtype
         keep = labels != ignore_index
-        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
+        owned, safe_labels = _owned_columns(labels, keep, vocab_offset, logits.shape[1])
         g = torch.where(keep, grad_logp, 0.0).unsqueeze(-1)
+        g_label = torch.where(owned, grad_logp, 0.0).unsqueeze(-1)
+        mass = None if log_mass is None else torch.where(keep, log_mass, 0.0).to(compute_dtype).unsqueeze(-1)
         if entropy is not None:
             g_h = torch.where(keep, grad_entropy, 0.0).unsqueeze(-1)
             h = torch.where(keep, entropy, 0.0).unsqueeze(-1)
         for rows in _row_chunks(logits):
             d, _ = _shifted(logits[rows], compute_dtype, temperature)
+            log_s = d.exp().sum(-1, keepdim=True).log_()
+            if mass is not None:
+                log_s.sub_(mass[rows])
+            log_p = d.sub_(log_s)
             if entropy is None:
-                p = d.exp_()
-                p.div_(p.sum(-1, keepdim=True))
-                grad = p.mul_(-g[rows])
+                grad = log_p.exp_().mul_(-g[rows])
             else:
-                p = d.exp()
-                s = p.sum(-1, keepdim=True)
-                p.div_(s)
-                # log p = d - log s, floored so that a -inf logit (p = 0) gives 0 * finite = 0.
-                coef = d.sub_(s.log()).clamp_(min=LOG_FLOOR).add_(h[rows]).mul_(g_h[rows]).add_(g[rows])
+                p = log_p.exp()
+                # log p floored so that a -inf logit (p = 0) gives 0 * finite = 0.
+                coef = log_p.clamp_(min=LOG_FLOOR).add_(h[rows]).mul_(g_h[rows]).add_(g[rows])
                 grad = p.mul_(coef).neg_()
-            grad.scatter_add_(-1, safe_labels[rows], g[rows])
+            grad.scatter_add_(-1, safe_labels[rows], g_label[rows])
             grad.div_(temperature)
             # Ignored rows are 0 whatever their logits hold: NaN * 0 would be NaN.
             grad.masked_fill_(~keep[rows].unsqueeze(-1), 0.0)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from rlhf_fast.backends.base import BT_OPS, TOKEN_OPS, YES, Provider, Support
+from rlhf_fast.backends.base import BT_OPS, LOSS_OPS, TOKEN_OPS, YES, Provider, Support
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,7 +27,8 @@ class TritonProvider(Provider):
     name = "triton"
     # [B, T] ops: kernels/rewards.py, gae.py, whiten.py, group_advantages.py. The ops hand them
     # float32 tensors (supports() sees float32), so the dtype rules below are unchanged.
-    ops = TOKEN_OPS | BT_OPS
+    # policy_epilogue: kernels/policy_epilogue.py, fused_policy_loss's gradient in one kernel.
+    ops = TOKEN_OPS | BT_OPS | LOSS_OPS
 
     def available(self) -> Support:
         try:
@@ -56,24 +57,22 @@ class TritonProvider(Provider):
             return Support(False, f"the Triton kernels take float32/bfloat16/float16 logits, got {dtype}")
         return YES
 
-    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
-        _kernels().token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, ignore_index)
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index, vocab_offset=0):
+        _kernels().token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, ignore_index, vocab_offset)
 
-    def token_logprobs_backward(
-        self,
-        logits,
-        labels,
-        lse,
-        entropy,
-        grad_logp,
-        grad_entropy,
-        grad_logits,
-        temperature,
-        ignore_index,
-    ):
-        _kernels().token_logprobs_backward(
-            logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-        )
+    def token_logprobs_backward(self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature,
+                                ignore_index, vocab_offset=0, log_mass=None):  # fmt: skip
+        _kernels().token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits,
+                                           temperature, ignore_index, vocab_offset, log_mass)  # fmt: skip
+
+    def policy_epilogue_forward(self, logits, labels, old_logp, advantages, pg_weight, weight, ref_logp, logp, entropy,
+                                lse, grad_logp, grad_entropy, grad_logits, temperature, ignore_index, options,
+                                entropy_coef):  # fmt: skip
+        from rlhf_fast.kernels.policy_epilogue import policy_epilogue_forward
+
+        policy_epilogue_forward(logits, labels, old_logp, advantages, pg_weight, weight, ref_logp, logp, entropy, lse,
+                                grad_logp, grad_entropy, grad_logits, temperature, ignore_index, options,
+                                entropy_coef)  # fmt: skip
 
     def kl_rewards_forward(self, logp, ref_logp, scores, mask, rewards, beta, estimator, kl_clamp=None):
         from rlhf_fast.kernels.rewards import kl_rewards_forward

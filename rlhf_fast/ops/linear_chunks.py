@@ -113,11 +113,13 @@ class LinearSpec:
 
 @dataclass
 class RowStats:
-    """Per-token results of the forward kernel, [N] each (float32; float64 for float64 inputs)."""
+    """Per-token results of the forward kernel, [N] each (float32; float64 for float64 inputs);
+    ``log_mass``: a vocabulary shard's log share of the softmax (vocab_parallel.combine), else None."""
 
     logp: torch.Tensor | None
     entropy: torch.Tensor | None
     lse: torch.Tensor
+    log_mass: torch.Tensor | None = None
 
     @staticmethod
     def empty(n_rows: int, with_entropy: bool, dtype: torch.dtype, device: torch.device) -> RowStats:
@@ -370,9 +372,10 @@ def sweep(
                 if grads is None:
                     continue
                 grad_logp, grad_entropy = upstream(lo, hi)
+                shard = {} if rows.log_mass is None else {"log_mass": rows.log_mass[lo:hi]}
                 prov.token_logprobs_backward(
                     part_logits, part_labels, lse, entropy if grad_entropy is not None else None,
-                    grad_logp, grad_entropy, part_logits, temperature, spec.ignore_index,
+                    grad_logp, grad_entropy, part_logits, temperature, spec.ignore_index, **shard,
                 )  # fmt: skip
                 if slope is not None:
                     SoftCap.chain_(part_logits, slope)
@@ -444,10 +447,11 @@ def linear_loss(hidden, weight, bias, labels, index, spec: LinearSpec, objective
     return _LinearLoss.apply(hidden, weight, bias, gather_rows(labels, index), index, spec, objective, need_grads)
 
 
-def logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=None):
+def logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=None, log_mass=None):
     """The backward of the linear log-prob ops (``ctx`` saved hidden, weight, bias, kept labels,
     index, lse, entropy; ``ctx.spec``): the upstream gradients of the kept rows through a second
-    sweep; returns (grad hidden, grad weight, grad bias), None where not needed."""
+    sweep; returns (grad hidden, grad weight, grad bias), None where not needed. A vocabulary
+    shard's ``provider`` and ``log_mass`` come from the vocabulary-parallel op."""
     hidden, weight, bias, labels, index, lse, entropy = ctx.saved_tensors
     grads = LinearGrads.allocate(hidden, weight, bias, ctx.spec, *ctx.needs_input_grad[:3], every_row=index is None)
 
@@ -458,7 +462,7 @@ def logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=None):
     with_entropy = entropy.numel() > 0 and grad_entropy is not None
     if with_entropy:
         grad_entropy = kept(grad_entropy)
-    rows = RowStats(None, entropy if with_entropy else None, lse)
+    rows = RowStats(None, entropy if with_entropy else None, lse, log_mass)
 
     def upstream(start, end):
         return grad_logp[start:end], grad_entropy[start:end] if with_entropy else None

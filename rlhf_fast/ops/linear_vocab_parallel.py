@@ -2,9 +2,9 @@
 
 Two sweeps over the token chunks (``linear_chunks.sweep``), as ``linear_token_logprobs``: the
 forward computes each chunk's shard logits and the shard's row statistics, ``vocab_parallel.combine``
-turns them into the whole vocabulary's logp, entropy and lse (two all-reduces of O(N) floats);
-the backward recomputes each chunk's shard logits and writes the global-softmax gradient with
-``vocab_parallel.ShardProvider`` (no communication), pushes it through the head (the weight and
+turns them into the whole vocabulary's logp and entropy and the shard's log share of the softmax
+(two all-reduces of O(N) floats); the backward recomputes each chunk's shard logits and writes the
+global-softmax gradient with ``vocab_parallel.ShardProvider`` (no communication), pushes it through the head (the weight and
 bias gradients of this shard's rows), and all-reduces (SUM) the hidden-state gradient, a sum over
 the whole vocabulary of which each rank holds its shard's part (Megatron's ColumnParallelLinear
 backward). The gradient-in-forward single sweep of ``linear_loss`` cannot apply: a token's
@@ -28,9 +28,10 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
         prov = ShardProvider(shard, spec.backend)
         rows = RowStats.empty(kept_labels.shape[0], with_entropy, spec.compute_dtype, hidden.device)
         sweep(hidden, weight, bias, kept_labels, spec, rows, forward=True, index=index, provider=prov)
-        logp, entropy, lse = combine(shard, kept_labels, spec.ignore_index, rows.logp, rows.entropy, rows.lse)
-        entropy = entropy if with_entropy else lse.new_empty(0)
-        ctx.save_for_backward(hidden, weight, bias, kept_labels, index, lse, entropy)
+        logp, entropy, log_mass = combine(shard, kept_labels, spec.ignore_index, rows.logp, rows.entropy, rows.lse)
+        entropy = entropy if with_entropy else log_mass.new_empty(0)
+        ctx.save_for_backward(hidden, weight, bias, kept_labels, index, rows.lse, entropy)
+        ctx.log_mass = log_mass  # an intermediate: no version to check
         ctx.spec, ctx.prov = spec, prov
         n_rows = labels.shape[0]
         return scatter_rows(logp, index, n_rows), scatter_rows(entropy, index, n_rows) if with_entropy else entropy
@@ -38,7 +39,8 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         need = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=ctx.prov)
+        grad_hidden, grad_weight, grad_bias = logprobs_backward_sweep(ctx, grad_logp, grad_entropy, provider=ctx.prov,
+                                                                      log_mass=ctx.log_mass)  # fmt: skip
         # Each rank holds its shard's part of sum_k G_k W_k: the hidden gradient is their sum.
         if need[0]:
             all_reduce_sum_(grad_hidden, ctx.prov.shard)

@@ -4,23 +4,23 @@ Megatron's ColumnParallelLinear (gather_output=False) leaves rank r with logits 
 vocabulary ids [o_r, o_r + V_r), o_r = V_0 + ... + V_{r-1} (rank order; uneven V_r allowed). The
 ops keep labels global and never gather the logits. Per row, with z = logits / T:
 
-1. Each rank runs the ordinary forward kernel on its shard (``ShardProvider.token_logprobs_forward``,
-   labels shifted by -o_r, a label owned elsewhere read as column 0 and discarded): the shard's
-   lse_r, entropy H_r of its own softmax p_r = e^(z - lse_r), and logp_r of the label if it owns it.
+1. Each rank runs the ordinary forward kernel on its shard with the shard's vocabulary offset
+   (``ShardProvider``): the shard's lse_r, entropy H_r of its own softmax p_r = e^(z - lse_r), and
+   logp_r of the label if it owns it (0 if not; the kernel never reads a column it does not have).
 2. ``combine``: m = max_r lse_r (one MAX all-reduce of [N]), d_r = lse_r - m <= 0, e_r = e^(d_r),
    then one SUM all-reduce of the stacked [k, N] rows
         S = sum_r e_r,   A = sum_r [r owns the label] (logp_r + d_r),   B = sum_r e_r (H_r - d_r),
    giving lse = m + log S, logp = z_label - lse = A - log S and the entropy
         H = -sum_k p_k log p_k,  p_k = (e_r / S) p_r,k   =>   H = B / S + log S.
-   Every term of B and log S is >= 0 (H_r >= 0, d_r <= 0, S >= 1): nothing cancels.
-3. Backward, local to each shard (no communication for the logits' gradient): with the global lse
-   and H, p_k = e^(z_k - lse) is the global softmax on the shard's columns and
+   Every term of B and log S is >= 0 (H_r >= 0, d_r <= 0, S >= 1): nothing cancels. The shard's
+   log share of the probability mass, log_mass_r = lse_r - lse = d_r - log S <= 0, is a sum of
+   two non-positive terms: exact to float rounding, as lse_r itself.
+3. Backward, local to each shard (no communication for the logits' gradient): the same backward
+   kernel as the whole vocabulary's, given the shard's lse_r, log_mass_r and offset. The global
+   softmax on the shard's columns is log p_k = z_k - lse_r + log_mass_r, and
         d/dz_k = g [k = label] - p_k (g + g_H (log p_k + H)),   d/dlogits = d/dz / T,
-   the label term on the owning rank only. The existing backward kernels cannot serve it: they
-   put the label's one-hot on every row that is not ignored, and the torch provider recomputes the
-   shard's own lse instead of reading the saved one. So ``ShardProvider.token_logprobs_backward``
-   is a torch formulation on every backend, [rows, V_r] float32 slices at a time (as the torch
-   provider's), written into the gradient (or the logits' storage) in the logits' dtype.
+   the label term on the owning rank only. Where |lse_r| is large the kernels recompute the
+   shard's max and sum (kernels/token_logprobs.py); log_mass_r needs no such care.
 
 The linear ops use the same provider in ``linear_chunks.sweep``; their hidden-state gradient is a
 sum over the vocabulary, so each rank's partial is all-reduced (SUM), as Megatron does.
@@ -36,12 +36,6 @@ import torch.distributed as dist
 from .. import _validate as check
 from ..backends import registry
 from ..backends.base import Provider
-
-# [rows, V_r] slices of at most this many elements in the backward (16 MiB of float32).
-CHUNK_ELEMENTS = 2**22
-# log p floored here in the entropy term: e^-1000 is 0, and a -inf logit gives 0 * finite, not NaN.
-LOG_FLOOR = -1000.0
-
 
 @dataclass(frozen=True)
 class Shard:
@@ -100,7 +94,8 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 
 def combine(shard: Shard, labels, ignore_index, logp_r, entropy_r, lse_r):
-    """The shards' row statistics [N] -> this rank's share of the global (logp, entropy or None, lse).
+    """The shards' row statistics [N] -> the whole vocabulary's (logp, entropy or None) and this
+    shard's log share of the softmax mass, log_mass (<= 0).
 
     Two collectives of O(N) floats: MAX of the shards' lse, then one SUM of the stacked [k, N]
     (k = 2, or 3 with entropy); see the module docstring, step 2. Ignored rows give 0.
@@ -117,7 +112,7 @@ def combine(shard: Shard, labels, ignore_index, logp_r, entropy_r, lse_r):
     log_s = sums[0].log()
     logp = torch.where(keep, sums[1] - log_s, 0.0)
     entropy = torch.where(keep, sums[2] / sums[0] + log_s, 0.0) if entropy_r is not None else None
-    return logp, entropy, torch.where(keep, m + log_s, 0.0)
+    return logp, entropy, torch.where(keep, d - log_s, 0.0)
 
 
 def all_reduce_sum_(t: torch.Tensor | None, shard: Shard) -> torch.Tensor | None:
@@ -128,53 +123,26 @@ def all_reduce_sum_(t: torch.Tensor | None, shard: Shard) -> torch.Tensor | None
 
 
 class ShardProvider(Provider):
-    """The token_logprobs provider of one vocabulary shard, called with global labels.
-
-    forward: the backend's own kernel on the shard (local statistics for ``combine``);
-    backward: the global-softmax gradient from the combined lse and entropy (module docstring, 3).
-    """
+    """The token_logprobs provider of one vocabulary shard, called with global labels: the
+    backend's own kernels with the shard's vocabulary offset (the backward also needs log_mass)."""
 
     def __init__(self, shard: Shard, backend: str):
         self.shard, self.backend = shard, backend
         self.name = f"vocab-parallel {backend}"
 
-    def local_labels(self, labels: torch.Tensor, ignore_index: int):
-        """(labels shifted into the shard with 0 for labels owned elsewhere, and the owned-here mask)."""
-        shifted = labels - self.shard.offset
-        here = (labels != ignore_index) & (shifted >= 0) & (shifted < self.shard.size)
-        return torch.where(labels == ignore_index, labels, torch.where(here, shifted, 0)), here
+    def _inner(self, logits: torch.Tensor) -> Provider:
+        return registry.resolve(self.backend, logits.device, logits.dtype)
 
-    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
-        inner = registry.resolve(self.backend, logits.device, logits.dtype)
-        local, _ = self.local_labels(labels, ignore_index)
-        inner.token_logprobs_forward(logits, local, logp, entropy, lse, temperature, ignore_index)
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index, vocab_offset=0):
+        self._inner(logits).token_logprobs_forward(logits, labels, logp, entropy, lse, temperature, ignore_index,
+                                                   self.shard.offset)  # fmt: skip
 
-    def token_logprobs_backward(
-        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-    ):
-        local, here = self.local_labels(labels, ignore_index)
-        keep = (labels != ignore_index).unsqueeze(-1)
-        safe = torch.where(here, local, 0).long().unsqueeze(-1)
-        g = torch.where(keep.squeeze(-1), grad_logp, 0.0).unsqueeze(-1)
-        g_label = torch.where(here, grad_logp, 0.0).unsqueeze(-1)
-        lse = torch.where(keep.squeeze(-1), lse, 0.0).unsqueeze(-1)
-        if entropy is not None:
-            h = torch.where(keep.squeeze(-1), entropy, 0.0).unsqueeze(-1)
-            g_h = torch.where(keep.squeeze(-1), grad_entropy, 0.0).unsqueeze(-1)
-        step = max(1, CHUNK_ELEMENTS // max(logits.shape[1], 1))
-        for r0 in range(0, logits.shape[0], step):
-            rows = slice(r0, min(r0 + step, logits.shape[0]))
-            # A copy (float32 logits too: the logits stay as they were), read before any write to grad_logits.
-            log_p = logits[rows].to(lse.dtype, copy=True).div_(temperature).sub_(lse[rows])
-            if entropy is None:  # one [rows, V_r] float32 slice alive
-                grad = log_p.exp_().mul_(-g[rows])
-            else:  # two: p and the coefficient
-                p = log_p.exp()
-                coef = log_p.clamp_(min=LOG_FLOOR).add_(h[rows]).mul_(g_h[rows]).add_(g[rows])
-                grad = p.mul_(coef).neg_()
-            grad.scatter_add_(-1, safe[rows], g_label[rows])
-            grad.div_(temperature).masked_fill_(~keep[rows], 0.0)  # ignored rows: 0 even where p is NaN
-            grad_logits[rows].copy_(grad)
+    def token_logprobs_backward(self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature,
+                                ignore_index, vocab_offset=0, log_mass=None):  # fmt: skip
+        if log_mass is None:
+            raise ValueError("a vocabulary shard's backward needs log_mass, the shard's log share of the softmax (combine)")
+        self._inner(logits).token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits,
+                                                    temperature, ignore_index, self.shard.offset, log_mass)  # fmt: skip
 
 
 class VocabParallelLogprobs(torch.autograd.Function):
@@ -189,23 +157,24 @@ class VocabParallelLogprobs(torch.autograd.Function):
         entropy_r = torch.zeros(n_rows, dtype=out_dtype, device=logits.device) if with_entropy else None
         if n_rows > 0:
             prov.token_logprobs_forward(logits, labels, logp_r, entropy_r, lse_r, temperature, ignore_index)
-        logp, entropy, lse = combine(shard, labels, ignore_index, logp_r, entropy_r, lse_r)
+        logp, entropy, log_mass = combine(shard, labels, ignore_index, logp_r, entropy_r, lse_r)
         entropy = entropy if with_entropy else logp.new_empty(0)
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.save_for_backward(logits, labels, lse_r, entropy, log_mass)
         ctx.options = (prov, temperature, ignore_index, inplace)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, lse, entropy, log_mass = ctx.saved_tensors
         prov, temperature, ignore_index, inplace = ctx.options
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
         with_entropy = entropy.numel() > 0
         if with_entropy:
-            grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(lse.dtype)
+            grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(lse.dtype).contiguous()
         grad_logits = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         prov.token_logprobs_backward(logits, labels, lse, entropy if with_entropy else None, grad_logp,
-                                     grad_entropy if with_entropy else None, grad_logits, temperature, ignore_index)  # fmt: skip
+                                     grad_entropy if with_entropy else None, grad_logits, temperature, ignore_index,
+                                     log_mass=log_mass)  # fmt: skip
         return grad_logits, None, None, None, None, None, None, None
 
 
