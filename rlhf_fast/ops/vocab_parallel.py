@@ -14,13 +14,15 @@ ops keep labels global and never gather the logits. Per row, with z = logits / T
         H = -sum_k p_k log p_k,  p_k = (e_r / S) p_r,k   =>   H = B / S + log S.
    Every term of B and log S is >= 0 (H_r >= 0, d_r <= 0, S >= 1): nothing cancels. The shard's
    log share of the probability mass, log_mass_r = lse_r - lse = d_r - log S <= 0, is a sum of
-   two non-positive terms: exact to float rounding, as lse_r itself.
+   two non-positive terms; it carries the rounding of the shards' float32 lse (2^-24 |lse_r|,
+   as a saved whole-vocabulary lse would), nothing more.
 3. Backward, local to each shard (no communication for the logits' gradient): the same backward
    kernel as the whole vocabulary's, given the shard's lse_r, log_mass_r and offset. The global
    softmax on the shard's columns is log p_k = z_k - lse_r + log_mass_r, and
         d/dz_k = g [k = label] - p_k (g + g_H (log p_k + H)),   d/dlogits = d/dz / T,
    the label term on the owning rank only. Where |lse_r| is large the kernels recompute the
-   shard's max and sum (kernels/token_logprobs.py); log_mass_r needs no such care.
+   shard's own max and sum (kernels/token_logprobs.py), but log_mass_r keeps the lse rounding
+   above: logits near 1e6 get a float32 lse's accuracy on a shard, not the single process's.
 
 The linear ops use the same provider in ``linear_chunks.sweep``; their hidden-state gradient is a
 sum over the vocabulary, so each rank's partial is all-reduced (SUM), as Megatron does.
