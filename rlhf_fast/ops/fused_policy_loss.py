@@ -22,7 +22,7 @@ import torch
 from .. import _validate as check
 from ..backends import registry
 from ..reference import IGNORE_INDEX
-from .aggregate import check_normalizer
+from .aggregate import aggregate, check_normalizer
 from ..options import PolicyLossOptions, no_leftovers, take
 from .policy_loss import loss_with_entropy_bonus, validate_inputs
 # The registered kernel ops themselves: the few-frames rule (tests/test_call_path.py) leaves no room for a wrapper.
@@ -114,7 +114,9 @@ def fused_policy_loss(
     loss_inputs = (old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer)
     if vocab_group is None and _gradient_in_forward(logits, old_logp, advantages, ref_logp):
         stats: dict = {}
-        loss = _GradientInForward.apply(logits, labels, temperature, inplace_backward, backend, loss_inputs, stats)
+        in_kernel = _loss_gradient_fits_the_kernel(logits, options, backend)
+        loss = _GradientInForward.apply(logits, labels, temperature, inplace_backward, backend, loss_inputs, stats,
+                                        in_kernel)  # fmt: skip
         return loss, stats
     logp, entropy = token_logprobs_validated(logits, labels, temperature, IGNORE_INDEX, True, inplace_backward, backend,
                                              vocab_group)  # fmt: skip
@@ -129,6 +131,61 @@ def _gradient_in_forward(logits, *others) -> bool:
     return not any(t is not None and t.requires_grad for t in others)
 
 
+# The separable objectives that kernels/policy_epilogue.py computes (its OBJECTIVE_CODE; the op
+# names them here so that deciding needs no Triton import).
+KERNEL_OBJECTIVES = ("ppo", "cispo", "gpg", "sapo")
+
+
+def _loss_gradient_fits_the_kernel(logits, options: PolicyLossOptions, backend: str) -> bool:
+    """Whether the Triton kernel of kernels/policy_epilogue.py computes this loss's gradient in
+    one read of the logits: an objective it has, options it computes exactly (not the KL's
+    importance correction, not the entropy-ranked token mask, which needs every entropy first),
+    and a backend that resolves to Triton for the policy_epilogue op. Anything else keeps the
+    forward kernel, the [B, T] autograd and the backward kernel."""
+    if options.objective not in KERNEL_OBJECTIVES or options.kl_is_correction or options.top_entropy_quantile < 1:
+        return False
+    name = registry.default_backend() if backend == "auto" else backend
+    if name not in ("auto", "triton"):
+        return False
+    return registry.resolve(name, logits.device, logits.dtype, "policy_epilogue").name == "triton"
+
+
+def _aggregation_weights(mask, options: PolicyLossOptions, normalizer) -> torch.Tensor:
+    """d aggregate(x) / d x [B, T]: aggregate is linear, so its gradient (at x = 0) is each token's
+    weight, normaliser included, computed as the composed path's autograd computes it."""
+    with torch.enable_grad():
+        x = torch.zeros(mask.shape, device=mask.device, requires_grad=True)
+        total = aggregate(x, mask, options.agg, normalizer, options.max_response_length)
+        return torch.autograd.grad(total, x)[0]
+
+
+def _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend, loss_inputs):
+    """The Triton kernel of kernels/policy_epilogue.py on prepared [N] inputs, then the loss and
+    stats by the [B, T] code on its detached logp and entropy. Returns (loss, stats, grad [N, V],
+    the [N] rows a recomputed backward needs)."""
+    old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer = loss_inputs
+    mask = correction.mask
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand(mask.shape)
+    weight = _aggregation_weights(mask, options, normalizer)
+    pg_weight = weight if correction.weights is None else weight * correction.weights
+    with_kl = ref_logp is not None and options.kl_coef != 0.0
+    # Masked positions may hold NaN or inf: zeroed here, as policy_loss_terms does, never read there.
+    old, adv, ref = (None if t is None else torch.where(mask, t.float(), 0.0).reshape(-1)
+                     for t in (old_logp, advantages, ref_logp if with_kl else None))  # fmt: skip
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy, lse, grad_logp, grad_entropy = torch.empty(5, flat_labels.shape[0], device=flat_logits.device)
+    grad = flat_logits if inplace else torch.empty_like(flat_logits)
+    registry.resolve(backend, flat_logits.device, flat_logits.dtype, "policy_epilogue").policy_epilogue_forward(
+        flat_logits, flat_labels, old, adv, pg_weight.reshape(-1), weight.reshape(-1), ref, logp, entropy, lse,
+        grad_logp, grad_entropy, grad, temperature, IGNORE_INDEX, options, entropy_coef)  # fmt: skip
+    if inplace:
+        torch.autograd.graph.increment_version(flat_logits)  # as the in-place backward op marks it
+    with torch.no_grad():
+        loss, stats = loss_with_entropy_bonus(logp.view(mask.shape), entropy.view(mask.shape), *loss_inputs)
+    return loss, stats, grad, (flat_labels, lse, entropy, grad_logp, grad_entropy)
+
+
 def _exact_in(dtype: torch.dtype, scale: torch.Tensor) -> bool:
     """Whether multiplying values of ``dtype`` by ``scale`` rounds nothing (in range): float32 and
     float64 round once more at their own precision (as a product in eager would); a 16-bit dtype
@@ -140,10 +197,19 @@ class _GradientInForward(torch.autograd.Function):
     """The loss, with its gradient w.r.t. the logits computed in the forward (see the module's doc)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, inplace, backend, loss_inputs, stats_out):
+    def forward(ctx, logits, labels, temperature, inplace, backend, loss_inputs, stats_out, in_kernel):
+        flat_logits, flat_labels = _flatten_rows(logits), labels.reshape(-1).contiguous()
+        if in_kernel:  # one kernel: the logits' gradient with the objective's in its epilogue
+            loss, stats, grad, ctx.rows = _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend,
+                                                              loss_inputs)  # fmt: skip
+            ctx.grad = grad.view(logits.shape)
+            if not inplace:
+                ctx.save_for_backward(logits)
+            ctx.args = (temperature, inplace, backend)
+            stats_out.update(stats)
+            return loss
         # One frame from the public op to the kernels (tests/test_call_path.py): kernel, [B, T]
         # autograd for d loss / d logp and d loss / d entropy, kernel.
-        flat_logits, flat_labels = _flatten_rows(logits), labels.reshape(-1).contiguous()
         logp, entropy, lse = _forward_op(flat_logits, flat_labels, temperature, IGNORE_INDEX, True, False, backend)
         with torch.enable_grad():
             leaves = [t.view(labels.shape).detach().requires_grad_() for t in (logp, entropy)]
@@ -173,13 +239,13 @@ class _GradientInForward(torch.autograd.Function):
             raise RuntimeError("fused_policy_loss(inplace_backward=True) wrote its gradient over the logits: "
                                "it cannot be computed again for a second backward")  # fmt: skip
         if grad is not None and bool(grad_loss == 1):  # loss.backward(): hand it over, no [N, V] product
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None
         if grad is not None and (inplace or _exact_in(grad.dtype, grad_loss)):
-            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+            return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
         # A 16-bit gradient times an arbitrary scale would round twice, and a second backward has
         # no gradient left: recompute it from the logits with the scaled token gradients (the same
         # [N, V] traffic as the product).
         flat_labels, lse, entropy, grad_logp, grad_entropy = ctx.rows
         grad = _backward_op(_flatten_rows(logits), flat_labels, lse, entropy, grad_logp * grad_loss, grad_entropy * grad_loss,
                             temperature, IGNORE_INDEX, backend)  # fmt: skip
-        return grad.view(logits.shape), None, None, None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None, None, None
