@@ -119,21 +119,24 @@ class ParamsClass {
 void bind_params(py::module_& m) {
   {
     using P = rlhf_fast::TokenLogprobsForwardParams;
-    ParamsClass<P>(m, "TokenLogprobsForwardParams", "token_logprobs forward; entropy = 0 skips the entropy.")
+    ParamsClass<P>(m, "TokenLogprobsForwardParams", "token_logprobs forward; entropy = 0 skips the entropy; "
+                   "vocab_offset: the logits are a vocabulary shard's columns.")
         .RLHF_FAST_FIELD(logits).RLHF_FAST_FIELD(labels).RLHF_FAST_FIELD(logp).RLHF_FAST_FIELD(entropy)
         .RLHF_FAST_FIELD(lse).RLHF_FAST_FIELD(n_rows).RLHF_FAST_FIELD(vocab).RLHF_FAST_FIELD(logits_row_stride)
         .RLHF_FAST_FIELD(dtype).RLHF_FAST_FIELD(labels_dtype).RLHF_FAST_FIELD(temperature)
-        .RLHF_FAST_FIELD(ignore_index);
+        .RLHF_FAST_FIELD(ignore_index).RLHF_FAST_FIELD(vocab_offset);
   }
   {
     using P = rlhf_fast::TokenLogprobsBackwardParams;
     ParamsClass<P>(m, "TokenLogprobsBackwardParams", "token_logprobs backward; grad_logits may equal logits (in "
-                   "place); entropy and grad_entropy are both 0 or both given.")
+                   "place); entropy and grad_entropy are both 0 or both given; log_mass = 0 outside a "
+                   "vocabulary shard.")
         .RLHF_FAST_FIELD(logits).RLHF_FAST_FIELD(labels).RLHF_FAST_FIELD(lse).RLHF_FAST_FIELD(entropy)
         .RLHF_FAST_FIELD(grad_logp).RLHF_FAST_FIELD(grad_entropy).RLHF_FAST_FIELD(grad_logits)
         .RLHF_FAST_FIELD(n_rows).RLHF_FAST_FIELD(vocab).RLHF_FAST_FIELD(logits_row_stride)
         .RLHF_FAST_FIELD(grad_row_stride).RLHF_FAST_FIELD(dtype).RLHF_FAST_FIELD(labels_dtype)
-        .RLHF_FAST_FIELD(temperature).RLHF_FAST_FIELD(ignore_index);
+        .RLHF_FAST_FIELD(temperature).RLHF_FAST_FIELD(ignore_index).RLHF_FAST_FIELD(vocab_offset)
+        .RLHF_FAST_FIELD(log_mass);
   }
   // [B, T] ops: contiguous float32 tensors and a bool mask.
   {

@@ -36,7 +36,7 @@ def test_thread_count_does_not_change_results():
             logits=logits.data_ptr(), labels=labels.data_ptr(), logp=logp.data_ptr(), entropy=entropy.data_ptr(),
             lse=lse.data_ptr(), n_rows=64, vocab=3001, logits_row_stride=logits.stride(0),
             dtype=dtype_code(logits.dtype), labels_dtype=dtype_code(labels.dtype), temperature=1.0,
-            ignore_index=IGNORE,
+            ignore_index=IGNORE, vocab_offset=0,
         )
         extension().host.token_logprobs_forward(p, num_threads=threads)
         outputs.append(torch.stack([logp, entropy, lse]))

@@ -52,7 +52,7 @@ def test_every_params_struct_is_bound_field_by_field():
 
 def test_params_are_built_from_every_field_by_name():
     fields = dict(logits=2**48 + 8, labels=16, logp=24, entropy=0, lse=32, n_rows=3, vocab=5, logits_row_stride=5,
-                  dtype=0, labels_dtype=5, temperature=0.7, ignore_index=-100)
+                  dtype=0, labels_dtype=5, temperature=0.7, ignore_index=-100, vocab_offset=2**33)
     p = extension().TokenLogprobsForwardParams(**fields)
     assert {name: getattr(p, name) for name in fields} == fields
     with pytest.raises(TypeError, match="missing fields lse"):
@@ -102,7 +102,9 @@ def test_every_cuda_call_matches_its_binding(recorded):
 
     logits, labels = torch.randn(N, V), torch.randint(0, V, (N,))
     prov.token_logprobs_forward(logits, labels, rows(), rows(), rows(), 1.0, -100)
-    prov.token_logprobs_backward(logits, labels, rows(), rows(), rows(), rows(), torch.empty(N, V), 1.0, -100)
+    log_mass = rows()
+    prov.token_logprobs_backward(logits, labels, rows(), rows(), rows(), rows(), torch.empty(N, V), 1.0, -100,
+                                 vocab_offset=2 * V, log_mass=log_mass)  # fmt: skip
     prov.kl_rewards_forward(bt(), bt(), torch.randn(B), mask, bt(), 0.1, "k3", 10.0)
     prov.gae_forward(bt(), bt(), mask, bt(), bt(), 1.0, 0.95)
     prov.gae_backward(bt(), bt(), mask, bt(), bt(), 1.0, 0.95)
@@ -121,3 +123,7 @@ def test_every_cuda_call_matches_its_binding(recorded):
     # The options reach the struct: a clamp, or +inf for none; the whitening's variance.
     assert recorded.calls["kl_rewards_forward"][0].kl_clamp == 10.0 and ppo.kl_clamp == math.inf
     assert not whiten.unbiased and ppo.whiten_unbiased
+    # A vocabulary shard's offset and log_mass; the forward's offset defaults to the whole vocabulary's 0.
+    backward = recorded.calls["token_logprobs_backward"][0]
+    assert backward.vocab_offset == 2 * V and backward.log_mass == log_mass.data_ptr()
+    assert recorded.calls["token_logprobs_forward"][0].vocab_offset == 0

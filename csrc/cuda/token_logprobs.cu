@@ -231,9 +231,10 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     const OnlineLse st = row_state<T, kEntropy, kThreadsPerRow, true>(x, vocab, lane, scale, warp_states);
     if (lane == 0) {
-      const float d_label = exponent2(load(x[label]), shift_of(st.m), scale);
+      const int64_t column = shard_column(label, p.vocab_offset, vocab);
+      const float d_label = column >= 0 ? exponent2(load(x[column]), shift_of(st.m), scale) : 0.0f;
       const RowOutputs<float> out = finish_row(st.s, st.t, d_label, tempered(st.m, temperature, inv_temperature));
-      static_cast<float*>(p.logp)[row] = out.logp;
+      static_cast<float*>(p.logp)[row] = column >= 0 ? out.logp : 0.0f;
       static_cast<float*>(p.lse)[row] = out.lse;
       if (kEntropy) static_cast<float*>(p.entropy)[row] = out.entropy;
     }
@@ -265,11 +266,11 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
        row < p.n_rows; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     T* g = static_cast<T*>(p.grad_logits) + row * p.grad_row_stride;
-    const int64_t label = load_label(p.labels, p.labels_dtype, row);
+    const int64_t whole_label = load_label(p.labels, p.labels_dtype, row);
     const RowSplit split = split_row<T>(g, vocab);
     uint4* gv = reinterpret_cast<uint4*>(g + split.head);
 
-    if (label == p.ignore_index) {  // zeros, logits not read
+    if (whole_label == p.ignore_index) {  // zeros, logits not read
       const T zero = store<T>(0.0f);
       for (int64_t k = lane; k < split.head; k += kThreadsPerRow) g[k] = zero;
       for (int64_t i = lane; i < split.n_vec; i += kThreadsPerRow) gv[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -279,8 +280,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     const float g_entropy = kEntropy ? static_cast<const float*>(p.grad_entropy)[row] : 0.0f;
     const float entropy = kEntropy ? static_cast<const float*>(p.entropy)[row] : 0.0f;
     const float lse = static_cast<const float*>(p.lse)[row];
+    const double log_mass = p.log_mass != nullptr ? static_cast<const float*>(p.log_mass)[row] : 0.0;
     RowGradCoefficients<float> coef = row_grad_coefficients<float>(
-        p.temperature, lse, static_cast<const float*>(p.grad_logp)[row], g_entropy, entropy);
+        p.temperature, lse, log_mass, static_cast<const float*>(p.grad_logp)[row], g_entropy, entropy);
     if (recomputes_lse(lse)) {
       OnlineLse st = row_state<T, false, kThreadsPerRow, false>(x, vocab, lane, scale, warp_states);
       if constexpr (kThreadsPerRow > 32) {  // warp 0 holds the row's state: hand it to every thread
@@ -288,8 +290,10 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
         __syncthreads();
         st = warp_states[0];  // the next row_state syncs before anyone writes warp_states again
       }
-      use_recomputed_sums(coef, st.m, st.s);
+      use_recomputed_sums(coef, st.m, st.s, log_mass);
     }
+    // The label's column in this shard, -1 (matching no column) when another shard owns it.
+    const int64_t label = shard_column(whole_label, p.vocab_offset, vocab);
 
     // Vectors need x and g at the same offset from a 16-byte boundary; otherwise the row is scalar.
     const bool vectors = (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(g) & 15);

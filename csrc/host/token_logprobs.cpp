@@ -163,9 +163,10 @@ RLHF_FAST_HOST_CLONES void forward_rows(const TokenLogprobsForwardParams& p, int
     const Acc m = sums.m;
     const Acc shift = m == kNegInf ? Acc(0) : m;
     const Acc temperature = static_cast<Acc>(p.temperature);
-    const RowOutputs<Acc> out = finish_row(sums.s, sums.t, exponent2(load(x[label]), shift, scale),
-                                           tempered(m, temperature, inverse(temperature)));
-    *logp = out.logp;
+    const int64_t column = shard_column(label, p.vocab_offset, vocab);
+    const Acc d_label = column >= 0 ? exponent2(load(x[column]), shift, scale) : Acc(0);
+    const RowOutputs<Acc> out = finish_row(sums.s, sums.t, d_label, tempered(m, temperature, inverse(temperature)));
+    *logp = column >= 0 ? out.logp : Acc(0);
     *lse = out.lse;
     if (kEntropy) *entropy = out.entropy;
   }
@@ -175,7 +176,8 @@ RLHF_FAST_HOST_CLONES void forward_rows(const TokenLogprobsForwardParams& p, int
 // row whose saved lse is too coarse (recomputes_lse: its max and sum first, as the forward; a row
 // of float32 [32000] is 128 KB, typically still in this core's L2 when the gradient pass reads it
 // again). grad may be logits itself: the loops read element k before writing element k, and the
-// label's logit is read before the gradient loop because that loop overwrites it.
+// label's logit (when this shard owns the label) is read before the gradient loop because that
+// loop overwrites it.
 template <typename T, bool kEntropy>
 RLHF_FAST_HOST_CLONES void backward_rows(const TokenLogprobsBackwardParams& p, int64_t begin, int64_t end) {
   using Acc = acc_t<T>;
@@ -193,13 +195,15 @@ RLHF_FAST_HOST_CLONES void backward_rows(const TokenLogprobsBackwardParams& p, i
     const double g_entropy = kEntropy ? static_cast<const Acc*>(p.grad_entropy)[row] : 0.0;
     const double entropy = kEntropy ? static_cast<const Acc*>(p.entropy)[row] : 0.0;
     const Acc lse = static_cast<const Acc*>(p.lse)[row];
+    const double log_mass = p.log_mass != nullptr ? static_cast<const Acc*>(p.log_mass)[row] : 0.0;
     RowGradCoefficients<Acc> k = row_grad_coefficients<Acc>(
-        p.temperature, lse, static_cast<const Acc*>(p.grad_logp)[row], g_entropy, entropy);
+        p.temperature, lse, log_mass, static_cast<const Acc*>(p.grad_logp)[row], g_entropy, entropy);
     if (recomputes_lse(lse)) {
       const RowSums<Acc> sums = row_sums<T, false>(x, nullptr, vocab, scale);
-      use_recomputed_sums(k, sums.m, sums.s);
+      use_recomputed_sums(k, sums.m, sums.s, log_mass);
     }
-    const Acc x_label = load(x[label]);
+    const int64_t column = shard_column(label, p.vocab_offset, vocab);
+    const Acc x_label = column >= 0 ? load(x[column]) : Acc(0);
     const T* next = row + 1 < end ? x + p.logits_row_stride : nullptr;
     for (int64_t j0 = 0; j0 < vocab; j0 += kBlock) {
       const int64_t j1 = std::min(vocab, j0 + kBlock);
@@ -210,8 +214,10 @@ RLHF_FAST_HOST_CLONES void backward_rows(const TokenLogprobsBackwardParams& p, i
         grad[j] = store<T>(grad_from_p(exp_acc(log_p), log_p, k));
       }
     }
-    const Acc log_p = log_prob(x_label, k);
-    grad[label] = store<T>(k.label_term + grad_from_p(exp_acc(log_p), log_p, k));
+    if (column >= 0) {
+      const Acc log_p = log_prob(x_label, k);
+      grad[column] = store<T>(k.label_term + grad_from_p(exp_acc(log_p), log_p, k));
+    }
   }
 }
 

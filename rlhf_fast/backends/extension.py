@@ -145,7 +145,7 @@ class ExtensionProvider(Provider):
         """A workspace for the whitening kernels' per-row moments (none on the host)."""
         return None
 
-    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index):
+    def token_logprobs_forward(self, logits, labels, logp, entropy, lse, temperature, ignore_index, vocab_offset=0):
         check_rows_layout(logits, labels, logp=logp, entropy=entropy, lse=lse)
         if logits.shape[0] == 0:
             return
@@ -162,16 +162,16 @@ class ExtensionProvider(Provider):
             labels_dtype=dtype_code(labels.dtype),
             temperature=float(temperature),
             ignore_index=int(ignore_index),
+            vocab_offset=int(vocab_offset),
         )
         self._launch(self._kernels().token_logprobs_forward, logits.device, p)
 
-    def token_logprobs_backward(
-        self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature, ignore_index
-    ):
+    def token_logprobs_backward(self, logits, labels, lse, entropy, grad_logp, grad_entropy, grad_logits, temperature,
+                                ignore_index, vocab_offset=0, log_mass=None):  # fmt: skip
         if (entropy is None) != (grad_entropy is None):
             raise ValueError("entropy and grad_entropy must be both given or both None")
         check_rows_layout(logits, labels, grad_logits, lse=lse, entropy=entropy, grad_logp=grad_logp,
-                          grad_entropy=grad_entropy)
+                          grad_entropy=grad_entropy, log_mass=log_mass)
         if logits.shape[0] == 0:
             return
         p = extension().TokenLogprobsBackwardParams(
@@ -190,6 +190,8 @@ class ExtensionProvider(Provider):
             labels_dtype=dtype_code(labels.dtype),
             temperature=float(temperature),
             ignore_index=int(ignore_index),
+            vocab_offset=int(vocab_offset),
+            log_mass=_ptr(log_mass),
         )
         self._launch(self._kernels().token_logprobs_backward, logits.device, p)
 

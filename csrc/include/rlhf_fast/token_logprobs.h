@@ -21,6 +21,13 @@
 // more read and gives the forward's accuracy (x - m is exact for logits sharing an offset). Saving
 // m in the forward would cost 8 bytes a row instead, but a second saved per-row tensor is not in
 // the op's contract (lse alone is); typical LM logits (|lse| ~ 10-50) never pay the read.
+//
+// A vocabulary shard (ops/vocab_parallel.py) holds the columns [vocab_offset, vocab_offset + V) of
+// the labels' vocabulary. Its forward is the above on its own columns, with logp = 0 on a row whose
+// label another shard owns (that logit is never read). Its backward takes log_mass, the log of the
+// share of the whole vocabulary's softmax the shard holds (from the all-reduced row statistics), so
+// that the whole vocabulary's log p_k = local log p_k + log_mass: log_norm -= log_mass, once a row,
+// in double (the Triton kernels do the same). The one-hot term goes to column label - vocab_offset.
 #pragma once
 
 #include <cmath>
@@ -43,6 +50,7 @@ struct TokenLogprobsForwardParams {
   int labels_dtype;           // kInt64 or kInt32
   double temperature;         // T > 0
   int64_t ignore_index;       // rows whose label equals it are skipped
+  int64_t vocab_offset;       // the logits are columns [vocab_offset, vocab_offset + V) of the labels' ids
 };
 
 struct TokenLogprobsBackwardParams {
@@ -61,6 +69,8 @@ struct TokenLogprobsBackwardParams {
   int labels_dtype;           // kInt64 or kInt32
   double temperature;         // T > 0
   int64_t ignore_index;
+  int64_t vocab_offset;       // as in the forward
+  const void* log_mass;       // [N] like lse: log of the shard's share of the whole softmax (<= 0), or nullptr (0)
 };
 
 constexpr double kLn2 = 0.693147180559945309417232121458176568;
@@ -73,6 +83,14 @@ template <typename Acc>
 RLHF_FAST_HD Acc floor_exponent(Acc d) {
   const Acc lo = sizeof(Acc) == 4 ? Acc(-1000) : Acc(-4000);
   return d < lo ? lo : d;
+}
+
+// The column of a whole-vocabulary label in a shard of `vocab` columns from vocab_offset, or -1 when
+// another shard owns it (-1 matches no column: a shard never reads or writes another's label).
+// Unsigned arithmetic: no overflow whatever the label.
+RLHF_FAST_HD int64_t shard_column(int64_t label, int64_t vocab_offset, int64_t vocab) {
+  const uint64_t column = static_cast<uint64_t>(label) - static_cast<uint64_t>(vocab_offset);
+  return column < static_cast<uint64_t>(vocab) ? static_cast<int64_t>(column) : -1;
 }
 
 RLHF_FAST_HD int64_t load_label(const void* labels, int labels_dtype, int64_t row) {
@@ -158,15 +176,23 @@ constexpr double kSavedLseBound = 64.0;
 
 RLHF_FAST_HD bool recomputes_lse(double lse) { return !(lse > -kSavedLseBound && lse < kSavedLseBound); }
 
-// Coefficients that use the saved lse: shift 0 (x - 0 is x exactly, NaN and -0 included).
+// log_norm of a row from the shard's own one: minus log_mass (0 outside a shard, when it is
+// unchanged). A shard that holds none of the mass (log_mass = -inf, so its lse is -inf too when all
+// its logits are) has p_k = 0 on every column: +inf, where the difference would be -inf + inf = NaN.
+RLHF_FAST_HD double shard_log_norm(double log_norm, double log_mass) {
+  return log_mass == -static_cast<double>(INFINITY) ? static_cast<double>(INFINITY) : log_norm - log_mass;
+}
+
+// Coefficients that use the saved lse: shift 0 (x - 0 is x exactly, NaN and -0 included), and
+// log_norm = lse - log_mass (shard_log_norm).
 template <typename Acc>
-RLHF_FAST_HD RowGradCoefficients<Acc> row_grad_coefficients(double temperature, Acc lse, double g,
+RLHF_FAST_HD RowGradCoefficients<Acc> row_grad_coefficients(double temperature, Acc lse, double log_mass, double g,
                                                             double g_entropy, double entropy) {
   RowGradCoefficients<Acc> k;
   k.temperature = static_cast<Acc>(temperature);
   k.inv_temperature = inverse(k.temperature);
   k.shift = 0;
-  k.log_norm = lse;
+  k.log_norm = static_cast<Acc>(shard_log_norm(lse, log_mass));
   k.label_term = static_cast<Acc>(g / temperature);
   k.base = static_cast<Acc>((g + g_entropy * entropy) / temperature);
   k.slope = static_cast<Acc>(g_entropy / temperature);
@@ -174,11 +200,11 @@ RLHF_FAST_HD RowGradCoefficients<Acc> row_grad_coefficients(double temperature, 
 }
 
 // Switches k to the row's recomputed max m (-inf: no finite logit, shift 0 as in the forward) and
-// s = sum_k 2^((x_k - m) log2(e) / T) = sum_k e^((x_k - m) / T).
+// s = sum_k 2^((x_k - m) log2(e) / T) = sum_k e^((x_k - m) / T): log_norm = ln s - log_mass.
 template <typename Acc>
-RLHF_FAST_HD void use_recomputed_sums(RowGradCoefficients<Acc>& k, Acc m, Acc s) {
+RLHF_FAST_HD void use_recomputed_sums(RowGradCoefficients<Acc>& k, Acc m, Acc s, double log_mass) {
   k.shift = m == -static_cast<Acc>(INFINITY) ? Acc(0) : m;
-  k.log_norm = static_cast<Acc>(log2(static_cast<double>(s)) * kLn2);
+  k.log_norm = static_cast<Acc>(shard_log_norm(log2(static_cast<double>(s)) * kLn2, log_mass));
 }
 
 // Backward, one element: log p (natural units).
