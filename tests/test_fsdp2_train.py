@@ -5,7 +5,8 @@ process a half of each global batch), and whole in one process on the same globa
 curves agree within float tolerance, the processes end with identical gathered parameters, equal to
 the single process's, and the consolidated model directory holds them. A run stopped after some
 steps (``train.stop_after``, its sharded checkpoint) and resumed ends exactly where the uninterrupted
-two-process run does, and so does a torchrun run killed outright (SIGKILL) mid-run, then resumed.
+two-process run does, and so does a torchrun run killed outright (SIGKILL) mid-run, then resumed. RL's
+dynamic sampling runs its rounds in lockstep when one process needs more of them than the other.
 
 One spawn runs every case of a test in each worker (starting the processes and importing
 transformers is most of the time); each worker writes what it found to files the test reads.
@@ -189,6 +190,43 @@ def case_nonfinite(rank: int, tmp: Path) -> None:
     torch.save(params, tmp / f"sft_nan_rank{rank}.pt")
 
 
+DYNAMIC = {"algo.name": "grpo", "rollout.group_size": 2, "rollout.dynamic_sampling": True,
+           "rollout.max_sampling_rounds": 3, "algo.epochs": 1}  # fmt: skip
+
+
+def case_dynamic_sampling(rank: int, tmp: Path) -> None:
+    """GRPO with dynamic sampling over two sharded processes: in step 1 rank 1's first round has no
+    group with a spread of scores (it needs a second round) while rank 0's first round fills its batch,
+    so rank 0 samples and scores the second round along (generation on the gathered policy and the
+    sharded reward model's forward are collectives); step 2 takes one round on both. Each rank saves
+    its count of scorings and its gathered policy."""
+    from rlhf_fast.train.models import arch_config
+    from rlhf_fast.train.reward_model import RewardModel
+    from rlhf_fast.train.rl.steps import score_step
+    from rlhf_fast.train.rl.trainer import RLTrainer
+    from rlhf_fast.train.task import build_tokenizer
+
+    scorings = [0]
+
+    def score_fn(trainer, rollout):
+        scorings[0] += 1
+        scores, stats = score_step(trainer, rollout)  # the sharded reward model's forward
+        if rank == 1 and scorings[0] == 1:
+            return torch.full_like(scores, 0.5), stats  # no spread in any group: rank 1 is short
+        return torch.arange(len(scores), dtype=scores.dtype), stats  # every group has a spread
+
+    config = rl_config(tmp / "rl_dynamic", WORLD, **DYNAMIC)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(1234)  # the same reward model in every process
+    reward_model = RewardModel.from_backbone_config(arch_config(config.model, tokenizer))
+    trainer = RLTrainer(config, tokenizer=tokenizer, reward_model=reward_model, score_fn=score_fn)
+    trainer.train()
+    for model in (trainer.policy, trainer.ref_policy, trainer.reward_model):
+        whole = [n for n, p in model.named_parameters() if type(p).__name__ != "DTensor"]
+        assert not whole, f"{type(model).__name__} left gathered: {whole[:3]}"
+    torch.save({"scorings": scorings[0], "policy": whole_params(trainer.policy)}, tmp / f"rl_dynamic_rank{rank}.pt")
+
+
 def _worker(rank: int, port: int, tmp: str, names: list[str], resume: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -199,6 +237,8 @@ def _worker(rank: int, port: int, tmp: str, names: list[str], resume: bool) -> N
             try:
                 if name == "sft_nan":
                     case_nonfinite(rank, Path(tmp))
+                elif name == "rl_dynamic":
+                    case_dynamic_sampling(rank, Path(tmp))
                 else:
                     case_trainer(rank, Path(tmp), name, resume)
             except Exception:
@@ -300,6 +340,28 @@ def test_fsdp2_rl_matches_one_process_and_resumes_exactly(tmp_path):
 
     evals = [r for r in read_metrics(tmp_path / "rl_fsdp2" / "metrics.jsonl") if r["split"] == "eval"]
     assert len(evals) == 1 and evals[0]["prompts"] == 5
+
+
+def test_fsdp2_accepts_dynamic_sampling(tmp_path):
+    """The config takes dynamic sampling with fsdp2 (its rounds run in lockstep), once refused."""
+    config = rl_config(tmp_path, WORLD, **DYNAMIC)
+    assert config.dist.strategy == "fsdp2" and config.rollout.dynamic_sampling
+
+
+@pytest.mark.slow
+def test_fsdp2_rl_dynamic_sampling_runs_the_rounds_in_lockstep(tmp_path):
+    """Rank 1 needs two rounds in step 1, rank 0 one: both run two (the common sampling_rounds), the
+    step completes on both, and the ranks end with identical parameters."""
+    spawn(tmp_path, ["rl_dynamic"])
+    run = tmp_path / "rl_dynamic"
+    assert train_losses(run, "sampling_rounds") == [2.0, 1.0]
+    # Step 1, averaged over the ranks: rank 0 kept all 8 rows it sampled (its batch was full after the
+    # first round), rank 1 the 4 of its second round.
+    assert train_losses(run, "kept_groups_frac") == [0.75, 1.0]
+    ranks = [torch.load(tmp_path / f"rl_dynamic_rank{r}.pt") for r in range(WORLD)]
+    assert [r["scorings"] for r in ranks] == [3, 3]
+    for key, value in ranks[0]["policy"].items():
+        torch.testing.assert_close(ranks[1]["policy"][key], value, atol=0, rtol=0, msg=f"{key} differs between ranks")
 
 
 def test_resume_refuses_checkpoints_of_the_other_strategy(tmp_path):

@@ -44,7 +44,7 @@ class RolloutConfig(Section):
     max_prompt_length: int = 32
     """Prompts longer than this many tokens keep their end (and BOS)."""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling (verl's filter_groups): drop the groups whose scores are all equal (no gradient under a group baseline) and sample more prompts until batch_size sequences are kept; needs group_size >= 2."""
+    """DAPO's dynamic sampling (verl's filter_groups): drop the groups whose scores are all equal (no gradient under a group baseline) and sample more prompts until batch_size sequences are kept; needs group_size >= 2. Over several processes (ddp or fsdp2) all sample the same number of rounds, until none is short: a process already full samples and scores the extra rounds too (generation and a sharded reward model's forward are collectives) and drops their groups."""
     max_sampling_rounds: int = 4
     """Dynamic sampling: most rounds of sampling per step; a batch still short after them is filled with dropped groups (whose group-baseline advantages are 0)."""
     overlong_filter: bool = False
@@ -337,11 +337,6 @@ class RLConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         rollout, algo = self.rollout, self.algo
-        if self.dist.strategy == "fsdp2" and rollout.dynamic_sampling:
-            # A sharded reward model's forward is a collective: every process must score as often as
-            # the others, and dynamic sampling's rounds differ by process.
-            raise ConfigError("rollout.dynamic_sampling=true does not run with dist.strategy=fsdp2 (each process samples "
-                              "a different number of rounds, and the sharded reward model scores in lockstep); use dist.strategy=ddp")
         if rollout.batch_size % algo.mini_batch_size:
             raise ConfigError(
                 f"algo.mini_batch_size={algo.mini_batch_size} must divide rollout.batch_size={rollout.batch_size} "

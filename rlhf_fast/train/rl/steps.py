@@ -24,7 +24,7 @@ from rlhf_fast.options import PolicyLossOptions
 
 from .. import dist
 from ..fsdp import gathered
-from ..loop import NonFiniteError, all_finite, any_process, guarded_step
+from ..loop import NonFiniteError, all_finite, any_process, dist_device, guarded_step
 from .rollout import Rollout, cat_rollouts, generate, has_linear_head, response_hidden, response_logits, sequence_logprobs
 
 
@@ -127,7 +127,7 @@ def checked_scores(trainer, rollout: Rollout, parts: dict[str, torch.Tensor]) ->
     """Raise NonFiniteError when a reward (the reward model's, the reward function's, or their sum)
     is NaN or inf here, naming the first such row, its value, its source, prompt and response. No
     collective: the callers (``sample_step``, ``remax_advantage``) make every process agree once
-    (``agree_on``), however many times each scored (dynamic sampling's rounds differ by process)."""
+    (``agree_on``), after its last scoring (dynamic sampling may score several rounds)."""
     for key, source in (("rm_score", "the reward model"), ("fn_score", getattr(trainer.reward_fn, "name", "reward_fn")),
                         ("score", "the sum of the rewards")):  # fmt: skip
         if key not in parts:
@@ -197,28 +197,42 @@ def sample_step(trainer) -> tuple[Rollout, torch.Tensor, dict[str, torch.Tensor]
     """``rollout_fn`` then ``score_fn`` on the next prompts, with the rollout options of DAPO
     (Yu et al. 2025, arXiv:2503.14476): the soft overlong punishment added to the scores, dynamic
     sampling (groups with a spread of scores only, more rounds until the batch is full) and
-    overlong filtering (truncated responses masked out of the loss, after scoring)."""
+    overlong filtering (truncated responses masked out of the loss, after scoring).
+
+    Dynamic sampling's rounds run in lockstep: rollout and scoring may be collectives (FSDP2's
+    gathered generation, a sharded reward model's forward, a user's rollout_fn), so after each round
+    the processes decide together whether to sample another (``another_round``: one all-reduce of
+    "this process still needs sequences" and "its scoring failed"), and every process runs the same
+    number of rounds, at most max_sampling_rounds. A process whose batch is already full samples and
+    scores the round too; what it keeps there lies beyond its batch_size rows and is dropped, not kept
+    for the next step (carried-over groups would be state a checkpoint must save for a resume to stay
+    exact, and stale under the next update). Each process's batch is then filled as in one process:
+    its kept groups in order, then its dropped ones when the rounds ran out. ``sampling_rounds`` is
+    that common count; ``kept_groups_frac`` counts every row sampled, the surplus rounds' included."""
     cfg = trainer.config.rollout
+    most_rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
     kept, dropped, stats, rounds, error = [], [], [], 0, None
-    while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+    while True:
         rounds += 1
         rollout = trainer.rollout_fn(trainer, trainer.next_prompts())
         result, error = scored(trainer, rollout)
-        if error is not None:
+        if error is None:
+            scores, score_stats = result
+            scores, shaped = overlong_punishment(trainer, rollout, scores)
+            stats.append(score_stats | shaped)
+            if cfg.dynamic_sampling:
+                spread = scores.view(-1, cfg.group_size).std(dim=-1) > 0
+                rows = spread.repeat_interleave(cfg.group_size)
+                kept.append((rollout.select(rows.nonzero().flatten()), scores[rows]))
+                dropped.append((rollout.select((~rows).nonzero().flatten()), scores[~rows]))
+            else:
+                kept.append((rollout, scores))
+        if rounds >= most_rounds:
             break
-        scores, score_stats = result
-        scores, shaped = overlong_punishment(trainer, rollout, scores)
-        stats.append(score_stats | shaped)
-        if not cfg.dynamic_sampling:
-            kept.append((rollout, scores))
+        short = error is None and sum(len(r) for r, _ in kept) < cfg.batch_size
+        if not another_round(short, error is not None):
             break
-        spread = scores.view(-1, cfg.group_size).std(dim=-1) > 0
-        rows = spread.repeat_interleave(cfg.group_size)
-        kept.append((rollout.select(rows.nonzero().flatten()), scores[rows]))
-        dropped.append((rollout.select((~rows).nonzero().flatten()), scores[~rows]))
-        if sum(len(r) for r, _ in kept) >= cfg.batch_size:
-            break
-    agree_on(trainer, error)  # once per step on every process, whatever its rounds
+    agree_on(trainer, error)  # once per step on every process, after the same number of rounds
     parts = [(r, s) for r, s in kept + dropped if len(r)]
     pad = trainer.tokenizer.pad_token_id if trainer.tokenizer.pad_token_id is not None else trainer.tokenizer.eos_token_id
     rollout = cat_rollouts([r for r, _ in parts], pad).select(torch.arange(cfg.batch_size))
@@ -232,6 +246,17 @@ def sample_step(trainer) -> tuple[Rollout, torch.Tensor, dict[str, torch.Tensor]
         rollout.response_mask = rollout.response_mask & ~truncated.unsqueeze(-1)
         summary["overlong_frac"] = truncated.float().mean()
     return rollout, scores, summary
+
+
+def another_round(short: bool, failed: bool) -> bool:
+    """Whether every process samples another round of dynamic sampling: some process is ``short`` of
+    sequences and none's scoring ``failed`` (a failure ends the rounds everywhere at once, and
+    ``agree_on`` then raises it). One all-reduce of the two flags, called once per round by all."""
+    if not dist.initialized():
+        return short and not failed
+    flags = torch.tensor([float(short), float(failed)], dtype=torch.float64, device=dist_device())
+    any_short, any_failed = (float(x) > 0 for x in dist.all_reduce_sum(flags).tolist())
+    return any_short and not any_failed
 
 
 def truncated_responses(trainer, rollout: Rollout) -> torch.Tensor:
