@@ -1,0 +1,267 @@
+"""fused_policy_loss's one-kernel path (kernels/policy_epilogue.py): the loss, stats and logits'
+gradient equal today's three-step path (forward kernel, [B, T] autograd, backward kernel) and the
+float64 reference, for every objective and option the kernel computes; other calls keep the old path.
+
+Triton is interpreted on CPU here (tests/conftest.py): small shapes; the broad sweep is `slow`."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.backends.registry import can_serve
+from rlhf_fast.backends.triton import TritonProvider
+from rlhf_fast.objectives import OBJECTIVES
+
+from numerics import (assert_close, assert_within_one_ulp, poison, policy_term_scale, random_mask, rel_err, tolerance,
+                      truncates)  # fmt: skip
+
+fpl = importlib.import_module("rlhf_fast.ops.fused_policy_loss")  # the module: the package re-exports the function
+pytestmark = pytest.mark.skipif(not can_serve("triton", torch.device("cpu"), torch.float32),
+                                reason="Triton cannot run on CPU here")  # fmt: skip
+
+OBJECTIVE_CASES = [
+    dict(objective="ppo", clip_eps=0.2),
+    dict(objective="ppo", clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0),
+    dict(objective="ppo", clip_eps=None),
+    dict(objective="ppo", clip_eps=None, dual_clip=2.0),
+    dict(objective="cispo", clip_eps=None, clip_eps_high=0.28),
+    dict(objective="cispo", clip_eps=0.2),
+    dict(objective="cispo", clip_eps=None),
+    dict(objective="gpg"),
+    dict(objective="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05),
+]
+KL_CASES = [
+    {},
+    dict(kl_coef=0.1, kl_estimator="k3"),
+    dict(kl_coef=0.05, kl_estimator="k1"),
+    dict(kl_coef=0.2, kl_estimator="k2", kl_clamp=0.02),
+    dict(kl_coef=0.3, kl_estimator="abs"),
+    dict(kl_coef=0.1, kl_estimator="k3", kl_clamp=0.01),
+    dict(kl_coef=0.1, kl_estimator="k3+", kl_clamp=0.01),
+    dict(kl_coef=0.1, kl_estimator="abs+"),
+    dict(kl_coef=0.0, kl_estimator="k2"),  # ref_logp for the "kl" stat only
+]
+ROLLOUT_CASES = [
+    {},
+    dict(rollout_is="token", rollout_is_threshold=1.5),
+    dict(rollout_is="sequence", rollout_is_mode="mask", rollout_is_threshold=3.0),
+    dict(rollout_is="geometric", rollout_is_mode="masked_weight", rollout_is_threshold=1.3),
+    dict(rollout_is="token", rollout_is_mode="truncate", rollout_is_threshold=1.5, rollout_is_threshold_low=0.8),
+]
+AGGS = reference.AGG_MODES
+
+
+def case(rows=4, tokens=5, vocab=37, dtype=torch.float32, *, pad=3, neg_inf=True):
+    """Logits [rows, tokens, vocab + pad] (the op sees [..., :vocab]: a row stride that is not V),
+    some -inf entries away from the labels, a mask with an empty and a full row, labels with
+    garbage at masked positions, and [B, T] inputs poisoned there."""
+    mask = random_mask(rows, tokens, "mixed")
+    full = torch.randn(rows, tokens, vocab + pad, dtype=torch.float64) * 2
+    labels = torch.randint(0, vocab, (rows, tokens))
+    if neg_inf:
+        holes = (torch.rand(rows, tokens, vocab) < 0.1) & (torch.arange(vocab) != labels.unsqueeze(-1))
+        full[..., :vocab] = full[..., :vocab].masked_fill(holes, -torch.inf)
+    full = full.to(dtype)
+    logp = reference.token_logprobs(full[..., :vocab].double(), labels).float()
+    old_logp = logp + 0.3 * torch.randn(rows, tokens)
+    inputs = dict(
+        old_logp=poison(old_logp, mask),
+        advantages=poison(torch.randn(rows, tokens), mask),
+        mask=mask,
+        ref_logp=poison(old_logp + 0.2 * torch.randn(rows, tokens), mask),
+        rollout_logp=poison(old_logp + 0.3 * torch.randn(rows, tokens), mask),
+    )
+    garbage = torch.tensor([-100, vocab + 7, -1])[torch.randint(0, 3, (rows, tokens))]
+    return full, torch.where(mask, labels, garbage), inputs, vocab
+
+
+@contextmanager
+def counted_launches():
+    """Counts the Triton provider's calls: epilogue, token_logprobs forward and backward."""
+    counts = {"policy_epilogue_forward": 0, "token_logprobs_forward": 0, "token_logprobs_backward": 0}
+    patches = []
+    for method in counts:
+        original = getattr(TritonProvider, method)
+
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            counts[_method] += 1
+            return _original(self, *args, **kwargs)
+
+        patches.append(mock.patch.object(TritonProvider, method, spy))
+    for p in patches:
+        p.start()
+    try:
+        yield counts
+    finally:
+        for p in patches:
+            p.stop()
+
+
+def run(full, labels, inputs, vocab, *, in_kernel, inplace=False, upstream=1.0, **kwargs):
+    """(loss, stats, gradient of the [..., :vocab] logits, provider calls) of one fused_policy_loss."""
+    leaf = full.clone().requires_grad_(True)
+    x = (leaf * 1.0)[..., :vocab] if inplace else leaf[..., :vocab]
+    args = {k: v for k, v in inputs.items() if k != "rollout_logp" or kwargs.get("rollout_is")}
+    fits = fpl._loss_gradient_fits_the_kernel
+    decide = fits if in_kernel else lambda *a: False
+    with mock.patch.object(fpl, "_loss_gradient_fits_the_kernel", decide), counted_launches() as counts:
+        loss, stats = rlhf_fast.fused_policy_loss(x, labels, backend="triton", inplace_backward=inplace, **args,
+                                                  **kwargs)  # fmt: skip
+        (loss * upstream).backward()
+    assert (leaf.grad[..., vocab:] == 0).all()
+    return loss.detach(), stats, leaf.grad[..., :vocab], counts
+
+
+def check(full, labels, inputs, vocab, *, inplace=False, upstream=1.0, **kwargs):
+    """The one-kernel path against today's path and the float64 reference."""
+    loss, stats, grad, counts = run(full, labels, inputs, vocab, in_kernel=True, inplace=inplace, upstream=upstream,
+                                    **kwargs)  # fmt: skip
+    recomputed = int(upstream != 1.0 and full.dtype != torch.float32 and not inplace and upstream not in (2.0, 0.5))
+    assert counts == {"policy_epilogue_forward": 1, "token_logprobs_forward": 0, "token_logprobs_backward": recomputed}
+    want, want_stats, want_grad, old_counts = run(full, labels, inputs, vocab, in_kernel=False, inplace=inplace,
+                                                  upstream=upstream, **kwargs)  # fmt: skip
+    assert old_counts["policy_epilogue_forward"] == 0 and old_counts["token_logprobs_forward"] == 1
+    # Same logp and entropy (the same forward numerics), the same [B, T] code: the same loss and stats.
+    assert torch.equal(loss, want), (loss.item(), want.item())
+    assert set(stats) == set(want_stats)
+    for key, value in want_stats.items():
+        assert torch.allclose(stats[key], value, rtol=1e-6, atol=1e-7, equal_nan=True), (key, stats[key], value)
+    mask = inputs["mask"]
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+    if grad.dtype == torch.float32:
+        assert rel_err(grad, want_grad, floor=grad[..., 0].numel() ** 0.5) < 1e-6
+    else:
+        assert_within_one_ulp(grad, want_grad, "grad vs today's path")
+
+    # The float64 reference on the same logit values.
+    y = full[..., :vocab].double().requires_grad_(True)
+    options = {k: v for k, v in kwargs.items() if k not in ("temperature", "entropy_coef")}
+    ref_inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    if not kwargs.get("rollout_is"):
+        ref_inputs.pop("rollout_logp")
+    exact, exact_stats = reference.fused_policy_loss(y, labels, temperature=kwargs.get("temperature", 1.0),
+                                                     entropy_coef=kwargs.get("entropy_coef", 0.0), **ref_inputs,
+                                                     **options)  # fmt: skip
+    (exact * upstream).backward()
+    agg = kwargs.get("agg", "token-mean")
+    logp, entropy = reference.token_logprobs(y.detach(), torch.where(mask, labels, 0), return_entropy=True,
+                                             temperature=kwargs.get("temperature", 1.0))  # fmt: skip
+    scale = policy_term_scale(logp, inputs["old_logp"], inputs["advantages"], mask, agg,
+                              ref_logp=inputs["ref_logp"], kl_coef=kwargs.get("kl_coef", 0.0))  # fmt: skip
+    scale += abs(kwargs.get("entropy_coef", 0.0)) * reference.aggregate(entropy, mask, agg).abs().item()
+    budget = tolerance(torch.float32)
+    assert abs(loss.item() - exact.item()) <= budget * max(abs(exact.item()), scale, 1e-2), (loss.item(), exact.item())
+    assert_close(grad, y.grad, "grad vs float64", floor=grad[..., 0].numel() ** 0.5,
+                 truncated=truncates("triton", "cpu", grad.dtype))  # fmt: skip
+    for key, value in exact_stats.items():
+        assert stats[key].item() == pytest.approx(value.item(), rel=budget, abs=1e-6), key
+
+
+def test_kernel_objectives_are_the_kernels_and_separable():
+    from rlhf_fast.kernels.policy_epilogue import OBJECTIVE_CODE
+
+    assert tuple(OBJECTIVE_CODE) == fpl.KERNEL_OBJECTIVES
+    assert all(OBJECTIVES[name].separable for name in fpl.KERNEL_OBJECTIVES)
+
+
+# Fast tier: every objective case once in float32 and once in bfloat16, the other options
+# cycled over them so that each value of each appears.
+FAST = [
+    dict(dtype=dtype, inplace=inplace, options=dict(objective, agg=agg, temperature=temperature,
+                                                     entropy_coef=coef, **kl, **rollout))
+    for (objective, dtype), agg, kl, rollout, coef, temperature, inplace in zip(
+        itertools.product(OBJECTIVE_CASES, (torch.float32, torch.bfloat16)),
+        itertools.cycle(AGGS), itertools.cycle(KL_CASES), itertools.cycle(ROLLOUT_CASES),
+        itertools.cycle((0.0, 0.01, -0.02)), itertools.cycle((1.0, 0.7, 1.3)), itertools.cycle((False, True, False)),
+    )
+]  # fmt: skip
+
+
+def _id(params):
+    o = params["options"]
+    return "-".join([str(params["dtype"]).removeprefix("torch."), "inplace" if params["inplace"] else "out"]
+                    + [f"{k}={v}" for k, v in o.items()])  # fmt: skip
+
+
+@pytest.mark.parametrize("params", FAST, ids=_id)
+def test_equals_todays_path_and_reference(params):
+    full, labels, inputs, vocab = case(dtype=params["dtype"])
+    check(full, labels, inputs, vocab, inplace=params["inplace"], **params["options"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", OBJECTIVE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_option_combination(objective, dtype):
+    """agg x KL x entropy x rollout correction x temperature x inplace for one objective and dtype."""
+    for agg, kl, rollout, coef, temperature, inplace in itertools.product(
+        AGGS, KL_CASES, ROLLOUT_CASES, (0.0, 0.01), (1.0, 0.7), (False, True)
+    ):  # fmt: skip
+        full, labels, inputs, vocab = case(rows=3, tokens=4, vocab=19, dtype=dtype)
+        check(full, labels, inputs, vocab, inplace=inplace, agg=agg, temperature=temperature, entropy_coef=coef,
+              **objective, **kl, **rollout)  # fmt: skip
+
+
+@pytest.mark.parametrize("vocab", [1, 17, 300])
+def test_vocabulary_sizes_and_tiles(vocab):
+    """V = 1 (p = 1 exactly), a small tile of several rows, and a one-row tile wider than one chunk."""
+    full, labels, inputs, vocab = case(rows=3, tokens=3, vocab=vocab, neg_inf=vocab > 1)
+    check(full, labels, inputs, vocab, objective="ppo", clip_eps=0.2, entropy_coef=0.01, kl_coef=0.1,
+          temperature=0.9)  # fmt: skip
+
+
+@pytest.mark.parametrize("upstream", [0.5, -0.3, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scaled_backward(dtype, upstream):
+    """A 16-bit gradient scaled by a non-power of two is recomputed by the backward kernel from the
+    epilogue's token gradients; otherwise the kernel's gradient is scaled."""
+    full, labels, inputs, vocab = case(rows=3, tokens=4, dtype=dtype)
+    check(full, labels, inputs, vocab, upstream=upstream, objective="ppo", entropy_coef=0.01, kl_coef=0.1)
+
+
+def test_second_backward_and_inplace():
+    full, labels, inputs, vocab = case(rows=3, tokens=4)
+    x = full[..., :vocab].clone().requires_grad_(True)
+    loss, _ = rlhf_fast.fused_policy_loss(x, labels, backend="triton", kl_coef=0.1, **inputs | {"rollout_logp": None})
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()  # recomputed from the logits by the backward kernel
+    assert torch.allclose(x.grad, 2 * first, rtol=1e-6, atol=1e-9)
+
+    leaf = full[..., :vocab].clone().requires_grad_(True)
+    view = leaf * 1.0
+    loss2, _ = rlhf_fast.fused_policy_loss(view, labels, backend="triton", kl_coef=0.1, inplace_backward=True,
+                                           **inputs | {"rollout_logp": None})  # fmt: skip
+    assert view._version > 0  # written in place, and marked so
+    assert torch.allclose(view.detach(), first, rtol=1e-6, atol=1e-9)  # the gradient, before any backward
+    loss2.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be computed again"):
+        loss2.backward()
+
+
+@pytest.mark.parametrize("options", [
+    dict(objective="gspo"),
+    dict(objective="ppo", kl_coef=0.1, kl_is_correction=True),
+    dict(objective="ppo", top_entropy_quantile=0.5),
+])  # fmt: skip
+def test_other_losses_keep_todays_path(options):
+    full, labels, inputs, vocab = case(rows=3, tokens=4)
+    _, _, _, counts = run(full, labels, inputs, vocab, in_kernel=True, **options)
+    assert counts == {"policy_epilogue_forward": 0, "token_logprobs_forward": 1, "token_logprobs_backward": 1}
+
+
+def test_decision():
+    logits = torch.randn(2, 3, 5)
+    plain = rlhf_fast.PolicyLossOptions()
+    assert fpl._loss_gradient_fits_the_kernel(logits, plain, "triton")
+    for backend in ("torch", "host", "cuda"):
+        assert not fpl._loss_gradient_fits_the_kernel(logits, plain, backend)
+    assert not fpl._loss_gradient_fits_the_kernel(logits, rlhf_fast.PolicyLossOptions(objective="gmpo"), "triton")
