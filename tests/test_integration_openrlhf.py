@@ -1,17 +1,20 @@
 """rlhf_fast.integrations.openrlhf against OpenRLHF's own code: its PolicyLoss, ValueLoss,
 PairWiseLoss, LogExpLoss, compute_approx_kl, log_probs_from_logits, compute_entropy and
-Actor.forward, called the same way on random batches with padding, give the drop-ins' values and
-gradients; enable() / disable() swap the names where OpenRLHF's trainers import them.
+Actor.forward (on tiny transformers models built from configs), called the same way on random
+batches with padding, give the drop-ins' values and gradients; enable() / disable() swap the names
+where OpenRLHF's trainers import them.
 
 OpenRLHF's models package imports deepspeed, flash_attn and peft at module level (GPU training
-stacks) though none of the code compared here calls them: where they are not installed, the
-``openrlhf`` fixture stands in empty modules for them while it imports OpenRLHF, and removes
-them (and OpenRLHF's modules) afterwards.
+stacks): where they are not installed, the ``openrlhf`` fixture stands in modules for them while
+it imports OpenRLHF, and removes them (and OpenRLHF's modules) afterwards. The stand-ins are empty
+but for flash_attn's unpad / pad helpers, which OpenRLHF's packed-samples path calls: those are
+written out in torch below.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import sys
@@ -28,10 +31,36 @@ from rlhf_fast.integrations import openrlhf as ours
 # Two float32 computations of one formula, each within the float32 budget of the exact value.
 BUDGET = 2 * tolerance(torch.float32)
 
+
+def _unpad_input(hidden, attention_mask):
+    """flash_attn.bert_padding.unpad_input: the attended rows of [B, T, ...] and where they were."""
+    indices = torch.nonzero(attention_mask.flatten()).flatten()
+    lengths = attention_mask.sum(-1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return hidden.flatten(0, 1)[indices], indices, cu_seqlens, int(lengths.max()), lengths
+
+
+def _pad_input(hidden, indices, batch, seqlen):
+    """flash_attn.bert_padding.pad_input: the rows back at ``indices`` of [B, T, ...], zeros elsewhere."""
+    out = hidden.new_zeros(batch * seqlen, *hidden.shape[1:])
+    out[indices] = hidden
+    return out.view(batch, seqlen, *hidden.shape[1:])
+
+
+def _rearrange(x, pattern):
+    assert pattern == "b s ... -> (b s) ...", pattern  # the only one OpenRLHF's packing uses
+    return x.flatten(0, 1)
+
+
 _STAND_INS = {
     "deepspeed": {"utils": types.SimpleNamespace(set_z3_leaf_modules=None)},
     "flash_attn": {},
-    "flash_attn.bert_padding": dict.fromkeys(("index_first_axis", "pad_input", "rearrange", "unpad_input")),
+    "flash_attn.bert_padding": {
+        "index_first_axis": lambda x, indices: x[indices],
+        "pad_input": _pad_input,
+        "rearrange": _rearrange,
+        "unpad_input": _unpad_input,
+    },
     "flash_attn.utils": {},
     "flash_attn.utils.distributed": {"all_gather": None},
     "peft": {"LoraConfig": object, "TaskType": object, "get_peft_model": None},
@@ -53,10 +82,14 @@ def openrlhf():
     its GPU-only imports where those are missing; everything is unloaded at the end."""
     pytest.importorskip("openrlhf", reason="OpenRLHF is not installed (pip install --no-deps openrlhf==0.11.2 pylatexenc)")
     before = set(sys.modules)
+    missing = [name for name in _STAND_INS if _missing(name)]  # before a stand-in parent shadows its package
     with pytest.MonkeyPatch.context() as patch:
         for name, attrs in _STAND_INS.items():
-            if _missing(name):
+            if name in missing:
                 module = types.ModuleType(name)
+                # A spec without a distribution: transformers' is_deepspeed_available() calls
+                # find_spec("deepspeed"), which raises on a module whose __spec__ is None.
+                module.__spec__ = importlib.machinery.ModuleSpec(name, None)
                 module.__dict__.update(attrs)
                 patch.setitem(sys.modules, name, module)
         try:
@@ -233,25 +266,149 @@ def test_log_probs_and_entropy_match_openrlhf(openrlhf, temperature):
         _assert_close(mine, stock, what)
 
 
-class _TinyLM(torch.nn.Module):
-    """A causal-LM stand-in for Actor: embedding -> tanh -> head, returning {"logits": ...}."""
-
-    def __init__(self, vocab=40, hidden=16):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, hidden)
-        self.head = torch.nn.Linear(hidden, vocab)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        from transformers.modeling_outputs import CausalLMOutput
-
-        return CausalLMOutput(logits=self.head(torch.tanh(self.embed(input_ids))))
+VOCAB = 61
 
 
-def _actor_step(actor, sequences, action_mask, attention_mask):
-    actor.zero_grad()
-    logp, output = actor(sequences, action_mask, attention_mask=attention_mask, return_output=True, return_entropy=True)
-    (logp.sum() + 0.1 * output.entropy.sum()).backward()
-    return logp.detach(), output.entropy.detach(), actor.model.head.weight.grad.clone()
+def _tiny_lm(family: str) -> torch.nn.Module:
+    """A float32 causal LM from a config (no download), in eval mode: no dropout between the two runs."""
+    transformers = pytest.importorskip("transformers")
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False),
+        # GPT-2 ties lm_head to the token embedding (wte).
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4),
+        # Cohere scales the head's output by config.logit_scale (rlhf_fast.hf.head_options).
+        "cohere": lambda: transformers.CohereConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, logit_scale=0.5),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]()).float().eval()
+    # As Actor.__init__ sets it when it loads the model; with a cache, transformers would not
+    # separate packed samples by their position_ids (OpenRLHF's packing relies on it).
+    model.config.use_cache = False
+    return model
+
+
+def _actor_batch(rows=3, tokens=11, actions=5):
+    """sequences [B, T], attention_mask (left-padded prompts, right-padded responses), action_mask [B, A]."""
+    generator = torch.Generator().manual_seed(1)
+    sequences = torch.randint(1, VOCAB, (rows, tokens), generator=generator)
+    attention_mask = torch.ones(rows, tokens, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    attention_mask[1, -2:] = 0
+    sequences[attention_mask == 0] = 0
+    action_mask = attention_mask[:, -actions:].bool()
+    action_mask[2, 1] = False
+    return sequences, attention_mask, action_mask
+
+
+def _head_must_not_run(model, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lm_head's forward ran: the [B, T, V] logits were built")
+
+    monkeypatch.setattr(model.get_output_embeddings(), "forward", refuse)
+
+
+def _actor_run(forward, actor, sequences, attention_mask, action_mask, kwargs):
+    """forward(actor, ...)'s log-probs, entropy (or None) and every parameter's gradient of a
+    weighted sum of both (fixed random weights, so that no position's error can cancel)."""
+    actor.model.zero_grad(set_to_none=True)
+    out = forward(actor, sequences, action_mask, attention_mask=attention_mask, **kwargs)
+    logp, output = out if kwargs.get("return_output") else (out, None)
+    generator = torch.Generator().manual_seed(2)
+    loss = (logp * torch.randn(logp.shape, generator=generator)).sum()
+    entropy = None
+    if kwargs.get("return_entropy"):
+        entropy = output.entropy
+        loss = loss + (entropy * torch.randn(entropy.shape, generator=generator)).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in actor.model.named_parameters() if p.grad is not None}
+    return logp.detach(), None if entropy is None else entropy.detach(), grads
+
+
+def _assert_actor_runs_equal(mine, stock, what):
+    (logp, entropy, grads), (stock_logp, stock_entropy, stock_grads) = mine, stock
+    assert logp.dtype == torch.float32 and logp.shape == stock_logp.shape, f"{what}: {logp.dtype} {tuple(logp.shape)}"
+    _assert_close(logp, stock_logp, f"{what} log-probs")
+    if stock_entropy is not None:
+        assert entropy.shape == stock_entropy.shape, f"{what}: entropy {tuple(entropy.shape)}"
+    _assert_close(entropy, stock_entropy, f"{what} entropy")
+    assert grads.keys() == stock_grads.keys(), f"{what}: parameters with a gradient differ"
+    for name, grad in stock_grads.items():
+        _assert_close(grads[name], grad, f"{what} d / d {name}")
+
+
+ACTOR_CASES = {
+    # PPO's actor step: action log-probs, output.entropy, a temperature.
+    "actions_entropy": ({"return_output": True, "return_entropy": True}, 0.7, False),
+    # The reference model's and the experience maker's call: action log-probs only.
+    "actions": ({}, 1.0, False),
+    # SFT / DPO: every next-token log-prob, no action_mask.
+    "all_logprobs": ({"return_output": True, "return_logprobs": True}, 0.8, False),
+    # packing_samples: the padding removed, one [1, N] row.
+    "packed": ({"return_output": True, "return_entropy": True}, 0.7, True),
+}
+
+
+@pytest.mark.parametrize("case", list(ACTOR_CASES))
+@pytest.mark.parametrize("family", ["llama", "gpt2", "cohere"])
+def test_fused_actor_matches_openrlhf_actor(openrlhf, monkeypatch, family, case):
+    """actor_forward (hidden states and lm_head, linear_token_logprobs) against OpenRLHF's
+    Actor.forward (the model's logits): log-probs, entropy and every parameter's gradient; the
+    lm_head's forward never runs in the fused one."""
+    from openrlhf.models import actor as actor_module
+
+    # OpenRLHF's entropy is torch.compile'd; the stock run uses the eager function it wraps.
+    monkeypatch.setattr(actor_module, "compute_entropy", _eager(actor_module.compute_entropy))
+    kwargs, temperature, packed = ACTOR_CASES[case]
+    actor = openrlhf.Actor(_tiny_lm(family), temperature=temperature)
+    actor.packing_samples = packed  # set by Actor.__init__ only when it loads the model itself
+    sequences, attention_mask, action_mask = _actor_batch()
+    if kwargs.get("return_logprobs"):
+        action_mask = None
+    stock = _actor_run(openrlhf.Actor.forward, actor, sequences, attention_mask, action_mask, kwargs)
+    _head_must_not_run(actor.model, monkeypatch)
+    mine = _actor_run(ours.actor_forward, actor, sequences, attention_mask, action_mask, kwargs)
+    _assert_actor_runs_equal(mine, stock, f"{family} {case}")
+    if action_mask is not None:
+        assert (mine[0][~action_mask] == 0).all(), "masked actions' log-probs must be 0"
+
+
+def _refusal_actor(**attrs):
+    """What actor_forward reads of an OpenRLHF Actor, around a tiny llama."""
+    return types.SimpleNamespace(model=_tiny_lm("llama"), temperature=1.0, packing_samples=False, **attrs)
+
+
+REFUSED = ["logits", "return_entropy", "ring_attn_group", "is_vlm", "mm_inputs", "attention_mask", "action_mask",
+           "output_router_logits", "zero_stage=3"]  # fmt: skip
+
+
+@pytest.mark.parametrize("option", REFUSED)
+def test_fused_actor_refuses_what_it_cannot_serve(option):
+    actor = _refusal_actor(is_vlm=option == "is_vlm")
+    sequences, attention_mask, action_mask = _actor_batch()
+    args, kwargs = [sequences, action_mask], {"attention_mask": attention_mask, "return_output": True}
+    match = option
+    if option == "logits":
+        args[1], match = None, "action_mask=None and return_logprobs=False"
+    elif option == "return_entropy":
+        kwargs.update(return_output=False, return_entropy=True)
+    elif option == "ring_attn_group":
+        kwargs["ring_attn_group"] = object()
+    elif option == "mm_inputs":
+        kwargs["pixel_values"] = torch.zeros(1)
+    elif option == "attention_mask":
+        kwargs["attention_mask"] = None
+    elif option == "action_mask":
+        args[1] = torch.ones(3, sequences.shape[1], dtype=torch.bool)  # A must be < T
+    elif option == "output_router_logits":
+        actor.model.config.output_router_logits = True
+    elif option == "zero_stage=3":
+        actor.model.lm_head.weight.ds_id = 0  # what deepspeed.zero.Init puts on the parameters it partitions
+    with pytest.raises(ValueError, match=match):
+        ours.actor_forward(actor, *args, **kwargs)
 
 
 def test_enable_routes_openrlhf_actor_and_trainers(openrlhf, monkeypatch):
@@ -266,30 +423,38 @@ def test_enable_routes_openrlhf_actor_and_trainers(openrlhf, monkeypatch):
     # OpenRLHF's entropy is torch.compile'd; the stock run uses the eager function it wraps.
     monkeypatch.setattr(actor_module, "compute_entropy", _eager(actor_module.compute_entropy))
 
-    model = _TinyLM()
-    actor = openrlhf.Actor(model, temperature=0.8)
+    actor = openrlhf.Actor(_tiny_lm("llama"), temperature=0.8)
     actor.packing_samples = False  # set by Actor.__init__ only when it loads the model itself
-    sequences = torch.randint(0, 40, (3, 9))
-    attention_mask = torch.ones(3, 9, dtype=torch.long)
-    attention_mask[0, :2] = 0  # left padding
-    action_mask = torch.ones(3, 4, dtype=torch.bool)
-    action_mask[1, -1] = False
+    sequences, attention_mask, action_mask = _actor_batch()
+    kwargs = {"return_output": True, "return_entropy": True}
 
-    stock = _actor_step(actor, sequences, action_mask, attention_mask)
+    def call(actor, *args, **kwargs):
+        return actor(*args, **kwargs)
+
+    stock = _actor_run(call, actor, sequences, attention_mask, action_mask, kwargs)
     originals = {(m, n): getattr(sys.modules[m], n) for m, names in (ours.DEFINITIONS | ours.TRAINERS).items() for n in names}
+    stock_forward = openrlhf.Actor.forward
     patched = ours.enable()
     try:
-        assert set(patched) == {f"{m}.{n}" for m, n in originals}
+        assert set(patched) == {f"{m}.{n}" for m, n in originals} | {"openrlhf.models.actor.Actor.forward"}
         assert ours.enable() == patched  # idempotent
         for (module_name, name) in originals:
             assert getattr(sys.modules[module_name], name) is getattr(ours, name), f"{module_name}.{name}"
-        mine = _actor_step(actor, sequences, action_mask, attention_mask)
+        assert openrlhf.Actor.forward is ours.actor_forward
+        with monkeypatch.context() as head:
+            _head_must_not_run(actor.model, head)
+            mine = _actor_run(call, actor, sequences, attention_mask, action_mask, kwargs)
+        # fused_actor=False: OpenRLHF's forward, on the log_probs_from_logits / compute_entropy drop-ins.
+        assert "openrlhf.models.actor.Actor.forward" not in ours.enable(fused_actor=False)
+        assert openrlhf.Actor.forward is stock_forward
+        on_logits = _actor_run(call, actor, sequences, attention_mask, action_mask, kwargs)
     finally:
         ours.disable()
     for (module_name, name), original in originals.items():
         assert getattr(sys.modules[module_name], name) is original, f"{module_name}.{name} not restored"
-    for what, a, b in zip(("action log-probs", "entropy", "lm_head gradient"), mine, stock):
-        _assert_close(a, b, f"Actor.forward {what}")
+    assert openrlhf.Actor.forward is stock_forward, "Actor.forward not restored"
+    _assert_actor_runs_equal(mine, stock, "enable() Actor.forward")
+    _assert_actor_runs_equal(on_logits, stock, "enable(fused_actor=False) Actor.forward")
 
 
 def test_enable_skips_trainers_that_cannot_import(openrlhf):
@@ -317,6 +482,10 @@ def test_class_signatures_match_openrlhf(openrlhf, name):
 @pytest.mark.parametrize("name", ["compute_approx_kl", "log_probs_from_logits", "compute_entropy"])
 def test_function_signatures_match_openrlhf(openrlhf, name):
     assert _params(getattr(ours, name)) == _params(_eager(getattr(openrlhf.utils, name)))
+
+
+def test_actor_forward_signature_matches_openrlhf(openrlhf):
+    assert _params(ours.actor_forward) == _params(openrlhf.Actor.forward)
 
 
 def _params(fn):

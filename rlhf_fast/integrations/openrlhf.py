@@ -3,7 +3,8 @@
 The classes and functions here have the constructor and call signatures, and the return values,
 of OpenRLHF 0.11.2's (``openrlhf.models.loss``: ``PolicyLoss``, ``ValueLoss``, ``PairWiseLoss``,
 ``LogExpLoss``; ``openrlhf.models.utils``: ``compute_approx_kl``, ``log_probs_from_logits``,
-``compute_entropy``), computed by rlhf_fast's ops. They do not import OpenRLHF: use them directly,
+``compute_entropy``; ``openrlhf.models.actor``: ``Actor.forward`` as ``actor_forward``, on the
+lm_head-fused op), computed by rlhf_fast's ops. They do not import OpenRLHF: use them directly,
 or let ``enable()`` put them where OpenRLHF's trainers look them up::
 
     import rlhf_fast.integrations.openrlhf as rf_openrlhf
@@ -18,6 +19,8 @@ What the drop-ins compute differently, on purpose:
 - ``policy_loss_type="gspo"`` needs one advantage per response (the same value on each of its
   tokens, as OpenRLHF's outcome estimators give): rlhf_fast's GSPO weighs the response's ratio by
   that advantage. Per-token advantages (GAE) there raise ValueError naming the option.
+- ``actor_forward`` never builds the [B, T, V] logits, so its ``output`` has no logits (and it
+  refuses the calls whose answer is the logits, and MoE models' router aux_loss: see there).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ import torch
 
 from .. import _validate as check
 from ..choices import KL_ESTIMATORS
+from ..hf import head_of, head_options, hidden_and_head
 from ..kl_estimators import kl_loss_values
+from ..ops.linear_logprobs import linear_token_logprobs
 from ..ops.pairwise_reward_loss import pairwise_reward_loss
 from ..ops.policy_loss import policy_loss_with_options, validate_inputs
 from ..ops.token_logprobs import token_logprobs
 from ..ops.value_loss import value_loss
 from ..options import PolicyLossOptions
+from ..reference import IGNORE_INDEX
 from ..rollout_correction import Correction
 from . import check_version, warn_once_if_untested
 
@@ -314,6 +320,126 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     return token_logprobs(logits, labels, return_entropy=True)[1]
 
 
+def actor_forward(
+    self,
+    sequences: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    return_output=False,
+    allgather_logits=False,
+    return_logprobs=False,
+    ring_attn_group=None,
+    packed_seq_lens: list[int] | None = None,
+    return_entropy=False,
+    **mm_inputs,
+):
+    """OpenRLHF's ``Actor.forward`` on ``rlhf_fast.linear_token_logprobs``: the same signature and
+    return values, computed from the model's last hidden states and its lm_head
+    (``rlhf_fast.hf.hidden_and_head``), so the [B, T, V] logits are never built. ``self`` is an
+    OpenRLHF ``Actor`` (its ``model``, ``temperature``, ``packing_samples``); ``enable()`` makes
+    this its forward.
+
+    Returns, as OpenRLHF, for sequences [B, T]: with ``action_mask`` [B, A] the action log-probs
+    [B, A] (those of the tokens sequences[:, T-A:], times action_mask; only those rows are
+    computed); without it and ``return_logprobs=True`` every next-token log-prob [B, T-1]. Both
+    are float32 log_softmax(logits / temperature), the head's logit transform included
+    (``rlhf_fast.hf.head_options``). ``return_output=True`` also returns a transformers
+    ``CausalLMOutputWithPast`` without logits; ``return_entropy=True`` (which needs
+    return_output, as in OpenRLHF) sets its ``entropy`` [B, T-1], every position's as OpenRLHF
+    computes it (so every row of the sequences is computed then). Packed samples
+    (``packing_samples``: the padding removed, one [1, N] row with per-sample position_ids)
+    are supported as in OpenRLHF, padding positions 0.
+
+    Raises ValueError, naming the option, for what it cannot serve: a call that returns the logits
+    (action_mask=None and return_logprobs=False), ring attention (ring_attn_group), multimodal
+    actors (is_vlm, mm_inputs), return_output on an MoE model whose config sets
+    output_router_logits (OpenRLHF's output then carries the router's aux_loss), and a head
+    under DeepSpeed ZeRO-3 (partitioned: its forward, which gathers it, is never run). With
+    ``enable(fused_actor=False)`` OpenRLHF's own forward runs instead.
+    """
+    model = self.model
+    _check_actor_call(self, model, sequences, action_mask, attention_mask, return_output, return_logprobs,
+                      ring_attn_group, return_entropy, mm_inputs)  # fmt: skip
+    batch, seqlen = sequences.shape
+    # Row t predicts token t + 1; the last row (OpenRLHF's rolled label wraps to token 0) is dropped.
+    needed = torch.zeros(batch, seqlen, dtype=torch.bool, device=sequences.device)
+    if return_entropy or action_mask is None:
+        needed[:, :-1] = True  # OpenRLHF returns every row's entropy, or every row's log-prob
+    else:
+        needed[:, seqlen - 1 - action_mask.shape[1] : -1] = action_mask != 0
+    labels = torch.where(needed, torch.roll(sequences, shifts=-1, dims=1), IGNORE_INDEX)
+    if getattr(self, "packing_samples", False):
+        # OpenRLHF's unpad_and_slice_tensor: the attended tokens in one row, positions restarting per sample.
+        kept = torch.nonzero(attention_mask.flatten()).flatten()
+        positions = torch.clip(torch.cumsum(attention_mask, dim=-1) - 1, min=0)
+        inputs, mask, position_ids = sequences.flatten()[kept][None], None, positions.flatten()[kept][None]
+        labels = labels.flatten()[kept][None]
+    else:
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        inputs, mask = sequences, attention_mask
+    hidden, weight, bias = hidden_and_head(model, inputs, mask, position_ids=position_ids)
+    result = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                   return_entropy=return_entropy, **head_options(model))  # fmt: skip
+    logp, entropy = result if return_entropy else (result, None)
+    if getattr(self, "packing_samples", False):
+        # OpenRLHF's gather_and_pad_tensor: back to [B, T], 0 at the padding.
+        logp = _pad_packed(logp, kept, batch, seqlen)
+        entropy = None if entropy is None else _pad_packed(entropy, kept, batch, seqlen)
+    output = None
+    if return_output:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        output = CausalLMOutputWithPast()
+        if return_entropy:
+            output.entropy = entropy[:, :-1]  # an attribute, not a key, as OpenRLHF sets it
+    log_probs = logp[:, :-1]
+    if action_mask is not None:
+        log_probs = log_probs[:, -action_mask.shape[1] :] * action_mask.float()
+    return (log_probs, output) if return_output else log_probs
+
+
+def _pad_packed(values: torch.Tensor, kept: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    return values.new_zeros(batch * seqlen).index_copy(0, kept, values.flatten()).view(batch, seqlen)
+
+
+def _check_actor_call(actor, model, sequences, action_mask, attention_mask, return_output, return_logprobs,
+                      ring_attn_group, return_entropy, mm_inputs) -> None:
+    """actor_forward's refusals, each naming the option (see its docstring), before any compute."""
+    fallback = "; enable(fused_actor=False) (rlhf_fast.integrations.openrlhf) keeps OpenRLHF's Actor.forward"
+    if action_mask is None and not return_logprobs:
+        raise ValueError("Actor.forward with action_mask=None and return_logprobs=False returns the model's logits, "
+                         "which the fused actor never builds" + fallback)  # fmt: skip
+    if return_entropy and not return_output:
+        raise ValueError("Actor.forward: return_entropy=True needs return_output=True (the entropy is output.entropy)")
+    if ring_attn_group is not None:
+        raise ValueError("Actor.forward: ring_attn_group (ring attention) is not supported by the fused actor"
+                         + fallback)  # fmt: skip
+    if getattr(actor, "is_vlm", False) or mm_inputs:
+        raise ValueError(f"Actor.forward: multimodal actors (is_vlm, mm_inputs {sorted(mm_inputs)}) are not supported "
+                         "by the fused actor" + fallback)  # fmt: skip
+    if attention_mask is None:
+        raise ValueError("Actor.forward: attention_mask is required (OpenRLHF derives position_ids from it); got None")
+    check.tensor("sequences", sequences, dtypes=check.INDEX_DTYPES)
+    if sequences.dim() != 2 or sequences.shape[1] < 2:
+        raise ValueError(f"sequences must be [B, T] with T >= 2; got {check.describe(sequences)}")
+    check.tensor("attention_mask", attention_mask, shape=sequences.shape, like=("sequences", sequences))
+    if action_mask is not None:
+        check.tensor("action_mask", action_mask, like=("sequences", sequences))
+        rows, tokens = sequences.shape
+        if action_mask.dim() != 2 or action_mask.shape[0] != rows or not 1 <= action_mask.shape[1] < tokens:
+            raise ValueError(f"action_mask must be [B, A] with B = {rows} and 1 <= A < T = {tokens} (sequences "
+                             f"{tuple(sequences.shape)}); got {check.describe(action_mask)}")  # fmt: skip
+    config = getattr(model, "config", None)
+    if return_output and getattr(config, "output_router_logits", False):
+        raise ValueError("Actor.forward: return_output=True on a model with config.output_router_logits=True (an MoE "
+                         "model; OpenRLHF's output then carries the router's aux_loss, which the fused actor does not "
+                         "compute)" + fallback)  # fmt: skip
+    if any(hasattr(p, "ds_id") for p in head_of(model) if p is not None):
+        raise ValueError("Actor.forward: the lm_head is partitioned by DeepSpeed ZeRO-3 (zero_stage=3); the fused "
+                         "actor never runs the head's forward, which gathers it" + fallback)  # fmt: skip
+
+
 # Where OpenRLHF 0.11.2 defines the names and where its trainers import them from.
 _LOSSES = ("PolicyLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss")
 DEFINITIONS = {
@@ -333,14 +459,30 @@ _DROP_INS = {
     "compute_approx_kl": compute_approx_kl, "log_probs_from_logits": log_probs_from_logits,
     "compute_entropy": compute_entropy,
 }  # fmt: skip
+# Replaced on the class itself (openrlhf.models.Actor is the same class), so actors built before
+# enable() and the ones DeepSpeed wraps run it too.
+ACTOR_FORWARD = ("openrlhf.models.actor", "Actor.forward")
 _originals: dict[tuple[str, str], object] = {}
 
 
-def enable() -> tuple[str, ...]:
+def _owner_and_attr(module_name: str, name: str):
+    owner, *path = [importlib.import_module(module_name), *name.split(".")]
+    for attr in path[:-1]:
+        owner = getattr(owner, attr)
+    return owner, path[-1]
+
+
+def enable(fused_actor: bool = True) -> tuple[str, ...]:
     """Put the drop-ins in place of OpenRLHF's names, in ``openrlhf.models`` (and its ``loss``,
     ``utils``, ``actor`` modules) and in the trainer modules that import them (ppo_actor,
     ppo_critic, experience_maker, rm_trainer). Call it before the trainers are built: an object
     made earlier keeps OpenRLHF's class.
+
+    fused_actor: also make ``actor_forward`` OpenRLHF's ``Actor.forward`` (the actor's and the
+    reference model's log-probs and entropy from the hidden states and the lm_head, without
+    the [B, T, V] logits). False keeps OpenRLHF's forward, which then computes them from its
+    logits with the ``log_probs_from_logits`` / ``compute_entropy`` drop-ins: for what
+    ``actor_forward`` refuses (ZeRO-3, ring attention, VLMs, MoE aux_loss).
 
     A trainer module that cannot be imported here (ray, vllm or deepspeed missing) is skipped,
     with a warning: that trainer cannot run in this environment either. Returns the patched names
@@ -363,6 +505,13 @@ def enable() -> tuple[str, ...]:
             _originals.setdefault((module_name, name), getattr(module, name))
             setattr(module, name, _DROP_INS[name])
             patched.append(f"{module_name}.{name}")
+    owner, attr = _owner_and_attr(*ACTOR_FORWARD)
+    if fused_actor:
+        _originals.setdefault(ACTOR_FORWARD, owner.__dict__[attr])
+        setattr(owner, attr, actor_forward)
+        patched.append(".".join(ACTOR_FORWARD))
+    elif ACTOR_FORWARD in _originals:
+        setattr(owner, attr, _originals.pop(ACTOR_FORWARD))
     if skipped:
         warnings.warn("rlhf_fast.integrations.openrlhf.enable(): not patched, cannot be imported here: "
                       + "; ".join(skipped), stacklevel=2)  # fmt: skip
@@ -372,6 +521,5 @@ def enable() -> tuple[str, ...]:
 def disable() -> None:
     """Restore every name ``enable()`` replaced."""
     for (module_name, name), original in _originals.items():
-        module = importlib.import_module(module_name)
-        setattr(module, name, original)
+        setattr(*_owner_and_attr(module_name, name), original)
     _originals.clear()
