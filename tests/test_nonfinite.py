@@ -249,7 +249,8 @@ def _ddp_worker(rank: int, world: int, port: int, case: str, out_dir: str, resul
 
         def nan_in_rank_1s_second_round(prompts, responses):
             # Dynamic sampling: rank 0's groups all differ (one round); rank 1's first round has no
-            # spread (a second round), whose rewards hold a NaN. The ranks scored 1 and 2 times.
+            # spread (a second round), whose rewards hold a NaN. The rounds run in lockstep, so rank 0
+            # samples and scores that second round along with rank 1: each scored twice.
             scorings[0] += 1
             if rank == 0:
                 return [float(i) for i in range(len(responses))]
@@ -298,7 +299,7 @@ def test_two_processes_take_the_same_decision(tmp_path, case):
         assert r1["outcome"].startswith("step 1: reward_fn ") and "returned nan for row 4 on rank 1 of 8" in r1["outcome"]
         assert r0["outcome"] == "step 1: another process's rewards are NaN/inf (see its message)"
         if case == "dynamic sampling":
-            assert (r0["scorings"], r1["scorings"]) == (1, 2)
+            assert (r0["scorings"], r1["scorings"]) == (2, 2)
 
 
 # ------------------------------------------------------------------ what the ops do with NaN and inf
