@@ -17,6 +17,12 @@ What it changes, per trainer instance (the class and every other trainer stay st
 - ``SFTTrainer.compute_loss``: the completion / assistant cross-entropy through ``linear_sft_loss``.
 - ``RewardTrainer.compute_loss``: the Bradley-Terry loss through ``pairwise_reward_loss``.
 
+With several processes (DDP; accelerate's MULTI_* types) every cross-process reduction of TRL's loss
+is TRL's own, through the trainer's accelerator: the top_entropy_quantile threshold over all
+processes' tokens (``get_high_entropy_mask``), the dapo / cispo normaliser (``num_items_in_batch``)
+and the metrics; the decoder runs as the DDP wrapper's forward, so DDP syncs the gradient
+(``_hidden_and_head``). FSDP, DeepSpeed and a multi-process SFTTrainer are refused.
+
 A TRL option the mapping does not reproduce exactly raises ``NotImplementedError`` naming it, at
 ``enable`` for the trainer's configuration and at the first step for what only the batch shows
 (multimodal or padding-free batches, MoE aux losses); nothing falls back silently to another
@@ -27,6 +33,7 @@ loss. Tested with TRL 1.16.0 (``TESTED``); another version warns
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import types
 
@@ -64,7 +71,8 @@ def grpo_options(args, *, use_vllm: bool = False):
     loss_type picks the objective and agg (``_GRPO_LOSSES``); epsilon / epsilon_high are clip_eps /
     clip_eps_high (cispo's epsilon_high, a bound on the ratio itself, is 1 + clip_eps_high with no
     lower bound); delta is the dual clip; beta the k3 KL coefficient, with use_bias_correction_kl as
-    kl_is_correction; top_entropy_quantile as is; vLLM's importance-sampling correction as rollout_is
+    kl_is_correction; top_entropy_quantile as is (``enable``'s loss applies TRL's mask instead, whose
+    quantile spans all processes: ``_high_entropy_advantages``); vLLM's importance-sampling correction as rollout_is
     (``_vllm_correction``). Two TRL options are not options of the op, and ``enable``'s loss applies
     them around it: off_policy_mask_threshold (``_off_policy_advantages``) and the entropy bonus,
     entropy_coef / use_adaptive_entropy (``_entropy_bonus``).
@@ -136,23 +144,65 @@ def _vllm_correction(args) -> dict:
                 rollout_is_threshold_low=None if low is None else float(low))  # fmt: skip
 
 
-def _body(trainer, model):
-    """The unwrapped causal LM and its head options; refuses what calling its decoder directly would break."""
-    from ..hf import head_options
+_SHARDED = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")  # accelerate's DistributedType values that shard parameters
 
-    if trainer.accelerator.num_processes > 1:
-        raise _unsupported("num_processes", trainer.accelerator.num_processes,
-                           "the decoder is called outside the DDP/FSDP wrapper, which would skip its gradient sync")  # fmt: skip
-    model = trainer.accelerator.unwrap_model(model)
-    return model, head_options(model)
+
+def _hidden_and_head(trainer, model, input_ids, attention_mask, **model_kwargs):
+    """(hidden, weight, bias, head options) of the causal LM ``model`` (``rlhf_fast.hf.hidden_and_head``).
+
+    With several processes ``model`` is the trainer's DistributedDataParallel wrapper, and DDP syncs
+    gradients only for a graph built inside its forward: its forward arms the reducer
+    (``prepare_for_backward``) and, with find_unused_parameters (transformers' default without
+    gradient checkpointing), marks every parameter its outputs do not reach as unused. So the
+    decoder runs *as* the wrapper's forward (the forward redirection of TRL's distillation trainer)
+    and returns the head's parameters as views, which puts them in the outputs' graph too.
+    """
+    from ..hf import head_options, hidden_and_head
+
+    processes = trainer.accelerator.num_processes
+    if processes > 1 and trainer.accelerator.distributed_type in _SHARDED:
+        raise _unsupported("distributed_type", str(trainer.accelerator.distributed_type),
+                           "sharded parameters; rlhf_fast maps DistributedDataParallel runs")  # fmt: skip
+    inner = trainer.accelerator.unwrap_model(model)
+    head = head_options(inner)
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if processes > 1 and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+            raise _unsupported("model", type(model).__name__, "a trainable model with several processes that is not "
+                               "the trainer's DistributedDataParallel wrapper: its gradients would not be synced")  # fmt: skip
+        return (*hidden_and_head(inner, input_ids, attention_mask, **model_kwargs), head)
+
+    def run():
+        hidden, weight, bias = hidden_and_head(model.module, input_ids, attention_mask, **model_kwargs)
+        return hidden, weight.view_as(weight), None if bias is None else bias.view_as(bias)
+
+    return (*_as_forward_of(model, run), head)
+
+
+def _as_forward_of(wrapper, function):
+    """``function()`` run as ``wrapper``'s forward: wrapper.module's forward is replaced for this one call."""
+    module, missing = wrapper.module, object()
+    own = module.__dict__.get("forward", missing)  # accelerate's autocast wraps the instance's forward
+
+    def restore():
+        if own is missing:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own
+
+    def forward(*args, **kwargs):
+        restore()  # before the decoder runs, which may call the module's own forward
+        return function()
+
+    module.forward = forward
+    try:
+        return wrapper()
+    finally:
+        restore()
 
 
 def _completion_hidden(trainer, model, input_ids, attention_mask, logits_to_keep):
     """(hidden [B, K, H], weight, bias, head options) predicting the last K tokens of input_ids."""
-    from ..hf import hidden_and_head
-
-    model, head = _body(trainer, model)
-    hidden, weight, bias = hidden_and_head(model, input_ids, attention_mask)
+    hidden, weight, bias, head = _hidden_and_head(trainer, model, input_ids, attention_mask)
     hidden = hidden[:, -logits_to_keep - 1 : -1]
     if getattr(trainer.args, "cast_lm_head_to_fp32", False):
         hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
@@ -251,6 +301,11 @@ def _grpo_compute_loss(self, model, inputs):
         loss_advantages = advantages
         if self.off_policy_mask_threshold is not None:
             loss_advantages = _off_policy_advantages(self, inputs, advantages, logp, old_logp, mask)
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            # float32 entropies, as TRL's fused head gives them: ties at the threshold fall the same way
+            entropy_mask = self.get_high_entropy_mask(entropies.float(), mask, 1 - self.top_entropy_quantile)
+            loss_advantages = _high_entropy_advantages(loss_advantages, entropy_mask)
         loss, _ = fused_linear_policy_loss(hidden, weight, completion_ids, old_logp, loss_advantages, mask, bias=bias,
                                            ref_logp=ref_logp, rollout_logp=rollout_logp, normalizer=normalizer,
                                            temperature=self.temperature, options=options, **head)  # fmt: skip
@@ -258,7 +313,7 @@ def _grpo_compute_loss(self, model, inputs):
         if self.loss_type not in _GLOBAL_NORMALIZED:
             loss = loss / accumulation
         if self._entropy_bonus_enabled:
-            loss = loss - _entropy_bonus(self, mode, graph_entropies, mask, policy_loss)
+            loss = loss - _entropy_bonus(self, mode, graph_entropies, mask, entropy_mask, policy_loss)
     _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options)
     return loss
 
@@ -278,15 +333,23 @@ def _off_policy_advantages(self, inputs, advantages, logp, old_logp, mask):
     return kept.squeeze(1) if advantages.dim() == 1 else kept
 
 
-def _entropy_bonus(self, mode, entropies, mask, policy_loss):
+def _high_entropy_advantages(advantages, entropy_mask):
+    """[B, T] advantages that are 0 where TRL's high-entropy mask (top_entropy_quantile < 1) drops the
+    token. TRL multiplies those tokens' policy-gradient term by 0, before the KL term, the normaliser
+    unchanged: at A = 0 every objective is 0 with zero gradient, as for ``_off_policy_advantages``.
+    The mask is TRL's own ``get_high_entropy_mask``, whose quantile is over the valid tokens of all
+    processes (it gathers them through the accelerator); the op's own top_entropy_quantile would rank
+    this process's tokens only, so ``enable`` sets it to 1 and passes this instead."""
+    per_token = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    return per_token * entropy_mask.to(per_token.dtype)
+
+
+def _entropy_bonus(self, mode, entropies, mask, entropy_mask, policy_loss):
     """TRL 1.16's entropy bonus (``_compute_loss``, "Entropy bonus"), the term subtracted from the
-    loss: coef times the token mean of the entropy over the mask (times TRL's high-entropy mask with
-    top_entropy_quantile < 1), divided by the accumulation steps, whatever the loss_type; the
-    adaptive controller (use_adaptive_entropy, Skywork-OR1) updated and its metrics logged as TRL does."""
-    entropy_mask = None
-    if self.top_entropy_quantile < 1.0:
-        # in float32, as the op ranks them for the policy-gradient term (and as TRL's fused head gives them)
-        entropy_mask = self.get_high_entropy_mask(entropies.detach().float(), mask, 1 - self.top_entropy_quantile)
+    loss: coef times the token mean of the entropy over the mask (times TRL's high-entropy mask,
+    ``entropy_mask``, with top_entropy_quantile < 1), divided by the accumulation steps, whatever the
+    loss_type; the adaptive controller (use_adaptive_entropy, Skywork-OR1) updated and its metrics
+    logged as TRL does."""
     effective_mask = mask if entropy_mask is None else mask * entropy_mask
     accumulation_factor = self.current_gradient_accumulation_steps if mode == "train" else 1.0
     entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation_factor
@@ -371,7 +434,6 @@ def _sft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
     the sum of -log p over the labelled tokens divided by num_items_in_batch when Trainer gives it (the
     tokens of the whole accumulation window), else by this batch's count, as TRL does. Its metrics
     (entropy, mean_token_accuracy) come from a no-gradient pass over the labelled rows in chunks."""
-    from ..hf import hidden_and_head
     from ..ops.linear_sft_loss import linear_sft_loss
     from ..reference import linear_logits
 
@@ -383,9 +445,11 @@ def _sft_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
     extra = sorted(set(inputs) - {"input_ids", "attention_mask", "labels", "position_ids", "use_cache"})
     if extra or "attention_mask" not in inputs:
         raise _unsupported("batch keys", extra or "no attention_mask (padding-free)", "plain causal-LM batches only")
-    m, head = _body(self, model)
+    if self.accelerator.num_processes > 1:
+        raise _unsupported("num_processes", self.accelerator.num_processes,
+                           "the SFT loss is checked against TRL's in one process only")  # fmt: skip
     kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
-    hidden, weight, bias = hidden_and_head(m, inputs["input_ids"], inputs["attention_mask"], **kwargs)
+    hidden, weight, bias, head = _hidden_and_head(self, model, inputs["input_ids"], inputs["attention_mask"], **kwargs)
     hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
     mean = linear_sft_loss(hidden, weight, labels, bias=bias, **head)
     kept = labels != -100
@@ -452,7 +516,8 @@ def _patches(trainer) -> dict:
         return {"compute_loss": _reward_compute_loss}
     if isinstance(trainer, GRPOTrainer):
         options = grpo_options(trainer.args, use_vllm=bool(trainer.use_vllm))
-        trainer.__dict__["_rlhf_fast_options"] = options
+        # the loss applies TRL's cross-process top-entropy mask itself (_high_entropy_advantages)
+        trainer.__dict__["_rlhf_fast_options"] = dataclasses.replace(options, top_entropy_quantile=1.0)
         return {"_get_per_token_logps_and_entropies": _grpo_logps_and_entropies, "_compute_loss": _grpo_compute_loss}
     raise TypeError(f"rlhf_fast.integrations.trl.enable: {type(trainer).__name__} is not a trainer it knows "
                     "(GRPOTrainer, SFTTrainer, RewardTrainer)")  # fmt: skip
