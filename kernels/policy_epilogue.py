@@ -26,11 +26,29 @@ import triton
 import triton.language as tl
 
 from rlhf_fast.kernels.rewards import ESTIMATOR_CODE, _kl
-from rlhf_fast.kernels.token_logprobs import _TILES, _TRITON_DTYPE, _launch_config
+from rlhf_fast.kernels.token_logprobs import _TILES, _TRITON_DTYPE
 
 # The separable objectives this kernel computes (compile-time switch OBJECTIVE).
 OBJECTIVE_CODE = {"ppo": 0, "cispo": 1, "gpg": 2, "sapo": 3}
 NO_KL = -1  # KL switch when the loss has no KL term
+
+
+
+
+def _warps(rows: int, bwd_warps: int) -> int:
+    """token_logprobs' tiles with its backward's warps (pass 2 is that kernel), except the 32-row
+    tile: there the epilogue's dozen extra values per row, 8 rows per thread with 4 warps, spilled
+    (40 registers and an 8-byte stack frame on sm_90, float32 cispo with KL and entropy); with 8
+    warps a thread holds 4 rows. tests/test_triton_compile.py checks every configuration."""
+    return 8 if rows == 32 else bwd_warps
+
+
+def _launch_config(V: int):
+    """(BLOCK_V, ROWS, num_warps) for a vocabulary of V: the first tile of _TILES that takes V."""
+    for max_v, block_v, rows, _, bwd_warps in _TILES:
+        if max_v is None or V <= max_v:
+            return block_v, rows, _warps(rows, bwd_warps)
+    raise AssertionError("unreachable: the last tile takes any V")
 
 
 @triton.jit
@@ -239,7 +257,7 @@ def policy_epilogue_forward(logits, labels, old_logp, advantages, pg_weight, wei
     N, V = logits.shape
     if N == 0:
         return
-    block_v, rows, num_warps = _launch_config(V, backward=True)  # pass 2 stores: the backward's warps
+    block_v, rows, num_warps = _launch_config(V)
     with_kl = ref_logp is not None and options.kl_coef != 0.0
     low, high = _ratio_bounds(options)
     inf = float("inf")
@@ -261,6 +279,7 @@ def compile_targets():
     heaviest epilogue of each (k3 clamped, entropy term); int64 labels, as the op passes them."""
     targets = []
     for _, block_v, rows, _, bwd_warps in _TILES:
+        num_warps = _warps(rows, bwd_warps)
         for logits_dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = "*" + _TRITON_DTYPE[logits_dtype]
             signature = {
@@ -278,12 +297,12 @@ def compile_targets():
                     switches = {"OBJECTIVE": code, "KL": ESTIMATOR_CODE["k3"] if heavy else NO_KL,
                                 "STRAIGHT_THROUGH": False, "CLAMPED": heavy, "ENTROPY_GRAD": heavy,
                                 "ROWS": rows, "BLOCK_V": block_v}  # fmt: skip
-                    tag = f"{objective}{'_kl_h' if heavy else ''}_{x[1:]}_R{rows}_B{block_v}_w{bwd_warps}"
+                    tag = f"{objective}{'_kl_h' if heavy else ''}_{x[1:]}_R{rows}_B{block_v}_w{num_warps}"
                     targets.append({
                         "name": f"policy_epilogue_{tag}",
                         "kernel": _policy_epilogue_kernel,
                         "signature": {**signature, **{k: "constexpr" for k in switches}},
                         "constexprs": switches,
-                        "num_warps": bwd_warps,
+                        "num_warps": num_warps,
                     })  # fmt: skip
     return targets

@@ -5,7 +5,8 @@ to a cubin with Triton's bundled ptxas, and Triton's bundled cuobjdump reads the
 A kernel that spills (STACK or LOCAL > 0) is slow on the device even when it is correct, which
 the interpreter-based tests cannot see.
 
-Each configuration from ``kernels.token_logprobs.compile_targets()`` is compiled twice, as the
+Each configuration from ``kernels.token_logprobs.compile_targets()`` and
+``kernels.policy_epilogue.compile_targets()`` is compiled twice, as the
 launcher would specialise it: with no alignment facts (e.g. V = 32003, row stride 32003), and with
 every pointer and integer argument marked divisible by 16 (aligned tensors, V = 128256).
 
@@ -35,7 +36,7 @@ def _compile_all(arch: int) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from rlhf_fast.kernels import token_logprobs
+    from rlhf_fast.kernels import policy_epilogue, token_logprobs
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", arch, 32)
@@ -71,7 +72,8 @@ def _compile_all(arch: int) -> list[dict]:
             "LOCAL": int(usage["LOCAL"]),
         }
 
-    jobs = [(spec, aligned) for spec in token_logprobs.compile_targets() for aligned in (False, True)]
+    specs = token_logprobs.compile_targets() + policy_epilogue.compile_targets()
+    jobs = [(spec, aligned) for spec in specs for aligned in (False, True)]
     # ptxas and cuobjdump run as child processes, so threads overlap them.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(one, jobs))
