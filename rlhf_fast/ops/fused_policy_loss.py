@@ -5,14 +5,26 @@ composed with the [B, T] policy-loss math of ``policy_loss``: the loss adds only
 on [B, T], which is V times smaller than the [N, V] stream.
 
 When only the logits need a gradient (the training case), the whole gradient is computed in the
-forward, as Liger's cross-entropy does: the forward kernel (logp, entropy, lse: the logits read
-once), the objective's d loss / d logp and d loss / d entropy on [B, T] by autograd (any
-registered objective, every option), then the backward kernel (the logits read again, the
-gradient written once, into the logits' storage with ``inplace_backward``). The backward only
-scales that gradient by the upstream one, and hands it over untouched for ``loss.backward()``.
-The [N, V] traffic is the same three passes as token_logprobs forward + backward, in one call;
-what goes is the autograd graph over the [B, T] math between them and the logits kept alive
-until the backward (with ``inplace_backward``, the gradient has replaced them by then).
+forward, as Liger's cross-entropy does; the backward only scales it by the upstream gradient, and
+hands it over untouched for ``loss.backward()``. Two ways, chosen by
+``_loss_gradient_fits_the_kernel``:
+
+- One kernel (kernels/policy_epilogue.py; Triton, separable objectives "ppo", "cispo", "gpg",
+  "sapo" with any agg, KL estimator, entropy bonus and rollout correction): per row, pass 1 reads
+  the logits (logp, entropy, lse), the epilogue computes d loss / d logp_t and d loss / d H_t from
+  the token's own inputs and the aggregation's weight of the token (``_aggregation_weights``:
+  aggregate is linear, so its gradient is that weight), pass 2 reads the row again and writes the
+  gradient. The second read is meant to hit L2 (a bf16 row of 128256 is 250 KB), leaving about one
+  HBM read and one write of [N, V]; no GPU timing of it exists yet. The loss and stats are then
+  the [B, T] code on the kernel's detached logp and entropy.
+- Three steps (other objectives, kl_is_correction, top_entropy_quantile < 1, other backends,
+  torch.compile): the forward kernel, the
+  objective's d loss / d logp and d loss / d entropy on [B, T] by autograd (any registered
+  objective, every option), then the backward kernel: the logits read twice, the gradient written once.
+
+Either way the gradient goes into the logits' storage with ``inplace_backward``, and what goes is
+the autograd graph over the [B, T] math and the logits kept alive until the backward (with
+``inplace_backward``, the gradient has replaced them by then).
 """
 
 from __future__ import annotations
