@@ -31,7 +31,7 @@ from rlhf_fast.integrations import trl as rf_trl  # noqa: E402
 REL, ABS = 1e-5, 1e-6
 METRICS = ("loss", "grad_norm", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
            "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio",
-           "policy_loss", "entropy_coef")  # fmt: skip
+           "policy_loss", "entropy_coef", "vespo/phi_seq_mean")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ GRPO_CASES = {
     "dapo": dict(loss_type="dapo", epsilon=0.002, epsilon_high=0.003),
     "cispo": dict(loss_type="cispo", epsilon_high=1.001),
     "sapo": dict(loss_type="sapo"),
+    "vespo": dict(loss_type="vespo", top_entropy_quantile=0.5),
     "luspo-sequence": dict(loss_type="luspo", importance_sampling_level="sequence", use_bias_correction_kl=False),
     "grpo-sequence": dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=False,
                           epsilon=0.002),

@@ -14,6 +14,8 @@ What it changes, per trainer instance (the class and every other trainer stay st
   options mapped onto ``PolicyLossOptions`` (``grpo_options``: the README's table), TRL's
   off-policy sequence mask as zeroed advantages and its entropy bonus as a separate token mean,
   and TRL's own metrics (kl, entropy, clip ratios, policy_loss, entropy_coef) logged as TRL defines them.
+  loss_type "vespo", which no objective of the op is, runs TRL's [B, T] arithmetic on the log-probs
+  of ``linear_token_logprobs`` (``_vespo_loss``).
 - ``SFTTrainer.compute_loss``: the completion / assistant cross-entropy through ``linear_sft_loss``.
 - ``RewardTrainer.compute_loss``: the Bradley-Terry loss through ``pairwise_reward_loss``.
 
@@ -57,7 +59,8 @@ _GRPO_LOSSES = {
     "cispo": ("cispo", "token-mean"),  # as dapo
     "sapo": ("sapo", "seq-mean-token-mean"),
 }
-_GLOBAL_NORMALIZED = ("dapo", "cispo")
+_GLOBAL_NORMALIZED = ("dapo", "cispo", "vespo")
+_VESPO = "vespo"  # no objective of the op: enable's loss computes it on the fused log-probs (_vespo_loss)
 
 
 def _unsupported(option: str, value, why: str) -> NotImplementedError:
@@ -277,10 +280,10 @@ def _grpo_compute_loss(self, model, inputs):
         hidden, weight, bias, head = _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep)
     with self.accelerator.autocast(), _head_context(self, hidden):
         labels = completion_ids.masked_fill(~bool_mask, -100)
-        if self._entropy_bonus_enabled:  # the bonus's gradient needs the entropies with a graph: this sweep keeps one
-            logp, graph_entropies = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+        if self._entropy_bonus_enabled or options is None:  # the bonus and vespo need this sweep's graph
+            graph_logp, graph_entropies = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
                                                           return_entropy=True, **head)  # fmt: skip
-            logp, entropies = logp.detach(), graph_entropies.detach()
+            logp, entropies = graph_logp.detach(), graph_entropies.detach()
         else:
             with torch.no_grad():  # TRL's metrics (and its old log-probs when it has none) need them per token
                 logp, entropies = linear_token_logprobs(hidden.detach(), weight.detach(), labels,
@@ -290,7 +293,7 @@ def _grpo_compute_loss(self, model, inputs):
         old_logp = logp if old_logp is None else old_logp
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         rollout_logp, normalizer = None, None
-        if options.rollout_is is not None:
+        if options is not None and options.rollout_is is not None:
             # TRL gives a token vLLM could not score (NaN) a ratio of 1
             sampled = inputs["sampling_per_token_logps"]
             rollout_logp = torch.where(torch.isnan(sampled), old_logp, sampled)
@@ -306,16 +309,49 @@ def _grpo_compute_loss(self, model, inputs):
             # float32 entropies, as TRL's fused head gives them: ties at the threshold fall the same way
             entropy_mask = self.get_high_entropy_mask(entropies.float(), mask, 1 - self.top_entropy_quantile)
             loss_advantages = _high_entropy_advantages(loss_advantages, entropy_mask)
-        loss, _ = fused_linear_policy_loss(hidden, weight, completion_ids, old_logp, loss_advantages, mask, bias=bias,
-                                           ref_logp=ref_logp, rollout_logp=rollout_logp, normalizer=normalizer,
-                                           temperature=self.temperature, options=options, **head)  # fmt: skip
+        phi = None
+        if options is None:
+            loss, phi = _vespo_loss(self, inputs, graph_logp, old_logp, ref_logp, advantages, loss_advantages, mask, normalizer)
+        else:
+            loss, _ = fused_linear_policy_loss(hidden, weight, completion_ids, old_logp, loss_advantages, mask, bias=bias,
+                                               ref_logp=ref_logp, rollout_logp=rollout_logp, normalizer=normalizer,
+                                               temperature=self.temperature, options=options, **head)  # fmt: skip
         policy_loss = loss.detach()
         if self.loss_type not in _GLOBAL_NORMALIZED:
             loss = loss / accumulation
         if self._entropy_bonus_enabled:
             loss = loss - _entropy_bonus(self, mode, graph_entropies, mask, entropy_mask, policy_loss)
-    _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options)
+    _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, phi)
     return loss
+
+
+def _vespo_loss(self, inputs, logp, old_logp, ref_logp, advantages, loss_advantages, mask, normalizer):
+    """TRL 1.16's vespo loss (``_compute_loss``, loss_type "vespo"; arXiv:2602.10693) on ``logp``, the
+    log-probs of ``linear_token_logprobs`` with their graph: per token -phi * A * log p, phi TRL's own
+    ``get_gamma_weights`` (a detached per-sequence weight of the sequence's summed log-ratio and
+    vLLM's importance ratio, with TRL's k / lambda for A >= 0 and A < 0), plus beta times the k3 KL
+    (times the importance ratio with use_bias_correction_kl), summed over the mask and divided by
+    ``normalizer`` (dapo's). No objective of the op is a per-sequence-weighted REINFORCE term, so
+    the [B, T] arithmetic is TRL's, in torch; the [B, T, V] work is the fused sweep and its backward.
+    ``loss_advantages`` carry the off-policy and high-entropy masks as zeros; phi comes from the
+    unmasked ``advantages``, as in TRL. Returns (loss, phi [B, 1])."""
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    loss_adv = loss_advantages.unsqueeze(1) if loss_advantages.dim() == 1 else loss_advantages
+    log_ratio = logp - old_logp
+    args = self.args
+    phi = self.get_gamma_weights(advantages=adv, log_ratio_per_token=log_ratio, mask=mask,
+                                 importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                                 k_pos=args.vespo_k_pos, lambda_pos=args.vespo_lambda_pos, k_neg=args.vespo_k_neg,
+                                 lambda_neg=args.vespo_lambda_neg)  # fmt: skip
+    per_token_loss = -phi * loss_adv * logp
+    if self.beta != 0.0:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        if args.use_bias_correction_kl:
+            if self.importance_sampling_level == "sequence":
+                log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+            kl = kl * torch.exp(log_ratio)
+        per_token_loss = per_token_loss + self.beta * kl
+    return (per_token_loss * mask).sum() / normalizer, phi
 
 
 def _off_policy_advantages(self, inputs, advantages, logp, old_logp, mask):
@@ -376,8 +412,9 @@ def _entropy_bonus(self, mode, entropies, mask, entropy_mask, policy_loss):
     return apply_coef * entropy_loss
 
 
-def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, options):
-    """TRL 1.16's metrics of ``_compute_loss``, from the same per-token quantities, as it writes them."""
+def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantages, mask, phi=None):
+    """TRL 1.16's metrics of ``_compute_loss``, from the same per-token quantities, as it writes them
+    (``phi``: vespo's sequence weights)."""
     from trl.trainer.utils import nanmax, nanmin
 
     mask = mask.to(logp.dtype)
@@ -402,9 +439,9 @@ def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantage
     metrics = self._metrics[mode]
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-        metrics["kl"].append(global_masked_mean(kl * coef_1 if options.kl_is_correction else kl))  # as TRL logs it
+        metrics["kl"].append(global_masked_mean(kl * coef_1 if self.args.use_bias_correction_kl else kl))  # as TRL logs it
     metrics["entropy"].append(global_masked_mean(entropies))
-    if options.objective in ("ppo", "gspo"):
+    if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
         high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
         metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
@@ -412,8 +449,10 @@ def _log_grpo_metrics(self, mode, logp, entropies, old_logp, ref_logp, advantage
         metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
         metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
-    elif options.objective == "cispo":
+    elif self.loss_type == "cispo":
         metrics["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > self.epsilon_high) & (advantages > 0)).float()))
+    elif self.loss_type == _VESPO:
+        metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
 
 
 def _check_sft(trainer):
@@ -515,9 +554,13 @@ def _patches(trainer) -> dict:
     if isinstance(trainer, RewardTrainer):
         return {"compute_loss": _reward_compute_loss}
     if isinstance(trainer, GRPOTrainer):
-        options = grpo_options(trainer.args, use_vllm=bool(trainer.use_vllm))
-        # the loss applies TRL's cross-process top-entropy mask itself (_high_entropy_advantages)
-        trainer.__dict__["_rlhf_fast_options"] = dataclasses.replace(options, top_entropy_quantile=1.0)
+        if trainer.args.loss_type == _VESPO:
+            options = None  # _vespo_loss
+        else:
+            options = grpo_options(trainer.args, use_vllm=bool(trainer.use_vllm))
+            # the loss applies TRL's cross-process top-entropy mask itself (_high_entropy_advantages)
+            options = dataclasses.replace(options, top_entropy_quantile=1.0)
+        trainer.__dict__["_rlhf_fast_options"] = options
         return {"_get_per_token_logps_and_entropies": _grpo_logps_and_entropies, "_compute_loss": _grpo_compute_loss}
     raise TypeError(f"rlhf_fast.integrations.trl.enable: {type(trainer).__name__} is not a trainer it knows "
                     "(GRPOTrainer, SFTTrainer, RewardTrainer)")  # fmt: skip
