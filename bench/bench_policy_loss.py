@@ -12,7 +12,12 @@ Implementations:
                  ops composed in eager PyTorch (the spec)
   compile        torch.compile of that composition
   trl            TRL's formulation: selective_log_softmax, then the policy loss (no entropy)
-  backend=<b>    rlhf_fast.fused_policy_loss(..., backend=b)
+  backend=<b>    rlhf_fast.fused_policy_loss(..., backend=b); on triton, for the separable objectives,
+                 the one-kernel path (kernels/policy_epilogue.py: the logits read once from HBM, the
+                 gradient written once)
+  backend=triton,three-step
+                 the same call with the one-kernel path turned off: the forward kernel, [B, T]
+                 autograd, the backward kernel (what backend=triton ran before it), for comparison
   token_logprobs/backend=<b>
                  rlhf_fast.token_logprobs(..., return_entropy=True, backend=b) alone, its backward
                  fed the loss's per-token gradient: the same logits gradient without the loss math.
@@ -36,8 +41,9 @@ bench_logprobs.py). Bytes the op must move: those of token_logprobs with entropy
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-
+from unittest import mock
 
 import torch
 
@@ -158,6 +164,18 @@ def _ours(options, name):
     return loss
 
 
+def _three_step(name):
+    """fused_policy_loss with its one-kernel path turned off (the decision is made in the forward)."""
+    module = importlib.import_module("rlhf_fast.ops.fused_policy_loss")  # the package re-exports the function
+    ours = _ours(POLICY, name)
+
+    def loss(*args):
+        with mock.patch.object(module, "_loss_gradient_fits_the_kernel", lambda *a: False):
+            return ours(*args)
+
+    return loss
+
+
 def _logprobs_only(name):
     def logp_entropy(logits, labels, old_logp, advantages, mask, ref_logp, rollout_logp):
         labels = torch.where(mask, labels, reference.IGNORE_INDEX)
@@ -209,6 +227,10 @@ class PolicyLossCase(Case):
 
     def implementations(self):
         ours = backend_impls("token_logprobs", self.device, self.dtype, lambda name: _ours(POLICY, name))
+        for impl in backend_impls("policy_epilogue", self.device, self.dtype, _three_step):
+            if impl.make is not None:  # only the backends with the one-kernel path: triton
+                impl.name, impl.modes = f"{impl.name},three-step", ("fwd+bwd",)
+                ours.append(impl)
         alone = []
         for impl in backend_impls("token_logprobs", self.device, self.dtype, _logprobs_only):
             impl.name = f"token_logprobs/{impl.name}"
@@ -348,7 +370,7 @@ class PolicyLossCase(Case):
                         r["mem_vs_eager"] = r["peak_mb"] / eager["peak_mb"]
                     else:
                         r.pop("mem_vs_eager", None)
-            other = alone.get((within, r["mode"]))
+            other = alone.get((within.removesuffix(",three-step"), r["mode"]))
             if other is not None and timed(r):
                 r["loss_math_ratio"] = r["median_ms"] / other["median_ms"]
             if r.get("ours") and r["mode"] == "fwd+bwd":

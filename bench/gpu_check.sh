@@ -17,7 +17,9 @@
 #   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S   per-step limits (defaults 150 and 280)
 #
 # The quick suite on a GPU includes policy_loss's rows per registered objective and with rollout
-# correction (bench_policy_loss.py; about 30 s at [16 x 1024 x 128256] bf16) and
+# correction, and backend=triton's one-kernel path (kernels/policy_epilogue.py) beside the same
+# loss with it turned off, "backend=triton,three-step" (bench_policy_loss.py; about 30 s at
+# [16 x 1024 x 128256] bf16, the added row not yet timed) and
 # linear_policy_loss's with a soft-capped head and with GSPO (bench_fused_linear.py; about 10 s):
 # the summary printed last has the objectives' table, fwd+bwd over token_logprobs against issue
 # 15's target (1.1x separable, 1.3x not), with pass/fail.
