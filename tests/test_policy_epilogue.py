@@ -220,6 +220,45 @@ def test_vocabulary_sizes_and_tiles(vocab):
           temperature=0.9)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_sequence_advantages_int32_labels(dtype):
+    """[B] advantages broadcast over T, int32 labels (the kernel takes int64) and float16 logits."""
+    full, labels, inputs, vocab = case(rows=4, tokens=4, dtype=dtype)
+    inputs["advantages"] = torch.randn(4)
+    check(full, labels.to(torch.int32), inputs, vocab, objective="ppo", clip_eps=0.2, dual_clip=3.0, kl_coef=0.1,
+          entropy_coef=0.01, agg="seq-mean-token-mean", temperature=0.8)  # fmt: skip
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_normalizer_and_empty_mask(agg):
+    """A global normaliser (micro-batch accumulation) and a batch without a valid token, against today's path."""
+    full, labels, inputs, vocab = case(rows=4, tokens=4)
+    total = rlhf_fast.global_loss_normalizer([inputs["mask"], inputs["mask"][:2]], agg)
+    for given in (inputs, inputs | {"mask": torch.zeros_like(inputs["mask"])}):
+        kw = dict(normalizer=total, agg=agg, objective="cispo", kl_coef=0.1, entropy_coef=0.02)
+        loss, stats, grad, counts = run(full, labels, given, vocab, in_kernel=True, **kw)
+        want, want_stats, want_grad, _ = run(full, labels, given, vocab, in_kernel=False, **kw)
+        assert counts["policy_epilogue_forward"] == 1 and torch.equal(loss, want)
+        assert all(torch.equal(stats[k], want_stats[k]) for k in want_stats)
+        assert rel_err(grad, want_grad, floor=grad[..., 0].numel() ** 0.5) < 1e-6
+    assert loss == 0 and (grad == 0).all()
+
+
+def test_nan_advantage_poisons_its_row_only():
+    """A NaN advantage at a valid token: a NaN loss and a NaN gradient in that token's row, as today."""
+    full, labels, inputs, vocab = case(rows=3, tokens=4, neg_inf=False)
+    mask = inputs["mask"]
+    b, t = mask.nonzero()[0].tolist()
+    inputs["advantages"] = inputs["advantages"].clone()
+    inputs["advantages"][b, t] = float("nan")
+    loss, _, grad, _ = run(full, labels, inputs, vocab, in_kernel=True, kl_coef=0.1)
+    want, _, want_grad, _ = run(full, labels, inputs, vocab, in_kernel=False, kl_coef=0.1)
+    assert loss.isnan() and want.isnan()
+    assert torch.equal(grad.isnan(), want_grad.isnan()) and grad[b, t].isnan().all()
+    others = ~grad.isnan()
+    assert rel_err(grad[others], want_grad[others]) < 1e-6
+
+
 @pytest.mark.parametrize("upstream", [0.5, -0.3, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_scaled_backward(dtype, upstream):
