@@ -14,9 +14,11 @@ One program owns ROWS rows, as in kernels/token_logprobs.py (same tiles), and ru
      the token's own inputs (old_logp, advantage, the aggregation weight, ref_logp);
   3. pass 2 over the row: the gradient of token_logprobs' backward, written in the logits' dtype
      (into the logits themselves for an in-place backward: each element is read before written).
-Bytes: N*V*e read by pass 1, N*V*e read again by pass 2 (the row was just read: an L2 hit for
-rows up to a few MB, so HBM sees it once) and N*V*e written, + ~52*N for the row tensors. The
-composed path moves 3*N*V*e through HBM (forward read, backward read and write).
+Bytes: N*V*e read by pass 1, N*V*e read again by pass 2 and N*V*e written, + ~52*N for the row
+tensors. Pass 2 reads a row its program has just read, which is meant to hit L2 (a 128256-wide
+bf16 row is 250 KB, one per program in flight), so that HBM sees N*V*e read once and written
+once; the composed path moves 3*N*V*e through HBM (forward read, backward read and write). No
+GPU measurement of this kernel exists yet.
 """
 
 from __future__ import annotations

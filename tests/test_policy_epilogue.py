@@ -299,6 +299,17 @@ def test_other_losses_keep_todays_path(options):
     assert counts == {"policy_epilogue_forward": 0, "token_logprobs_forward": 1, "token_logprobs_backward": 1}
 
 
+def test_kl_coef_without_ref_logp_raises_before_writing_in_place():
+    full, labels, inputs, vocab = case(rows=2, tokens=3)
+    x = full[..., :vocab].clone().requires_grad_(True)
+    view = x * 1.0
+    before = view.detach().clone()
+    args = {k: v for k, v in inputs.items() if k not in ("ref_logp", "rollout_logp")}
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        rlhf_fast.fused_policy_loss(view, labels, backend="triton", kl_coef=0.1, inplace_backward=True, **args)
+    assert torch.equal(view.detach(), before)
+
+
 def test_decision():
     logits = torch.randn(2, 3, 5)
     plain = rlhf_fast.PolicyLossOptions()

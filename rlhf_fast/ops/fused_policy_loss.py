@@ -126,7 +126,7 @@ def fused_policy_loss(
     loss_inputs = (old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer)
     if vocab_group is None and _gradient_in_forward(logits, old_logp, advantages, ref_logp):
         stats: dict = {}
-        in_kernel = _loss_gradient_fits_the_kernel(logits, options, backend)
+        in_kernel = _loss_gradient_fits_the_kernel(logits, options, backend, ref_logp)
         loss = _GradientInForward.apply(logits, labels, temperature, inplace_backward, backend, loss_inputs, stats,
                                         in_kernel)  # fmt: skip
         return loss, stats
@@ -148,13 +148,16 @@ def _gradient_in_forward(logits, *others) -> bool:
 KERNEL_OBJECTIVES = ("ppo", "cispo", "gpg", "sapo")
 
 
-def _loss_gradient_fits_the_kernel(logits, options: PolicyLossOptions, backend: str) -> bool:
+def _loss_gradient_fits_the_kernel(logits, options: PolicyLossOptions, backend: str, ref_logp=None) -> bool:
     """Whether the Triton kernel of kernels/policy_epilogue.py computes this loss's gradient in
     one read of the logits: an objective it has, options it computes exactly (not the KL's
     importance correction, not the entropy-ranked token mask, which needs every entropy first),
     and a backend that resolves to Triton for the policy_epilogue op. Anything else keeps the
-    forward kernel, the [B, T] autograd and the backward kernel."""
+    forward kernel, the [B, T] autograd and the backward kernel; so does a kl_coef without
+    ref_logp, which that path rejects before any gradient is written over in-place logits."""
     if options.objective not in KERNEL_OBJECTIVES or options.kl_is_correction or options.top_entropy_quantile < 1:
+        return False
+    if options.kl_coef and ref_logp is None:
         return False
     name = registry.default_backend() if backend == "auto" else backend
     if name not in ("auto", "triton"):
