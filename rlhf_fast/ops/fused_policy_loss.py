@@ -190,7 +190,7 @@ def _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend, loss
                      for t in (old_logp, advantages, ref_logp if with_kl else None))  # fmt: skip
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, entropy, lse, grad_logp, grad_entropy = torch.empty(5, flat_labels.shape[0], device=flat_logits.device)
-    grad = flat_logits if inplace else torch.empty_like(flat_logits)
+    grad = flat_logits if inplace else torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
     registry.resolve(backend, flat_logits.device, flat_logits.dtype, "policy_epilogue").policy_epilogue_forward(
         flat_logits, flat_labels, old, adv, pg_weight.reshape(-1), weight.reshape(-1), ref, logp, entropy, lse,
         grad_logp, grad_entropy, grad, temperature, IGNORE_INDEX, options, entropy_coef)  # fmt: skip
