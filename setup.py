@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/token_logprobs.cpp", "csrc/host/kl_rewards.cpp", "csrc/host/gae.cpp",
-                "csrc/host/whiten.cpp", "csrc/host/group_advantages.cpp"]
+                "csrc/host/whiten.cpp", "csrc/host/group_advantages.cpp", "csrc/host/policy_epilogue.cpp"]
 CUDA_SOURCES = ["csrc/cuda/token_logprobs.cu", "csrc/cuda/kl_rewards.cu", "csrc/cuda/gae.cu", "csrc/cuda/whiten.cu",
-                "csrc/cuda/group_advantages.cu"]
+                "csrc/cuda/group_advantages.cu", "csrc/cuda/policy_epilogue.cu"]
 DEFAULT_CUDA_ARCHS = "80;90"
 
 CXX_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-pthread", "-Wall"]

@@ -24,6 +24,7 @@
 #include "rlhf_fast/gae.h"
 #include "rlhf_fast/group_advantages.h"
 #include "rlhf_fast/kl_rewards.h"
+#include "rlhf_fast/policy_epilogue.h"
 #include "rlhf_fast/token_logprobs.h"
 #include "rlhf_fast/whiten.h"
 
@@ -137,6 +138,21 @@ void bind_params(py::module_& m) {
         .RLHF_FAST_FIELD(grad_row_stride).RLHF_FAST_FIELD(dtype).RLHF_FAST_FIELD(labels_dtype)
         .RLHF_FAST_FIELD(temperature).RLHF_FAST_FIELD(ignore_index).RLHF_FAST_FIELD(vocab_offset)
         .RLHF_FAST_FIELD(log_mass);
+  }
+  {
+    using P = rlhf_fast::PolicyEpilogueParams;
+    ParamsClass<P>(m, "PolicyEpilogueParams", "fused_policy_loss's forward and logits' gradient in one kernel; "
+                   "objective from POLICY_OBJECTIVE_CODES, kl_estimator from KL_ESTIMATOR_CODES or -1 (no KL); "
+                   "grad_logits may equal logits (in place).")
+        .RLHF_FAST_FIELD(logits).RLHF_FAST_FIELD(labels).RLHF_FAST_FIELD(old_logp).RLHF_FAST_FIELD(advantages)
+        .RLHF_FAST_FIELD(pg_weight).RLHF_FAST_FIELD(weight).RLHF_FAST_FIELD(ref_logp).RLHF_FAST_FIELD(logp)
+        .RLHF_FAST_FIELD(entropy).RLHF_FAST_FIELD(lse).RLHF_FAST_FIELD(grad_logp).RLHF_FAST_FIELD(grad_entropy)
+        .RLHF_FAST_FIELD(grad_logits).RLHF_FAST_FIELD(n_rows).RLHF_FAST_FIELD(vocab)
+        .RLHF_FAST_FIELD(logits_row_stride).RLHF_FAST_FIELD(grad_row_stride).RLHF_FAST_FIELD(dtype)
+        .RLHF_FAST_FIELD(labels_dtype).RLHF_FAST_FIELD(temperature).RLHF_FAST_FIELD(ignore_index)
+        .RLHF_FAST_FIELD(objective).RLHF_FAST_FIELD(kl_estimator).RLHF_FAST_FIELD(straight_through)
+        .RLHF_FAST_FIELD(clip_low).RLHF_FAST_FIELD(clip_high).RLHF_FAST_FIELD(dual_clip).RLHF_FAST_FIELD(tau_pos)
+        .RLHF_FAST_FIELD(tau_neg).RLHF_FAST_FIELD(kl_coef).RLHF_FAST_FIELD(kl_clamp).RLHF_FAST_FIELD(entropy_coef);
   }
   // [B, T] ops: contiguous float32 tensors and a bool mask.
   {
@@ -259,6 +275,13 @@ PYBIND11_MODULE(_C, m) {
   estimators["abs"] = static_cast<int>(rlhf_fast::kKlAbs);
   m.attr("KL_ESTIMATOR_CODES") = estimators;
 
+  py::dict objectives;
+  objectives["ppo"] = static_cast<int>(rlhf_fast::kObjectivePpo);
+  objectives["cispo"] = static_cast<int>(rlhf_fast::kObjectiveCispo);
+  objectives["gpg"] = static_cast<int>(rlhf_fast::kObjectiveGpg);
+  objectives["sapo"] = static_cast<int>(rlhf_fast::kObjectiveSapo);
+  m.attr("POLICY_OBJECTIVE_CODES") = objectives;
+
   py::dict modes;
   modes["grpo"] = static_cast<int>(rlhf_fast::kGroupGrpo);
   modes["drgrpo"] = static_cast<int>(rlhf_fast::kGroupDrGrpo);
@@ -285,6 +308,7 @@ PYBIND11_MODULE(_C, m) {
 
   RLHF_FAST_KERNEL(token_logprobs_forward);
   RLHF_FAST_KERNEL(token_logprobs_backward);
+  RLHF_FAST_KERNEL(policy_epilogue_forward);
   RLHF_FAST_KERNEL(kl_rewards_forward);
   RLHF_FAST_KERNEL(gae_forward);
   RLHF_FAST_KERNEL(gae_backward);
