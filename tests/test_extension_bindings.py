@@ -20,6 +20,7 @@ import torch
 
 from rlhf_fast.backends import cuda
 from rlhf_fast.backends.extension import extension, extension_support
+from rlhf_fast.options import PolicyLossOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 BINDINGS = ROOT / "csrc" / "bindings.cpp"
@@ -44,7 +45,7 @@ def declared_kernels() -> set[str]:
 
 def test_every_params_struct_is_bound_field_by_field():
     structs = header_structs()
-    assert len(structs) == 8
+    assert len(structs) == 9
     for name, fields in structs.items():
         bound = getattr(extension(), name)
         assert list(bound.fields) == fields, f"{name}: bindings.cpp binds {bound.fields}, the header has {fields}"
@@ -111,8 +112,11 @@ def test_every_cuda_call_matches_its_binding(recorded):
     prov.whiten_forward(bt(), mask, bt(), True, False)
     prov.ppo_advantages_forward(bt(), bt(), torch.randn(B), bt(), mask, bt(), bt(), bt(), 0.1, "k1", 1.0, 0.95, True)
     prov.group_advantages_forward(torch.randn(4), torch.empty(4), 2, "grpo", 1e-6)
+    options = PolicyLossOptions(objective="sapo", kl_coef=0.1, kl_estimator="k3+", kl_clamp=5.0)
+    prov.policy_epilogue_forward(logits, labels, *(rows() for _ in range(4)), None, *(rows() for _ in range(5)),
+                                 torch.empty(N, V), 1.0, -100, options, 0.01)  # fmt: skip
 
-    assert len(recorded.calls) == 8 and set(recorded.calls) == declared_kernels()
+    assert len(recorded.calls) == 9 and set(recorded.calls) == declared_kernels()
     for name, (p, stream) in recorded.calls.items():
         # Both sides are bound from one list: the host twin's signature names the struct the kernel takes.
         signature = getattr(extension().host, name).__doc__
@@ -127,3 +131,8 @@ def test_every_cuda_call_matches_its_binding(recorded):
     backward = recorded.calls["token_logprobs_backward"][0]
     assert backward.vocab_offset == 2 * V and backward.log_mass == log_mass.data_ptr()
     assert recorded.calls["token_logprobs_forward"][0].vocab_offset == 0
+    # No ref_logp: no KL term (-1), whatever the options say; sapo's tau as float32 values.
+    epilogue = recorded.calls["policy_epilogue_forward"][0]
+    assert epilogue.kl_estimator == -1 and epilogue.ref_logp == 0 and not epilogue.straight_through
+    assert epilogue.objective == extension().POLICY_OBJECTIVE_CODES["sapo"] and epilogue.entropy_coef == 0.01
+    assert epilogue.tau_neg == torch.tensor(options.sapo_tau_neg, dtype=torch.float32).item()

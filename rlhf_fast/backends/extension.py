@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import struct
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
 from .. import reference
-from .base import BT_OPS, TOKEN_OPS, YES, Provider, Support
+from .base import BT_OPS, LOSS_OPS, TOKEN_OPS, YES, Provider, Support
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
@@ -125,6 +126,24 @@ def group_mode_code(mode: str) -> int:
     return extension().GROUP_MODE_CODES[mode]
 
 
+def _float32(x: float) -> float:
+    """x rounded to float32: sapo's tau is a float32 tensor in the spec, whatever the precision."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def ratio_bounds(options) -> tuple[float, float]:
+    """(low, high) of the ratio for ppo and cispo, infinite where the objective has none: the rule
+    of kernels/policy_epilogue.py's _ratio_bounds (not imported: that module imports Triton;
+    tests/test_policy_epilogue.py checks the two agree)."""
+    eps, eps_high = options.clip_eps, options.clip_eps_high
+    if options.objective == "cispo":  # clip_eps None: no lower bound; no upper one when both are None
+        high = eps_high if eps_high is not None else eps
+        return (-math.inf if eps is None else 1 - eps), (math.inf if high is None else 1 + high)
+    if eps is None:  # ppo's REINFORCE
+        return -math.inf, math.inf
+    return 1 - eps, 1 + (eps if eps_high is None else eps_high)
+
+
 class ExtensionProvider(Provider):
     """The op methods of rlhf_fast._C's kernels, shared by the host and CUDA sides.
 
@@ -132,7 +151,8 @@ class ExtensionProvider(Provider):
     side's kernels (``_kernels``) and runs one with what the side adds, threads or a stream (``_launch``).
     """
 
-    ops = TOKEN_OPS | BT_OPS
+    # policy_epilogue: csrc/{host,cuda}/policy_epilogue, fused_policy_loss's gradient in one kernel.
+    ops = TOKEN_OPS | BT_OPS | LOSS_OPS
 
     def _kernels(self) -> ModuleType:
         """rlhf_fast._C.host or rlhf_fast._C.cuda: a function per kernel, taking its params struct."""
@@ -194,6 +214,34 @@ class ExtensionProvider(Provider):
             log_mass=_ptr(log_mass),
         )
         self._launch(self._kernels().token_logprobs_backward, logits.device, p)
+
+    def policy_epilogue_forward(self, logits, labels, old_logp, advantages, pg_weight, weight, ref_logp, logp, entropy,
+                                lse, grad_logp, grad_entropy, grad_logits, temperature, ignore_index, options,
+                                entropy_coef):  # fmt: skip
+        with_kl = ref_logp is not None and options.kl_coef != 0.0
+        check_rows_layout(logits, labels, grad_logits, old_logp=old_logp, advantages=advantages, pg_weight=pg_weight,
+                          weight=weight, ref_logp=ref_logp if with_kl else None, logp=logp, entropy=entropy, lse=lse,
+                          grad_logp=grad_logp, grad_entropy=grad_entropy)  # fmt: skip
+        if logits.shape[0] == 0:
+            return
+        low, high = ratio_bounds(options)
+        estimator = options.kl_estimator
+        p = extension().PolicyEpilogueParams(
+            logits=logits.data_ptr(), labels=labels.data_ptr(), old_logp=old_logp.data_ptr(),
+            advantages=advantages.data_ptr(), pg_weight=pg_weight.data_ptr(), weight=weight.data_ptr(),
+            ref_logp=_ptr(ref_logp) if with_kl else 0, logp=logp.data_ptr(), entropy=entropy.data_ptr(),
+            lse=lse.data_ptr(), grad_logp=grad_logp.data_ptr(), grad_entropy=grad_entropy.data_ptr(),
+            grad_logits=grad_logits.data_ptr(), n_rows=logits.shape[0], vocab=logits.shape[1],
+            logits_row_stride=logits.stride(0), grad_row_stride=grad_logits.stride(0),
+            dtype=dtype_code(logits.dtype), labels_dtype=dtype_code(labels.dtype), temperature=float(temperature),
+            ignore_index=int(ignore_index), objective=extension().POLICY_OBJECTIVE_CODES[options.objective],
+            kl_estimator=kl_estimator_code(estimator.removesuffix("+")) if with_kl else -1,
+            straight_through=with_kl and estimator.endswith("+"), clip_low=low, clip_high=high,
+            dual_clip=math.inf if options.dual_clip is None else float(options.dual_clip),
+            tau_pos=_float32(options.sapo_tau_pos), tau_neg=_float32(options.sapo_tau_neg),
+            kl_coef=float(options.kl_coef), kl_clamp=kl_clamp_value(options.kl_clamp), entropy_coef=float(entropy_coef),
+        )  # fmt: skip
+        self._launch(self._kernels().policy_epilogue_forward, logits.device, p)
 
     # [B, T] ops (csrc/{host,cuda}/{kl_rewards,gae,whiten,group_advantages}): a row per thread or block.
 
