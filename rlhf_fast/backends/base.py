@@ -31,7 +31,8 @@ YES = Support(True)
 TOKEN_OPS = frozenset({"token_logprobs"})
 # The [B, T] ops of PPO / GRPO: rewards, advantages, whitening (see the methods below).
 BT_OPS = frozenset({"kl_rewards", "gae", "whiten", "ppo_advantages", "group_advantages"})
-# fused_policy_loss's whole gradient in one kernel (``policy_epilogue_forward``): Triton only.
+# fused_policy_loss's whole gradient in one kernel (``policy_epilogue_forward``): Triton, host and
+# CUDA; the torch reference keeps the three-step path.
 LOSS_OPS = frozenset({"policy_epilogue"})
 
 
@@ -146,9 +147,11 @@ class Provider:
         with those into grad_logits (which may be the logits themselves: read before write).
 
         logits, labels, logp, entropy, lse, grad_logits: as in token_logprobs_forward/backward
-        (labels int64). old_logp, advantages, ref_logp: [N] float32 contiguous, finite on kept rows.
-        weight: [N] float32, d loss / d (per-token loss) of the options' aggregation (normaliser
-        included); pg_weight: weight times the rollout correction's weight (or weight itself).
+        (labels int64). old_logp, advantages, ref_logp: [N] float32 contiguous (float64 for
+        float64 logits, as logp is), finite on kept rows. weight: [N] in the same dtype,
+        d loss / d (per-token loss) of the options' aggregation (normaliser included); pg_weight:
+        weight times the rollout correction's weight (or weight itself). On each side the
+        per-token math is the same (kernels/policy_epilogue.py, csrc/include/rlhf_fast/policy_epilogue.h).
         ``options``: a PolicyLossOptions whose objective, clip_eps, clip_eps_high, dual_clip,
         sapo_tau_pos/neg, kl_coef, kl_estimator and kl_clamp the kernel reads; the caller sends
         only what the kernel computes exactly (not kl_is_correction, not top_entropy_quantile < 1).

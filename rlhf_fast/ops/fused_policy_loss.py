@@ -9,15 +9,18 @@ forward, as Liger's cross-entropy does; the backward only scales it by the upstr
 hands it over untouched for ``loss.backward()``. Two ways, chosen by
 ``_loss_gradient_fits_the_kernel``:
 
-- One kernel (kernels/policy_epilogue.py; Triton, separable objectives "ppo", "cispo", "gpg",
-  "sapo" with any agg, KL estimator, entropy bonus and rollout correction): per row, pass 1 reads
-  the logits (logp, entropy, lse), the epilogue computes d loss / d logp_t and d loss / d H_t from
-  the token's own inputs and the aggregation's weight of the token (``_aggregation_weights``:
-  aggregate is linear, so its gradient is that weight), pass 2 reads the row again and writes the
-  gradient. The second read is meant to hit L2 (a bf16 row of 128256 is 250 KB), leaving about one
-  HBM read and one write of [N, V]; no GPU timing of it exists yet. The loss and stats are then
-  the [B, T] code on the kernel's detached logp and entropy.
-- Three steps (other objectives, kl_is_correction, top_entropy_quantile < 1, other backends,
+- One kernel (the "policy_epilogue" op: kernels/policy_epilogue.py on Triton,
+  csrc/cuda/policy_epilogue.cu on "cuda", csrc/host/policy_epilogue.cpp on "host"; separable
+  objectives "ppo", "cispo", "gpg", "sapo" with any agg, KL estimator, entropy bonus and rollout
+  correction): per row, pass 1 reads the logits (logp, entropy, lse), the epilogue computes
+  d loss / d logp_t and d loss / d H_t from the token's own inputs and the aggregation's weight of
+  the token (``_aggregation_weights``: aggregate is linear, so its gradient is that weight), pass 2
+  reads the row again and writes the gradient. On a GPU the second read is meant to hit L2 (a bf16
+  row of 128256 is 250 KB), leaving about one HBM read and one write of [N, V]; no GPU timing of
+  either GPU kernel exists yet. The host runs the same three steps on chunks of rows that fit in
+  a core's L2, reusing its token_logprobs kernels (float64 logits in double). The loss and stats
+  are then the [B, T] code on the kernel's detached logp and entropy.
+- Three steps (other objectives, kl_is_correction, top_entropy_quantile < 1, the torch backend,
   torch.compile): the forward kernel, the
   objective's d loss / d logp and d loss / d entropy on [B, T] by autograd (any registered
   objective, every option), then the backward kernel: the logits read twice, the gradient written once.
@@ -149,47 +152,52 @@ KERNEL_OBJECTIVES = ("ppo", "cispo", "gpg", "sapo")
 
 
 def _loss_gradient_fits_the_kernel(logits, options: PolicyLossOptions, backend: str, ref_logp=None) -> bool:
-    """Whether the Triton kernel of kernels/policy_epilogue.py computes this loss's gradient in
-    one read of the logits: an objective it has, options it computes exactly (not the KL's
-    importance correction, not the entropy-ranked token mask, which needs every entropy first),
-    and a backend that resolves to Triton for the policy_epilogue op. Anything else keeps the
-    forward kernel, the [B, T] autograd and the backward kernel; so does a kl_coef without
-    ref_logp, which that path rejects before any gradient is written over in-place logits."""
+    """Whether a policy_epilogue kernel (Triton, CUDA or host; the provider's op family
+    "policy_epilogue") computes this loss's gradient in one read of the logits: an objective it
+    has, options it computes exactly (not the KL's importance correction, not the entropy-ranked
+    token mask, which needs every entropy first), and a backend that has the op here ("auto":
+    the provider it resolves to; the torch reference has none). Anything else keeps the forward
+    kernel, the [B, T] autograd and the backward kernel; so does a kl_coef without ref_logp,
+    which that path rejects before any gradient is written over in-place logits."""
     if options.objective not in KERNEL_OBJECTIVES or options.kl_is_correction or options.top_entropy_quantile < 1:
         return False
     if options.kl_coef and ref_logp is None:
         return False
     name = registry.default_backend() if backend == "auto" else backend
-    if name not in ("auto", "triton"):
-        return False
-    return registry.resolve(name, logits.device, logits.dtype, "policy_epilogue").name == "triton"
+    if name != "auto":  # a named backend that cannot serve the op keeps the three-step path (which says why)
+        return bool(registry.can_serve(name, logits.device, logits.dtype, "policy_epilogue"))
+    chosen = registry.resolve(name, logits.device, logits.dtype, "policy_epilogue")
+    return bool(chosen.supports_op("policy_epilogue"))
 
 
-def _aggregation_weights(mask, options: PolicyLossOptions, normalizer) -> torch.Tensor:
-    """d aggregate(x) / d x [B, T]: aggregate is linear, so its gradient (at x = 0) is each token's
-    weight, normaliser included, computed as the composed path's autograd computes it."""
+def _aggregation_weights(mask, options: PolicyLossOptions, normalizer, dtype=torch.float32) -> torch.Tensor:
+    """d aggregate(x) / d x [B, T] in ``dtype``: aggregate is linear, so its gradient (at x = 0) is
+    each token's weight, normaliser included, computed as the composed path's autograd computes it
+    (in float64 for float64 logits, whose one-kernel gradient keeps float64 accuracy)."""
     with torch.enable_grad():
-        x = torch.zeros(mask.shape, device=mask.device, requires_grad=True)
+        x = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
         total = aggregate(x, mask, options.agg, normalizer, options.max_response_length)
         return torch.autograd.grad(total, x)[0]
 
 
 def _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend, loss_inputs):
-    """The Triton kernel of kernels/policy_epilogue.py on prepared [N] inputs, then the loss and
-    stats by the [B, T] code on its detached logp and entropy. Returns (loss, stats, grad [N, V],
-    the [N] rows a recomputed backward needs)."""
+    """The provider's policy_epilogue kernel on prepared [N] inputs, then the loss and stats by the
+    [B, T] code on its detached logp and entropy. Returns (loss, stats, grad [N, V], the [N] rows a
+    recomputed backward needs). The [N] rows are float32, float64 for float64 logits (host)."""
     old_logp, advantages, correction, ref_logp, options, entropy_coef, normalizer = loss_inputs
     mask = correction.mask
+    rows_dtype = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand(mask.shape)
-    weight = _aggregation_weights(mask, options, normalizer)
-    pg_weight = weight if correction.weights is None else weight * correction.weights
+    weight = _aggregation_weights(mask, options, normalizer, rows_dtype)
+    pg_weight = weight if correction.weights is None else (weight * correction.weights).to(rows_dtype)
     with_kl = ref_logp is not None and options.kl_coef != 0.0
     # Masked positions may hold NaN or inf: zeroed here, as policy_loss_terms does, never read there.
-    old, adv, ref = (None if t is None else torch.where(mask, t.float(), 0.0).reshape(-1)
+    old, adv, ref = (None if t is None else torch.where(mask, t.to(rows_dtype), 0.0).reshape(-1)
                      for t in (old_logp, advantages, ref_logp if with_kl else None))  # fmt: skip
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy, lse, grad_logp, grad_entropy = torch.empty(5, flat_labels.shape[0], device=flat_logits.device)
+    logp, entropy, lse, grad_logp, grad_entropy = torch.empty(5, flat_labels.shape[0], dtype=rows_dtype,
+                                                              device=flat_logits.device)  # fmt: skip
     grad = flat_logits if inplace else torch.empty(flat_logits.shape, dtype=flat_logits.dtype, device=flat_logits.device)
     registry.resolve(backend, flat_logits.device, flat_logits.dtype, "policy_epilogue").policy_epilogue_forward(
         flat_logits, flat_labels, old, adv, pg_weight.reshape(-1), weight.reshape(-1), ref, logp, entropy, lse,
