@@ -102,6 +102,61 @@ def test_host_rejects_unknown_codes_and_layouts():
         prov.whiten_forward(x, mask.float(), x.clone(), True)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_host_policy_epilogue_equals_its_steps(inplace):
+    """Rows over several L2-sized chunks, on 1 to 3 threads: the host's one-kernel pass is its
+    token_logprobs forward, the epilogue's token gradients and its token_logprobs backward, bitwise."""
+    require("host", "cpu", torch.bfloat16, "policy_epilogue")
+    from rlhf_fast.options import PolicyLossOptions
+
+    prov = provider("host")
+    n, vocab = 96, 3001  # 96 rows of 6 KB: 576 KB, three chunks of 256 KB
+    logits, labels = logits_case(n, vocab, torch.bfloat16, row_pad=5)
+    old_logp, advantages, weight = torch.randn(n) * 0.3 - 8.0, torch.randn(n), torch.rand(n)
+    ref_logp = old_logp + 0.1 * torch.randn(n)
+    options = PolicyLossOptions(objective="ppo", clip_eps=0.2, kl_coef=0.1, kl_estimator="k3", kl_clamp=0.5)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            x = logits.clone()
+            rows = [torch.full((n,), math.nan) for _ in range(5)]
+            grad = x if inplace else torch.full(x.shape, math.nan, dtype=x.dtype)
+            prov.policy_epilogue_forward(x, labels, old_logp, advantages, weight * 0.5, weight, ref_logp, *rows, grad,
+                                         0.9, IGNORE, options, 0.01)  # fmt: skip
+            results.append((torch.stack(rows), grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for rows, grad in results[1:]:
+        assert torch.equal(rows, results[0][0]) and torch.equal(grad, results[0][1])
+    rows, grad = results[0]
+    logp, entropy, lse = (torch.full((n,), math.nan) for _ in range(3))
+    prov.token_logprobs_forward(logits, labels, logp, entropy, lse, 0.9, IGNORE)
+    assert torch.equal(rows[0], logp) and torch.equal(rows[1], entropy)
+    kept = labels != IGNORE
+    assert torch.equal(rows[2][kept], lse[kept])
+    want = torch.empty(logits.shape, dtype=logits.dtype)
+    prov.token_logprobs_backward(logits, labels, lse, entropy, rows[3], rows[4], want, 0.9, IGNORE)
+    assert torch.equal(grad, want)
+    assert (rows[3][~kept] == 0).all() and torch.equal(rows[4], torch.where(kept, weight * -0.01, 0.0))
+
+
+def test_host_policy_epilogue_rejects_unknown_codes():
+    require("host", "cpu", torch.float32, "policy_epilogue")
+    from rlhf_fast.backends.extension import extension
+
+    x, labels = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    fields = {name: 0 for name in extension().PolicyEpilogueParams.fields}
+    fields.update(logits=x.data_ptr(), labels=labels.data_ptr(), n_rows=2, vocab=3, logits_row_stride=3,
+                  grad_row_stride=3, temperature=1.0, ignore_index=IGNORE, kl_clamp=math.inf)  # fmt: skip
+    for codes, message in (({"objective": 9, "kl_estimator": -1}, "unknown objective code 9"),
+                           ({"objective": 0, "kl_estimator": 7}, "unknown KL estimator code 7")):
+        p = extension().PolicyEpilogueParams(**fields | codes)
+        with pytest.raises(ValueError, match=message):
+            extension().host.policy_epilogue_forward(p, num_threads=1)
+
+
 def test_build_info():
     require("host", "cpu", torch.float32)
     from rlhf_fast.backends.extension import extension
