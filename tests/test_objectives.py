@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rlhf_fast
-from rlhf_fast import reference
+from rlhf_fast import objectives, reference
 from rlhf_fast.objectives import OBJECTIVES, register_objective
 
 from numerics import poison, policy_term_scale, random_mask, rel_err
@@ -128,6 +128,27 @@ def test_extreme_ratios_stay_finite(objective, log_ratio):
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def clear_of_selection_ties(logp, old_logp, advantages, mask, options, gap=1e-4) -> bool:
+    """Whether the token selections of clip_cov and kl_cov are decided by margins of at least
+    ``gap`` (relative), so that float32 rounding of the log-probs cannot flip them: kl_cov's
+    covariance rank at its top-k boundary, clip_cov's covariance bounds and clip range. Valid
+    tokens in one sequence only have equal advantages, so every covariance is 0: a tie too."""
+    adv = advantages.unsqueeze(-1).expand(mask.shape)
+    cov = torch.where(mask, objectives._covariance(logp, adv, mask), torch.nan)[mask]
+    size = gap * max(cov.abs().max().item(), 1.0)
+    if options.objective == "kl_cov":
+        ranked = cov.sort(descending=True).values
+        k = min(max(int(options.cov_ratio * ranked.numel()), 1), ranked.numel())
+        return k == ranked.numel() or (ranked[k - 1] - ranked[k]).item() > size
+    if options.objective == "clip_cov":
+        ratio = (logp - old_logp).exp()[mask]
+        bounds = (1 - options.clip_eps, 1 + options.clip_eps)
+        return all((cov - b).abs().min() > size for b in (options.clip_cov_lb, options.clip_cov_ub)) and all(
+            (ratio - b).abs().min() > gap for b in bounds
+        )
+    return True
+
+
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("backend", ["torch", "host"])
 def test_fused_ops_equal_the_composition(objective, backend):
@@ -138,14 +159,17 @@ def test_fused_ops_equal_the_composition(objective, backend):
     hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(V, H, dtype=torch.float64) / H**0.5).requires_grad_()
     bias = (0.5 * torch.randn(V, dtype=torch.float64)).requires_grad_()
-    mask = random_mask(B, T, "mixed")
-    labels = torch.where(mask, torch.randint(0, V, (B, T)), -7)
-    with torch.no_grad():
-        logp = reference.linear_token_logprobs(hidden, weight, torch.where(mask, labels, 0), bias=bias)
-    old_logp = poison(logp + 0.3 * torch.randn(B, T, dtype=torch.float64), mask)
-    ref_logp = poison(logp + 0.2 * torch.randn(B, T, dtype=torch.float64), mask)
-    advantages = torch.randn(B, dtype=torch.float64)
     options = rlhf_fast.PolicyLossOptions(objective=objective, kl_coef=0.05, agg="seq-mean-token-mean")
+    while True:  # the backends' float32 log-probs must pick the tokens the float64 reference picks
+        mask = random_mask(B, T, "mixed")
+        labels = torch.where(mask, torch.randint(0, V, (B, T)), -7)
+        with torch.no_grad():
+            logp = reference.linear_token_logprobs(hidden, weight, torch.where(mask, labels, 0), bias=bias)
+        old_logp = poison(logp + 0.3 * torch.randn(B, T, dtype=torch.float64), mask)
+        advantages = torch.randn(B, dtype=torch.float64)
+        if clear_of_selection_ties(logp, old_logp, advantages, mask, options):
+            break
+    ref_logp = poison(logp + 0.2 * torch.randn(B, T, dtype=torch.float64), mask)
     kw = dict(ref_logp=ref_logp, options=options, entropy_coef=0.01, temperature=0.9)
 
     logits = (hidden @ weight.T + bias).detach().requires_grad_()
@@ -187,3 +211,4 @@ def test_registry_contract():
         rlhf_fast.PolicyLossOptions(objective="gspo", dual_clip=3.0)
     with pytest.raises(ValueError, match="objective 'ppo' is registered already"):
         register_objective("ppo", separable=True)(lambda *args: None)
+

@@ -163,7 +163,12 @@ def check(full, labels, inputs, vocab, *, where, inplace=False, upstream=1.0, **
         # float64: today's path runs the [B, T] math in float32, the kernel in float64.
         assert rel_err(grad, want_grad, floor=grad[..., 0].numel() ** 0.5) < 1e-6
     else:
-        assert_within_one_ulp(grad, want_grad, "grad vs today's path")
+        # Each path rounds a float32 gradient once, and the two float32 gradients agree to float32
+        # rounding of the row's terms: one ulp apart, or (a tiny p_k (g + g_H (log p_k + H)) whose
+        # terms cancel) within float32 rounding of the row's largest element.
+        row_scale = torch.maximum(grad.abs(), want_grad.abs()).amax(-1, keepdim=True).float()
+        clear = (grad.float() - want_grad.float()).abs() > tolerance(torch.float32) * row_scale
+        assert_within_one_ulp(grad[clear], want_grad[clear], "grad vs today's path")
 
     # The float64 reference on the same logit values.
     y = full[..., :vocab].double().clone().requires_grad_(True)
