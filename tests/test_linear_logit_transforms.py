@@ -30,13 +30,14 @@ TRANSFORMS = {
 N, H, V = 13, 32, 300
 
 
-def make_case(n_rows, dtype, *, hidden_size=H, vocab=V, ignore_frac=0.2):
+def make_case(n_rows, dtype, *, hidden_size=H, vocab=V, ignore_frac=0.2, device="cpu"):
+    """hidden, weight, bias (leaves that require grad, on device) and labels."""
     hidden = torch.randn(n_rows, hidden_size, dtype=torch.float64)
     weight = torch.randn(vocab, hidden_size, dtype=torch.float64) * (2.0 / hidden_size**0.5)
     bias = torch.randn(vocab, dtype=torch.float64)
     labels = torch.randint(0, vocab, (n_rows,))
     labels[torch.rand(n_rows) < ignore_frac] = -100
-    return [t.to(dtype).requires_grad_() for t in (hidden, weight, bias)] + [labels]
+    return [t.to(device, dtype).requires_grad_() for t in (hidden, weight, bias)] + [labels.to(device)]
 
 
 def upcast(*tensors):
@@ -61,7 +62,7 @@ def test_token_logprobs_match_reference(backend, device, transform):
     chunks: float64 where the backend has it (Triton: float32), against the float64 reference."""
     dtype = torch.float64 if backend in ("torch", "host") else torch.float32
     require(backend, device, dtype)
-    hidden, weight, bias, labels = (t.to(device) for t in make_case(N, dtype))
+    hidden, weight, bias, labels = make_case(N, dtype, device=device)
     g_logp, g_entropy = torch.randn(N, device=device), torch.randn(N, device=device)
     kw = dict(temperature=0.7, **TRANSFORMS[transform])
     got = token_values(rlhf_fast.linear_token_logprobs, hidden, weight, bias, labels, g_logp, g_entropy,
@@ -168,7 +169,7 @@ def test_low_precision_within_eager_error(backend, device, dtype, transform):
     derivative taken from the exact logits; 1.5x when it was taken from the rounded capped ones.)"""
     require(backend, device, dtype)
     n_rows = 48
-    hidden, weight, bias, labels = (t.to(device) for t in make_case(n_rows, dtype, hidden_size=64, vocab=500))
+    hidden, weight, bias, labels = make_case(n_rows, dtype, hidden_size=64, vocab=500, device=device)
     g_logp, g_entropy = torch.randn(n_rows, device=device), torch.randn(n_rows, device=device)
     kw = dict(temperature=0.9, **TRANSFORMS[transform])
     got = token_values(rlhf_fast.linear_token_logprobs, hidden, weight, bias, labels, g_logp, g_entropy,
