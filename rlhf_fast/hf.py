@@ -156,7 +156,8 @@ def _is_fsdp_module(model: torch.nn.Module) -> bool:
     return FSDPModule is not None and isinstance(model, FSDPModule)
 
 
-def _is_dtensor(tensor: torch.Tensor | None) -> bool:
+def is_dtensor(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is a torch.distributed DTensor (an FSDP2 shard, or a value made of shards)."""
     DTensor = _loaded("torch.distributed.tensor", "DTensor")
     return DTensor is not None and isinstance(tensor, DTensor)
 
@@ -197,7 +198,7 @@ def _gathered_head(model: torch.nn.Module, head: torch.nn.Linear):
     on inputs that need a gradient) reduce-scatters them into the sharded parameters' ``.grad``,
     and then reshards them. No other copy of [V, H] is made."""
     weight = head.weight
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         owners = [m for m in model.modules() if _is_fsdp_module(m) and any(p is weight for p in m.parameters())]
         # The owner is the innermost one: fully_shard runs bottom-up and an outer call skips the
         # parameters an inner one holds. A tied weight grouped with fully_shard([embed, head])
@@ -240,7 +241,7 @@ def hidden_and_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     if _is_fsdp_module(model):
         hidden = _as_root_forward(model, run_decoder, **kwargs)
-    elif _is_dtensor(head.weight):
+    elif is_dtensor(head.weight):
         raise TypeError(
             f"{type(model).__name__}'s lm_head weight is a DTensor but the model is not an FSDP2 module: apply "
             "fully_shard to the whole causal LM as the root (rlhf_fast.train.fsdp.shard_model), so that its "

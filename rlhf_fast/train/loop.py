@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..hf import is_dtensor
 from . import checkpoint, dist, fsdp
 from .config import LoopConfig, OptimConfig
 from .data import BatchStream
@@ -113,15 +114,11 @@ def clip_gradients(params, max_norm: float) -> float:
         return 0.0
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    elif _is_dtensor(params[0].grad):
+    elif is_dtensor(params[0].grad):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-    return float(norm.full_tensor() if _is_dtensor(norm) else norm)
-
-
-def _is_dtensor(tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
+    return float(norm.full_tensor() if is_dtensor(norm) else norm)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler) -> float:
@@ -171,7 +168,7 @@ def nonfinite_source(modules, loss: float, grad_norm: float) -> str:
         if module is None:
             continue
         for name, param in module.named_parameters():
-            local = param.detach().to_local() if _is_dtensor(param) else param.detach()  # this process's shard
+            local = param.detach().to_local() if is_dtensor(param) else param.detach()  # this process's shard
             bad = int((~torch.isfinite(local)).sum())
             if bad:
                 return (f"the model's weights hold {bad} NaN/inf value(s) (first in {name}): they were loaded or "

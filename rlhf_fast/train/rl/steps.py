@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import rlhf_fast
+from rlhf_fast.hf import is_dtensor
 from rlhf_fast.ops.aggregate import global_loss_normalizer
 from rlhf_fast.options import PolicyLossOptions
 
@@ -487,7 +488,7 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over processes. Each process's loss is divided by the *global* normaliser, so the
     sum is the gradient of the global-batch loss (no averaging by world size). Sharded with FSDP2 the
     backward has already reduce-scattered them (``update_step`` scales the loss for FSDP2's mean)."""
-    if not dist.initialized() or any(type(p).__name__ == "DTensor" for p in params):
+    if not dist.initialized() or any(is_dtensor(p) for p in params):
         return
     grads = []
     for p in params:
