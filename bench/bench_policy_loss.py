@@ -18,6 +18,9 @@ Implementations:
   backend=triton,three-step
                  the same call with the one-kernel path turned off: the forward kernel, [B, T]
                  autograd, the backward kernel (what backend=triton ran before it), for comparison
+  backend=cuda,l2-rows
+                 backend=cuda's one kernel launched in its other shape (RLHF_FAST_CUDA_EPILOGUE=l2:
+                 one 1024-thread block per multiprocessor, so that a row's second read may hit L2)
   token_logprobs/backend=<b>
                  rlhf_fast.token_logprobs(..., return_entropy=True, backend=b) alone, its backward
                  fed the loss's per-token gradient: the same logits gradient without the loss math.
@@ -42,6 +45,7 @@ bench_logprobs.py). Bytes the op must move: those of token_logprobs with entropy
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -176,6 +180,17 @@ def _three_step(name):
     return loss
 
 
+def _l2_rows(name):
+    """fused_policy_loss on the CUDA one-kernel path in its L2-resident launch shape (csrc/cuda/policy_epilogue.cu)."""
+    ours = _ours(POLICY, name)
+
+    def loss(*args):
+        with mock.patch.dict(os.environ, {"RLHF_FAST_CUDA_EPILOGUE": "l2"}):
+            return ours(*args)
+
+    return loss
+
+
 def _logprobs_only(name):
     def logp_entropy(logits, labels, old_logp, advantages, mask, ref_logp, rollout_logp):
         labels = torch.where(mask, labels, reference.IGNORE_INDEX)
@@ -230,6 +245,10 @@ class PolicyLossCase(Case):
         for impl in backend_impls("policy_epilogue", self.device, self.dtype, _three_step):
             if impl.make is not None:  # only the backends with the one-kernel path: triton
                 impl.name, impl.modes = f"{impl.name},three-step", ("fwd+bwd",)
+                ours.append(impl)
+        for impl in backend_impls("policy_epilogue", self.device, self.dtype, _l2_rows):
+            if impl.make is not None and impl.name == "backend=cuda":
+                impl.name, impl.modes = "backend=cuda,l2-rows", ("fwd+bwd",)
                 ours.append(impl)
         alone = []
         for impl in backend_impls("token_logprobs", self.device, self.dtype, _logprobs_only):
@@ -370,7 +389,7 @@ class PolicyLossCase(Case):
                         r["mem_vs_eager"] = r["peak_mb"] / eager["peak_mb"]
                     else:
                         r.pop("mem_vs_eager", None)
-            other = alone.get((within.removesuffix(",three-step"), r["mode"]))
+            other = alone.get((within.split(",")[0], r["mode"]))
             if other is not None and timed(r):
                 r["loss_math_ratio"] = r["median_ms"] / other["median_ms"]
             if r.get("ours") and r["mode"] == "fwd+bwd":

@@ -272,6 +272,17 @@ def test_vocabulary_sizes_and_tiles(vocab, where):
           temperature=0.9)  # fmt: skip
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab,dtype", [(17, torch.float32), (300, torch.bfloat16), (5000, torch.bfloat16)], ids=str)
+def test_cuda_l2_resident_launch_shape(vocab, dtype, monkeypatch):
+    """RLHF_FAST_CUDA_EPILOGUE=l2: the CUDA kernel in its other launch shape (1024-thread blocks, one
+    per multiprocessor, grid-stride over more rows than blocks) against today's path and the reference."""
+    monkeypatch.setenv("RLHF_FAST_CUDA_EPILOGUE", "l2")
+    full, labels, inputs, vocab = case(rows=40, tokens=9, vocab=vocab, dtype=dtype)
+    check(full, labels, inputs, vocab, where=("cuda", "cuda"), objective="ppo", clip_eps=0.2, entropy_coef=0.01,
+          kl_coef=0.1, temperature=0.9)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_sequence_advantages_int32_labels(dtype, where):
     """[B] advantages broadcast over T, int32 labels (the kernel takes int64) and float16 logits."""

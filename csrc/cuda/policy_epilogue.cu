@@ -8,15 +8,21 @@
 // pass 1's own max and sum (exact at any |lse|: no recompute, unlike the backward kernel, which
 // only has the saved lse).
 // Bytes: N*V*e read by pass 1, read again by pass 2 and N*V*e written, + ~52 N for the row tensors.
-// Pass 2 reads what its block has just read, meant to hit L2 (a bf16 row of 128256 is 250 KB, one
-// per block in flight), so that memory sees [N, V] read once and written once; the three-step path
-// moves 3 N*V*e. No GPU measurement of this kernel exists yet.
+// Pass 2 reads what its block has just read, meant to hit L2, so that memory sees [N, V] read once
+// and written once; the three-step path moves 3 N*V*e. On an H200 (2026-12-04, bf16 [16384 x
+// 128256]) this kernel took about as long as the forward and backward kernels together: with
+// 256-thread blocks, 4 per multiprocessor, ~528 rows of 250 KB are in flight, far more than the
+// 50 MB of L2, so pass 2 reads memory again. RLHF_FAST_CUDA_EPILOGUE=l2 launches the other shape,
+// one 1024-thread block per multiprocessor (132 rows, 33 MB in flight), so that pass 2 may hit L2;
+// which is faster is for a GPU to measure (bench_policy_loss.py times both).
 // Exponentials: ex2.approx.ftz.f32 in the passes, as token_logprobs.cu; the epilogue's own are
 // accurate expf. No --use_fast_math.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "rlhf_fast/policy_epilogue.h"
@@ -25,10 +31,11 @@ namespace rlhf_fast {
 namespace {
 
 constexpr float kInf = __builtin_huge_valf();
+// The default shape, as token_logprobs.cu: at least 4 blocks per multiprocessor caps registers at 64.
 constexpr int kBlockThreads = 256;
-constexpr int kWarps = kBlockThreads / 32;
-// As token_logprobs.cu: at least 4 blocks per multiprocessor caps registers at 64.
 constexpr int kMinBlocksPerSm = 4;
+// The L2-resident shape: one block per multiprocessor, the same 64-register cap.
+constexpr int kL2BlockThreads = 1024;
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -130,21 +137,22 @@ __device__ __forceinline__ OnlineLse warp_reduce(OnlineLse st, float scale) {
 
 // Pass 1: the row's state, in warp 0 (thread 0 is what the epilogue reads). The leading sync
 // makes the previous row's readers of the shared memory finish before it is written again.
-template <typename T>
+template <typename T, int kThreads>
 __device__ __forceinline__ OnlineLse row_state(const T* x, int64_t vocab, float scale, OnlineLse* warp_states) {
   constexpr int kVec = 16 / sizeof(T);
+  constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x;
   const RowSplit split = split_row<T>(x, vocab);
   OnlineLse st{-kInf, 0.0f, 0.0f};
-  for (int64_t k = lane; k < split.head; k += kBlockThreads) {
+  for (int64_t k = lane; k < split.head; k += kThreads) {
     const float v = load(x[k]);
     absorb<1>(st, &v, scale);
   }
   const uint4* xv = reinterpret_cast<const uint4*>(x + split.head);
   int64_t i = lane;
-  for (; i + kBlockThreads < split.n_vec; i += 2 * kBlockThreads) {
+  for (; i + kThreads < split.n_vec; i += 2 * kThreads) {
     const uint4 a = xv[i];  // cached: pass 2 reads the row again
-    const uint4 b = xv[i + kBlockThreads];
+    const uint4 b = xv[i + kThreads];
     float v[2 * kVec];
     unpack<T>(a, v);
     unpack<T>(b, v + kVec);
@@ -155,7 +163,7 @@ __device__ __forceinline__ OnlineLse row_state(const T* x, int64_t vocab, float 
     unpack<T>(xv[i], v);
     absorb<kVec>(st, v, scale);
   }
-  for (int64_t k = split.head + split.n_vec * kVec + lane; k < vocab; k += kBlockThreads) {
+  for (int64_t k = split.head + split.n_vec * kVec + lane; k < vocab; k += kThreads) {
     const float v = load(x[k]);
     absorb<1>(st, &v, scale);
   }
@@ -183,11 +191,12 @@ __device__ __forceinline__ float row_input(const void* base, int64_t row) {
 }
 
 // kEntropy: entropy_coef != 0, the entropy term of pass 2 (the Triton kernel's ENTROPY_GRAD).
-template <typename T, bool kEntropy>
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+// kThreads: kBlockThreads or kL2BlockThreads (see the top of the file).
+template <typename T, bool kEntropy, int kThreads>
+__global__ void __launch_bounds__(kThreads, kThreads == kBlockThreads ? kMinBlocksPerSm : 1)
     policy_epilogue_kernel(const PolicyEpilogueParams p, const EpilogueOptions<float> o) {
   constexpr int kVec = 16 / sizeof(T);
-  __shared__ OnlineLse warp_states[kWarps];
+  __shared__ OnlineLse warp_states[kThreads / 32];
   __shared__ RowGradCoefficients<float> shared_coef;
   const int lane = threadIdx.x;
   const float scale = static_cast<float>(kLog2e / p.temperature);
@@ -210,13 +219,13 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
         static_cast<float*>(p.grad_entropy)[row] = 0.0f;
       }
       const T zero = store<T>(0.0f);
-      for (int64_t k = lane; k < split.head; k += kBlockThreads) g[k] = zero;
-      for (int64_t i = lane; i < split.n_vec; i += kBlockThreads) gv[i] = make_uint4(0u, 0u, 0u, 0u);
-      for (int64_t k = split.head + split.n_vec * kVec + lane; k < vocab; k += kBlockThreads) g[k] = zero;
+      for (int64_t k = lane; k < split.head; k += kThreads) g[k] = zero;
+      for (int64_t i = lane; i < split.n_vec; i += kThreads) gv[i] = make_uint4(0u, 0u, 0u, 0u);
+      for (int64_t k = split.head + split.n_vec * kVec + lane; k < vocab; k += kThreads) g[k] = zero;
       continue;
     }
 
-    const OnlineLse st = row_state<T>(x, vocab, scale, warp_states);
+    const OnlineLse st = row_state<T, kThreads>(x, vocab, scale, warp_states);
     if (lane == 0) {  // finish the row, the epilogue, the backward's coefficients
       const float d_label = exponent2(load(x[label]), shift_of(st.m), scale);
       const RowOutputs<float> out = finish_row(st.s, st.t, d_label, tempered(st.m, temperature, inv_temperature));
@@ -242,7 +251,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     const bool vectors = (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(g) & 15);
     const int64_t head = vectors ? split.head : vocab;
     const int64_t n_vec = vectors ? split.n_vec : 0;
-    for (int64_t k = lane; k < head; k += kBlockThreads) {
+    for (int64_t k = lane; k < head; k += kThreads) {
       g[k] = store<T>(grad_element<kEntropy>(load(x[k]), coef) + (k == label ? coef.label_term : 0.0f));
     }
     const uint4* xv = reinterpret_cast<const uint4*>(x + head);
@@ -256,20 +265,27 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 #pragma unroll
         for (int j = 0; j < kVec; ++j) v[j] += first + j == label ? coef.label_term : 0.0f;
       }
-      gv[i] = pack<T>(v);
+      __stcs(gv + i, pack<T>(v));  // streamed: the gradient should not evict rows pass 2 is yet to read
     };
     int64_t i = lane;
-    for (; i + kBlockThreads < n_vec; i += 2 * kBlockThreads) {
+    for (; i + kThreads < n_vec; i += 2 * kThreads) {
       const uint4 a = __ldcs(xv + i);  // the row's last read
-      const uint4 b = __ldcs(xv + i + kBlockThreads);
+      const uint4 b = __ldcs(xv + i + kThreads);
       one_vector(a, i);
-      one_vector(b, i + kBlockThreads);
+      one_vector(b, i + kThreads);
     }
     if (i < n_vec) one_vector(__ldcs(xv + i), i);
-    for (int64_t k = head + n_vec * kVec + lane; k < vocab; k += kBlockThreads) {
+    for (int64_t k = head + n_vec * kVec + lane; k < vocab; k += kThreads) {
       g[k] = store<T>(grad_element<kEntropy>(load(x[k]), coef) + (k == label ? coef.label_term : 0.0f));
     }
   }
+}
+
+// RLHF_FAST_CUDA_EPILOGUE=l2: the L2-resident launch shape. Read at every call, so that a benchmark
+// can time both shapes in one process.
+bool l2_resident_rows() {
+  const char* shape = std::getenv("RLHF_FAST_CUDA_EPILOGUE");
+  return shape != nullptr && std::strcmp(shape, "l2") == 0;
 }
 
 }  // namespace
@@ -280,9 +296,16 @@ void policy_epilogue_forward_cuda(const PolicyEpilogueParams& p, void* stream) {
     RLHF_FAST_BOOL_SWITCH(o.entropy_grad, kEntropy, [&] {
       if (p.n_rows == 0) return;
       const char* what = "policy_epilogue_forward";
-      const int64_t cap = int64_t(cuda_common::multiprocessor_count(what)) * 64;
-      const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(p.n_rows, cap)));
-      policy_epilogue_kernel<T, kEntropy><<<grid, kBlockThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, o);
+      const int64_t sms = cuda_common::multiprocessor_count(what);
+      const auto grid_of = [&](int64_t cap) {
+        return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(p.n_rows, cap)));
+      };
+      const auto cuda_stream = static_cast<cudaStream_t>(stream);
+      if (l2_resident_rows()) {
+        policy_epilogue_kernel<T, kEntropy, kL2BlockThreads><<<grid_of(sms), kL2BlockThreads, 0, cuda_stream>>>(p, o);
+      } else {
+        policy_epilogue_kernel<T, kEntropy, kBlockThreads><<<grid_of(sms * 64), kBlockThreads, 0, cuda_stream>>>(p, o);
+      }
       cuda_common::check(cudaGetLastError(), what);
     });
   });
