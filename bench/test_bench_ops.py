@@ -63,3 +63,13 @@ def test_op(benchmark, op, impl_name, mode):
     assert problem is None or not impl.ours, f"{op} {impl_name} {mode}: {problem}"
     benchmark.extra_info.update(op=op, impl=impl_name, mode=mode, dims=case.dims, inexact=problem)
     benchmark(case.step(fn, target, mode), 0)
+
+
+def test_profile_ops_smoke(tmp_path):
+    """profile_ops.py (gpu_check.sh's profile step) runs on a CPU and writes its report: a plain test, no benchmark."""
+    from rlhf_fast.bench import profile_ops
+
+    assert profile_ops.main(["--device", "cpu", "--out", str(tmp_path), "--cases", "ppo", "--calls", "1"]) == 0
+    report = (tmp_path / "profile.txt").read_text()
+    assert "host: ppo fwd+bwd (one-kernel)" in report and "torch: ppo fwd (no_grad)" in report
+    assert "ATen ops by count per call" in report and list(tmp_path.glob("trace-*.json.gz"))
