@@ -6,17 +6,18 @@
 # (bench/profile_ops.py: wall, host issue, kernel time, ops, launches, syncs per call), the GPU
 # tests marked slow in whatever budget is left (they may be cut), and print the headline figures LAST.
 #
-#   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; under 8 minutes)
+#   bash bench/gpu_check.sh          (from anywhere; runs in the repository root; about 9 minutes)
 #
 # Environment (all optional):
 #   OUT                  where to leave everything for the caller: summary.log and gpu_check.tgz
 #                        (every step's log and every results file: rows, CSV, report, plots). Two
 #                        files, because the device tool brings back at most 8. Results also go to
 #                        bench/results/ in the tree; logs otherwise stay in a temp dir.
-#   GPU_CHECK_BUDGET_S   wall-clock seconds for all steps together (default 450); no step outlives it
+#   GPU_CHECK_BUDGET_S   wall-clock seconds for all steps together (default 540, under the device
+#                        tool's 600 s per command); no step outlives it
 #   BENCH_ARGS           suite arguments (default "--quick"; "" runs the full suite, which needs a
 #                        larger budget; e.g. "--quick --ops logprobs,policy_loss" narrows it)
-#   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S, PROFILE_TIMEOUT_S   per-step limits (defaults 150, 280, 60)
+#   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S, PROFILE_TIMEOUT_S   per-step limits (defaults 200, 280, 60)
 #
 # The quick suite on a GPU includes policy_loss's rows per registered objective and with rollout
 # correction, and backend=triton's one-kernel path (kernels/policy_epilogue.py) beside the same
@@ -38,7 +39,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 BENCH_ARGS=${BENCH_ARGS---quick}
 START=$SECONDS
 LOG_DIR=$(mktemp -d -t gpu_check.XXXXXX)
@@ -99,26 +100,27 @@ TAIL=20 step info 60 $((BENCH_MIN_S + PROFILE_S + 80)) python -m rlhf_fast info
 # The GPU tests in two parts: those not marked slow here (about 1550; file names and dots in the
 # log, so a cut shows which file it reached), the 82 slow ones (Triton variants compiled per option
 # combination: tens of seconds each) last, in what the budget leaves.
-step tests "${TESTS_TIMEOUT_S:-150}" $((BENCH_MIN_S + PROFILE_S + 20)) \
+step tests "${TESTS_TIMEOUT_S:-200}" $((BENCH_MIN_S + PROFILE_S + 20)) \
   python -m pytest tests/ -m "gpu and not slow" -o faulthandler_timeout=60 --maxfail=30 -p no:cacheprovider --durations=5
 
-# Liger-Kernel is the fused-linear peer: carry its wheel (device tool: carry [".whl"]); the GPU
-# machine has no network. Without it the suite reports Liger's rows as skipped.
+# The peers, Liger-Kernel (the fused-linear rows) and TRL (bench_integrations.py), are not on the
+# machine and it has no network: carry their wheels in .whl/ (device tool: carry [".whl"]), TRL's
+# with those of its dependencies the machine lacks (on the H200 image of 2026-12-04: datasets,
+# dill, multiprocess). They are installed without resolving dependencies, beside the image's own
+# packages, as on 2026-12-04. Without them Liger's rows and the TRL step are skipped, saying so.
 shopt -s nullglob
-liger_wheels=(.whl/liger_kernel-*.whl)
-if ((${#liger_wheels[@]})); then
-  step liger 60 $((BENCH_MIN_S + PROFILE_S + 80)) python -m pip install --no-index --no-deps "${liger_wheels[@]}"
+peer_wheels=(.whl/*.whl)
+if ((${#peer_wheels[@]})); then
+  peer_site=$(mktemp -d -t gpu_check_site.XXXXXX) # not under $LOG_DIR, which travels back as a tarball
+  step peers 90 $((BENCH_MIN_S + PROFILE_S + 80)) python -m pip install --no-index --no-deps --no-compile \
+    --target "$peer_site" "${peer_wheels[@]}"
+  export PYTHONPATH="$peer_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # One RL step (rollout and update) with the fused ops vs the same loop on plain PyTorch, vocab 128256.
 step rl_step "${RL_STEP_TIMEOUT_S:-75}" $((BENCH_MIN_S + PROFILE_S + 10)) python -m rlhf_fast.bench --rl-step --device cuda --repeats 2 --out "$LOG_DIR/results"
 
 # TRL's GRPOTrainer stock vs rlhf_fast.integrations.trl.enable: one step and the loss, vocab 128256, bf16
-# (bench_integrations.py). TRL is not on the machine and it has no network: carry trl's wheels and
-# its dependencies' (accelerate, datasets, ...) in .whl/; without trl the step is skipped, saying so.
-trl_wheels=(.whl/trl-*.whl)
-if ((${#trl_wheels[@]})); then
-  step trl_install 90 $((BENCH_MIN_S + PROFILE_S + 70)) python -m pip install --no-index --find-links .whl "${trl_wheels[@]}"
-fi
+# (bench_integrations.py).
 if python -c "import trl" >/dev/null 2>&1; then
   step integrations "${INTEGRATIONS_TIMEOUT_S:-90}" $((BENCH_MIN_S + PROFILE_S + 10)) python -m rlhf_fast.bench.bench_integrations \
     --device cuda --vocab 128256 --dtype bfloat16 --repeats 3 --out bench/results --out "$LOG_DIR/results"
