@@ -20,9 +20,10 @@
 #   TESTS_TIMEOUT_S, BENCH_TIMEOUT_S, PROFILE_TIMEOUT_S   per-step limits (defaults 200, 280, 60)
 #
 # The quick suite on a GPU includes policy_loss's rows per registered objective and with rollout
-# correction, and backend=triton's one-kernel path (kernels/policy_epilogue.py) beside the same
-# loss with it turned off, "backend=triton,three-step" (bench_policy_loss.py; about 30 s at
-# [16 x 1024 x 128256] bf16, the added row not yet timed) and
+# correction, and the one-kernel path (kernels/policy_epilogue.py, csrc/cuda/policy_epilogue.cu)
+# beside the same loss with it turned off, "backend=triton,three-step", and the CUDA kernel's
+# L2-resident launch shape, "backend=cuda,l2-rows" (bench_policy_loss.py; about 30 s at
+# [16 x 1024 x 128256] bf16) and
 # linear_policy_loss's with a soft-capped head and with GSPO (bench_fused_linear.py; about 10 s):
 # the summary printed last has the objectives' table, fwd+bwd over token_logprobs against issue
 # 15's target (1.1x separable, 1.3x not), with pass/fail.

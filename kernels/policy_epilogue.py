@@ -16,9 +16,14 @@ One program owns ROWS rows, as in kernels/token_logprobs.py (same tiles), and ru
      (into the logits themselves for an in-place backward: each element is read before written).
 Bytes: N*V*e read by pass 1, N*V*e read again by pass 2 and N*V*e written, + ~52*N for the row
 tensors. Pass 2 reads a row its program has just read, which is meant to hit L2 (a 128256-wide
-bf16 row is 250 KB, one per program in flight), so that HBM sees N*V*e read once and written
-once; the composed path moves 3*N*V*e through HBM (forward read, backward read and write). No
-GPU measurement of this kernel exists yet.
+bf16 row is 250 KB), so that HBM sees N*V*e read once and written once; the composed path moves
+3*N*V*e through HBM (forward read, backward read and write). On an H200 (2026-12-04, PPO, bf16
+[16384 x 128256]) the loss's fwd+bwd took 5.44 ms against 8.49 ms for the composed path, but the
+kernel's share was about that of the forward and backward kernels together: with one row per
+program and several programs per multiprocessor, hundreds of rows are in flight, more than L2
+holds, so pass 2 reads HBM again. csrc/cuda/policy_epilogue.cu has a launch shape with one
+1024-thread block per multiprocessor for this (RLHF_FAST_CUDA_EPILOGUE=l2); a persistent Triton
+launch like it is not written yet.
 """
 
 from __future__ import annotations
