@@ -18,8 +18,8 @@ def k3_of(x: torch.Tensor) -> torch.Tensor:
     """e^x - 1 - x >= 0 to float32 accuracy for every x (differentiable). [...] -> [...]"""
     small = x.abs() < K3_SERIES_BELOW
     xs = torch.where(small, x, 0.0)  # keep the unused branch finite, in value and in gradient
-    poly = torch.full_like(xs, _K3_TAYLOR[-1])
-    for c in reversed(_K3_TAYLOR[:-1]):
+    poly = xs * _K3_TAYLOR[-1] + _K3_TAYLOR[-2]
+    for c in reversed(_K3_TAYLOR[:-2]):
         poly = poly * xs + c
     series = xs * xs * poly
     xl = torch.where(small, 1.0, x)
@@ -38,12 +38,15 @@ def kl_values(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> tor
     return d.abs()
 
 
-def kl_loss_values(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float | None) -> torch.Tensor:
+def kl_loss_values(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float | None,
+                   value: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The policy loss's KL term (see reference.kl_loss): ``kl_values`` clamped to [-clamp, clamp]
     (verl's low_var_kl clamps k3 at 10, OpenRLHF every estimator); an estimator ending in "+" has
     that value with the gradient of k2, d = logp - ref_logp (verl's straight-through "k3+": an
-    unbiased estimate of the KL's gradient whatever the value's estimator)."""
-    value = kl_values(logp, ref_logp, estimator.removesuffix("+"))
+    unbiased estimate of the KL's gradient whatever the value's estimator). ``value``: that
+    ``kl_values``, when the caller computed it already."""
+    if value is None:
+        value = kl_values(logp, ref_logp, estimator.removesuffix("+"))
     if clamp is not None:
         value = value.clamp(-clamp, clamp)
     if not estimator.endswith("+"):

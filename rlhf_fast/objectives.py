@@ -71,24 +71,27 @@ def ppo(logp, old_logp, advantages, mask, options):
 
 
 def _ppo_surrogate(logp, old_logp, advantages, mask, options):
-    """PPO's per-token loss, and where the clip and the dual clip bit."""
+    """PPO's per-token loss, and where the clip and the dual clip bit (None without dual_clip)."""
     log_ratio = logp - old_logp
     # Which branch each token takes, decided on detached values (the max/min of the formula).
     with torch.no_grad():
         raw_ratio = torch.exp(log_ratio)
-        clipped = torch.zeros_like(mask)
-        bound = torch.ones_like(raw_ratio)
-        if options.clip_eps is not None:
+        frozen = advantages == 0
+        if options.clip_eps is None:
+            clipped, bound = torch.zeros_like(mask), torch.ones_like(raw_ratio)
+        else:
             low, high = clip_range(options)
+            positive = advantages > 0
             # A > 0: -A min(r, 1 + h) is clipped above 1 + h; A < 0: |A| max(r, 1 - l) below 1 - l.
-            clipped = ((advantages > 0) & (raw_ratio > high)) | ((advantages < 0) & (raw_ratio < low))
-            bound = torch.where(advantages > 0, high, low)
-        dual = torch.zeros_like(mask)
+            clipped = (positive & (raw_ratio > high)) | ((advantages < 0) & (raw_ratio < low))
+            bound = torch.where(positive, high, low)
+            frozen = clipped | frozen
+        dual = None
         if options.dual_clip is not None:
             # For A < 0 the clipped loss is |A| max(r, 1 - l); min with |A| c (c > 1) bites when r > c.
             dual = (advantages < 0) & (raw_ratio > options.dual_clip)
             bound = torch.where(dual, options.dual_clip, bound)
-        frozen = clipped | dual | (advantages == 0)
+            frozen = frozen | dual
     ratio = torch.exp(torch.where(frozen, 0.0, log_ratio))
     return -advantages * torch.where(frozen, bound, ratio), clipped, dual
 

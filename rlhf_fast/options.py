@@ -8,6 +8,7 @@ a knob touches its dataclass, the math that uses it and its tests, not every sig
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -152,14 +153,33 @@ def field_names(cls) -> tuple[str, ...]:
 def take(cls, options, flat: dict, arg: str = "options"):
     """``options`` (a ``cls``, or None for the defaults) with the fields of ``cls`` that ``flat``
     names applied; those keys are removed from ``flat``, so that what is left over is unknown."""
-    if options is None:
-        options = cls()
-    elif not isinstance(options, cls):
+    if options is not None and not isinstance(options, cls):
         raise TypeError(f"{arg} must be a {cls.__name__} or None, got {type(options).__name__}")
     given = {name: flat.pop(name) for name in field_names(cls) if name in flat}
+    if options is None and all(type(value) in _PLAIN for value in given.values()) and not torch.compiler.is_compiling():
+        # An op called with flat keywords would build and validate the same object on every call
+        # (torch.compile traces the construction instead: Dynamo bypasses caches).
+        return _from_fields(cls, tuple((name, type(value), value, _sign(value)) for name, value in given.items()))
+    if options is None:
+        options = cls()
     if not given:
         return options
     return cls(**{name: given[name] if name in given else getattr(options, name) for name in field_names(cls)})
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _sign(value):
+    """-0.0 equals 0.0 and hashes alike: the sign keeps them apart in a cache key."""
+    return math.copysign(1.0, value) if type(value) is float else None
+
+
+@functools.lru_cache(maxsize=256)
+def _from_fields(cls, items: tuple):
+    """``cls`` with the (name, type, value, sign) ``items``, the rest its defaults. Cached: options
+    are frozen, so sharing them is safe; a construction that raises is not cached (it raises again)."""
+    return cls(**{name: value for name, _, value, _ in items})
 
 
 def no_leftovers(op: str, flat: dict, *classes) -> None:

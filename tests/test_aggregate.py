@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 import rlhf_fast
 from rlhf_fast import reference
+from rlhf_fast.choices import AGG_MODES
+from rlhf_fast.ops.aggregate import aggregate, aggregate_weights
 
 from numerics import random_mask, rel_err, tolerance
 
@@ -58,6 +60,28 @@ def test_dr_grpo_constant_length(length):
 def test_max_response_length_validation(options, message):
     with pytest.raises(ValueError, match=message):
         rlhf_fast.PolicyLossOptions(**options)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aggregate_weights_equal_autograd_bit_for_bit(agg, dtype):
+    """The one-kernel fused loss's token weights (aggregate_weights, no graph) are aggregate's
+    autograd gradient exactly, for every kind of normaliser (own, number, 0-d or [1] tensors of
+    another dtype, an int tensor) and mask (empty rows, an empty batch)."""
+    normalizers = [None, 13.7, 7, torch.tensor(29.3), torch.tensor([0.3], dtype=torch.float64), torch.tensor(11)]
+    lengths = [None, 37] if agg == "seq-mean-token-sum-norm" else [None]
+    for seed in range(20):
+        torch.manual_seed(seed)
+        rows, tokens = 1 + seed % 7, 1 + 3 * seed
+        mask = random_mask(rows, tokens, "mixed") if seed else torch.zeros(rows, tokens, dtype=torch.bool)
+        for normalizer in normalizers:
+            for length in lengths:
+                x = torch.zeros(mask.shape, dtype=dtype, requires_grad=True)
+                expected = torch.autograd.grad(aggregate(x, mask, agg, normalizer, length), x)[0]
+                got = aggregate_weights(mask, agg, normalizer, length, dtype)
+                assert got.dtype == expected.dtype
+                bits = (t.view(-1).view(torch.uint8) for t in (got, expected))
+                assert torch.equal(*bits), (normalizer, length)
 
 
 def test_global_normalizer_of_micro_batches():

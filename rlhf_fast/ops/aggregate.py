@@ -77,7 +77,12 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None,
     Masked positions are replaced by 0 before any sum. Without ``normalizer`` the counts are those
     of this batch, floored at 1 (no valid token: loss 0, gradient 0, never NaN).
     """
-    loss = torch.where(mask, loss, 0.0)
+    return aggregate_masked(torch.where(mask, loss, 0.0), mask, agg, normalizer, max_response_length)
+
+
+def aggregate_masked(loss: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None,
+                     max_response_length: int | None = None) -> torch.Tensor:  # fmt: skip
+    """``aggregate`` of a loss already 0 at masked positions (policy_loss_terms's): one masking less."""
     if agg == "seq-mean-token-mean":
         row_count = mask.sum(dim=-1)
         numerator = (loss.sum(dim=-1) / row_count.clamp(min=1)).sum()
@@ -86,6 +91,22 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None,
     if normalizer is None:
         normalizer = _own_normalizer(mask, agg, max_response_length)
     return numerator / normalizer
+
+
+def aggregate_weights(mask: torch.Tensor, agg: str, normalizer=None, max_response_length: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """d aggregate(x) / d x [B, T] in ``dtype``: aggregate is linear, so this is each token's weight
+    (0 at masked positions). Built from the very ops that autograd's backward of ``aggregate`` runs,
+    in its order, so that it equals ``torch.autograd.grad`` of it bit for bit (tests/test_aggregate.py)
+    without recording a graph: the fused loss calls it on every training step."""
+    if normalizer is None:
+        normalizer = _own_normalizer(mask, agg, max_response_length)
+    # DivBackward of numerator / normalizer on a ones gradient, in the quotient's dtype; the engine
+    # then sums it to the numerator's shape (a one-element normaliser may be [1]) and casts it.
+    scale = (torch.ones((), dtype=dtype, device=mask.device) / normalizer).reshape(()).to(dtype)
+    if agg == "seq-mean-token-mean":  # DivBackward of each row's sum / row_count.clamp(min=1)
+        scale = (scale / mask.sum(dim=-1).clamp(min=1)).unsqueeze(-1)
+    return torch.where(mask, scale, 0.0)  # WhereBackward of the masking: the sums' gradient broadcast
 
 
 def _checked_mask(mask):

@@ -14,7 +14,7 @@ hands it over untouched for ``loss.backward()``. Two ways, chosen by
   objectives "ppo", "cispo", "gpg", "sapo" with any agg, KL estimator, entropy bonus and rollout
   correction): per row, pass 1 reads the logits (logp, entropy, lse), the epilogue computes
   d loss / d logp_t and d loss / d H_t from the token's own inputs and the aggregation's weight of
-  the token (``_aggregation_weights``: aggregate is linear, so its gradient is that weight), pass 2
+  the token (``aggregate_weights``: aggregate is linear, so its gradient is that weight), pass 2
   reads the row again and writes the gradient. On a GPU the second read is meant to hit L2 (a bf16
   row of 128256 is 250 KB), leaving about one HBM read and one write of [N, V]; no GPU timing of
   either GPU kernel exists yet. The host runs the same three steps on chunks of rows that fit in
@@ -37,7 +37,7 @@ import torch
 from .. import _validate as check
 from ..backends import registry
 from ..reference import IGNORE_INDEX
-from .aggregate import aggregate, check_normalizer
+from .aggregate import aggregate_weights, check_normalizer
 from ..options import PolicyLossOptions, no_leftovers, take
 from .policy_loss import loss_with_entropy_bonus, validate_inputs
 # The registered kernel ops themselves: the few-frames rule (tests/test_call_path.py) leaves no room for a wrapper.
@@ -170,16 +170,6 @@ def _loss_gradient_fits_the_kernel(logits, options: PolicyLossOptions, backend: 
     return bool(chosen.supports_op("policy_epilogue"))
 
 
-def _aggregation_weights(mask, options: PolicyLossOptions, normalizer, dtype=torch.float32) -> torch.Tensor:
-    """d aggregate(x) / d x [B, T] in ``dtype``: aggregate is linear, so its gradient (at x = 0) is
-    each token's weight, normaliser included, computed as the composed path's autograd computes it
-    (in float64 for float64 logits, whose one-kernel gradient keeps float64 accuracy)."""
-    with torch.enable_grad():
-        x = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
-        total = aggregate(x, mask, options.agg, normalizer, options.max_response_length)
-        return torch.autograd.grad(total, x)[0]
-
-
 def _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend, loss_inputs):
     """The provider's policy_epilogue kernel on prepared [N] inputs, then the loss and stats by the
     [B, T] code on its detached logp and entropy. Returns (loss, stats, grad [N, V], the [N] rows a
@@ -189,7 +179,8 @@ def _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend, loss
     rows_dtype = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand(mask.shape)
-    weight = _aggregation_weights(mask, options, normalizer, rows_dtype)
+    # In float64 for float64 logits, whose one-kernel gradient keeps float64 accuracy.
+    weight = aggregate_weights(mask, options.agg, normalizer, options.max_response_length, rows_dtype)
     pg_weight = weight if correction.weights is None else (weight * correction.weights).to(rows_dtype)
     with_kl = ref_logp is not None and options.kl_coef != 0.0
     # Masked positions may hold NaN or inf: zeroed here, as policy_loss_terms does, never read there.

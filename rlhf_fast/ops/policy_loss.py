@@ -15,7 +15,7 @@ from ..kl_estimators import k3_of, kl_loss_values
 from ..objectives import OBJECTIVES
 from ..options import PolicyLossOptions, no_leftovers, take
 from ..rollout_correction import Correction, correct
-from .aggregate import aggregate, check_normalizer
+from .aggregate import aggregate, aggregate_masked, check_normalizer
 
 
 def validate_inputs(logp, old_logp, advantages, mask, ref_logp, *, logp_name="logp", rollout_logp=None, options=None):
@@ -58,22 +58,31 @@ def policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options: Polic
     adv = torch.where(mask, advantages.float(), 0.0)
     per_token, own_stats = OBJECTIVES[options.objective].terms(logp, old_logp, adv, mask, options)
     count = mask.sum().clamp(min=1)
-    stats = {"clipfrac": count.new_zeros((), dtype=torch.float32)} | own_stats  # 0 for clip-free objectives
+    # clipfrac first, 0 for clip-free objectives
+    stats = own_stats if "clipfrac" in own_stats else {"clipfrac": count.new_zeros((), dtype=torch.float32)} | own_stats
     if rollout_weights is not None:
         per_token = per_token * rollout_weights
+    # The inputs are 0 at masked positions, so the KL and k3 below are exactly +0 there: their sums
+    # need no masking.
+    log_ratio = (logp - old_logp).detach()
+    approx_k3 = None
     if ref_logp is not None:
-        kl = kl_loss_values(logp, torch.where(mask, ref_logp.float(), 0.0), options.kl_estimator, options.kl_clamp)
+        ref_logp = torch.where(mask, ref_logp.float(), 0.0)
+        value = None
+        if options.kl_estimator.removesuffix("+") == "k3":
+            # The KL term's k3 and the approx_kl stat's in one pass: elementwise, so the same values as two.
+            value, approx_k3 = k3_of(torch.stack((-(logp - ref_logp), log_ratio))).unbind()
+        kl = kl_loss_values(logp, ref_logp, options.kl_estimator, options.kl_clamp, value)
         if options.kl_coef:
             weighted = kl * torch.exp(logp - old_logp) if options.kl_is_correction else kl
             per_token = per_token + options.kl_coef * weighted
-        stats["kl"] = masked_mean(kl.detach(), mask, count)
+        stats["kl"] = kl.detach().sum() / count
     with torch.no_grad():
-        log_ratio = logp - old_logp
-        raw_ratio = torch.exp(log_ratio)
-        stats["approx_kl"] = masked_mean(k3_of(log_ratio), mask, count)  # k3 of old vs new
-        stats["ratio_mean"] = masked_mean(raw_ratio, mask, count)
+        stats["approx_kl"] = (k3_of(log_ratio) if approx_k3 is None else approx_k3).sum() / count  # k3 of old vs new
         # Ratios are > 0, so masked zeros never win the max and an empty mask gives 0.
-        stats["ratio_max"] = torch.where(mask, raw_ratio, 0.0).amax() if mask.numel() else count.new_zeros((), dtype=torch.float32)
+        ratio = torch.where(mask, torch.exp(log_ratio), 0.0)
+        stats["ratio_mean"] = ratio.sum() / count
+        stats["ratio_max"] = ratio.amax() if mask.numel() else count.new_zeros((), dtype=torch.float32)
     return torch.where(mask, per_token, 0.0), stats
 
 
@@ -154,7 +163,8 @@ def policy_loss_with_options(logp, old_logp, advantages, correction: Correction,
         correction = keep_high_entropy(correction, entropy, options.top_entropy_quantile)
     mask = correction.mask
     per_token, stats = policy_loss_terms(logp, old_logp, advantages, mask, ref_logp, options, correction.weights)
-    return aggregate(per_token, mask, options.agg, normalizer, options.max_response_length), stats | correction.stats
+    loss = aggregate_masked(per_token, mask, options.agg, normalizer, options.max_response_length)
+    return loss, stats | correction.stats
 
 
 def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
