@@ -125,6 +125,17 @@ def assert_within_one_ulp(actual: torch.Tensor, other: torch.Tensor, what: str) 
     assert not apart.any(), f"{what}: {int(apart.sum())} elements more than one ulp apart"
 
 
+def assert_rows_within_one_ulp(actual: torch.Tensor, other: torch.Tensor, what: str) -> None:
+    """``assert_within_one_ulp`` for two 16-bit logits gradients [..., V], held to it where their
+    float32 values differ by more than float32 rounding of the row's largest element: there the
+    two float32 gradients agree only to that rounding (a tiny p_k (g + g_H (log p_k + H)) whose
+    terms cancel), so a 16-bit element far below it may be several of its own ulps off."""
+    a, b = actual.detach().cpu(), other.detach().cpu()
+    row_scale = torch.maximum(a.abs(), b.abs()).amax(-1, keepdim=True).float()
+    clear = (a.float() - b.float()).abs() > tolerance(torch.float32) * row_scale
+    assert_within_one_ulp(a[clear], b[clear], what)
+
+
 MASK_PATTERNS = ("right", "left", "holes", "mixed")
 
 

@@ -11,7 +11,7 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.ops.aggregate import aggregate
 
-from numerics import CLIPS, KLS, LOW_PRECISION, assert_within_one_ulp, backend_params, poison, policy_term_scale, random_mask, rel_err, require
+from numerics import CLIPS, KLS, LOW_PRECISION, assert_rows_within_one_ulp, backend_params, poison, policy_term_scale, random_mask, rel_err, require
 
 AGGS = reference.AGG_MODES
 
@@ -55,7 +55,7 @@ def check_equal(backend, logits, labels, fused_labels, inputs, *, temperature, e
     assert torch.allclose(loss, want, rtol=1e-6, atol=1e-7), (loss.item(), want.item())
     assert torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
     if x.grad.dtype in LOW_PRECISION:
-        assert_within_one_ulp(x.grad, y.grad, "grad")
+        assert_rows_within_one_ulp(x.grad, y.grad, "grad")
     else:
         assert rel_err(x.grad, y.grad) < 1e-6, f"grad: {rel_err(x.grad, y.grad):.3g}"
     assert set(stats) == set(want_stats) | {"entropy"}
