@@ -269,6 +269,24 @@ def test_vocabulary_sizes_and_tiles(vocab, where):
           temperature=0.9)  # fmt: skip
 
 
+@pytest.mark.parametrize("bad", [-1, 37, 10**9])
+def test_out_of_range_label_is_refused_before_the_kernel(bad, where):
+    """A label outside [0, V) at a valid token: the one-kernel path raises naming it, as the
+    composed path does, before any kernel reads the row with it; the logits are untouched."""
+    backend, device = where
+    require(backend, device, torch.float32, "policy_epilogue")
+    full, labels, inputs, vocab = case(rows=3, tokens=4, vocab=37)
+    labels[tuple(inputs["mask"].nonzero()[0].tolist())] = bad
+    logits = full.to(device, copy=True).requires_grad_(True)
+    x = (logits * 1.0)[..., :vocab]  # in place: the gradient would go over these
+    before = x.detach().clone()
+    args = {k: v.to(device) for k, v in inputs.items() if k != "rollout_logp"}
+    with counted_launches(backend) as counts, pytest.raises(ValueError, match=rf"labels must be in \[0, {vocab}\).*got {bad}"):
+        rlhf_fast.fused_policy_loss(x, labels.to(device), backend=backend, inplace_backward=True, objective="ppo", **args)
+    assert counts == {"policy_epilogue_forward": 0, "token_logprobs_forward": 0, "token_logprobs_backward": 0}
+    assert torch.equal(x.detach(), before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab,dtype", [(17, torch.float32), (300, torch.bfloat16), (5000, torch.bfloat16)], ids=str)
 def test_cuda_l2_resident_launch_shape(vocab, dtype, monkeypatch):

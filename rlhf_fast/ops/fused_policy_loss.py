@@ -186,6 +186,8 @@ def _loss_in_one_kernel(flat_logits, labels, temperature, inplace, backend, loss
     # Masked positions may hold NaN or inf: zeroed here, as policy_loss_terms does, never read there.
     old, adv, ref = (None if t is None else torch.where(mask, t.to(rows_dtype), 0.0).reshape(-1)
                      for t in (old_logp, advantages, ref_logp if with_kl else None))  # fmt: skip
+    # The composed path checks the labels in token_logprobs' forward op; this kernel indexes the row with them too.
+    check.labels_in_range(labels, flat_logits.shape[-1], IGNORE_INDEX)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, entropy, lse, grad_logp, grad_entropy = torch.empty(5, flat_labels.shape[0], dtype=rows_dtype,
                                                               device=flat_logits.device)  # fmt: skip
