@@ -101,6 +101,21 @@ def test_group_size_form_of_the_index_modes(mode):
     assert rel_err(got, want) < 1e-6
 
 
+def test_pass_at_k_gradient_of_a_second_best_tied_at_zero():
+    """Binary rewards tie the second best at 0: the tied rows share its gradient, as in the float64
+    reference, on every call (the group reduction once started from uninitialised memory, and
+    torch's backward of scatter_reduce let a 0 there take a share too)."""
+    scores = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    index = torch.tensor([3, 3, 3, 8, 8, 8, 8])
+    y = scores.double().requires_grad_(True)
+    reference.indexed_group_advantages(y, index, mode="passk").sum().backward()
+    for _ in range(5):
+        torch.zeros(64).sum()  # what the allocator may hand out next
+        x = scores.clone().requires_grad_(True)
+        rlhf_fast.group_advantages(x, index=index, mode="passk").sum().backward()
+        assert rel_err(x.grad, y.grad) < 1e-5, (x.grad, y.grad)
+
+
 def test_pass_at_k_rewards_the_first_best_row_only():
     scores = torch.tensor([0.0, 1.0, 1.0, 0.5, 2.0, 2.0, 2.0])
     index = torch.tensor([5, 5, 5, 5, 9, 9, 9])

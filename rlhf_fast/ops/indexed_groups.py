@@ -70,5 +70,9 @@ def _pass_at_k(s, valid, ids, std, single, eps):
 
 def _group_reduce(values: torch.Tensor, ids: torch.Tensor, reduce: str) -> torch.Tensor:
     """Per row, ``reduce`` ("amax" / "amin") of ``values`` over its group. [B] -> [B]"""
-    out = torch.empty_like(values).scatter_reduce(0, ids, values, reduce, include_self=False)
+    # torch's backward of scatter_reduce counts the elements of self equal to the result among the
+    # tied extrema even with include_self=False (they take a share of the gradient): NaN equals
+    # nothing. (Uninitialised memory here made the gradient depend on what the allocator held.)
+    fill = torch.nan if values.is_floating_point() else 0
+    out = torch.full_like(values, fill).scatter_reduce(0, ids, values, reduce, include_self=False)
     return out[ids]
