@@ -184,9 +184,12 @@ def _l2_rows(name):
     """fused_policy_loss on the CUDA one-kernel path in its L2-resident launch shape (csrc/cuda/policy_epilogue.cu)."""
     ours = _ours(POLICY, name)
 
-    def loss(*args):
-        with mock.patch.dict(os.environ, {"RLHF_FAST_CUDA_EPILOGUE": "l2"}):
+    def loss(*args):  # set and unset around the timed call, without patch.dict's copies of the environment
+        os.environ["RLHF_FAST_CUDA_EPILOGUE"] = "l2"
+        try:
             return ours(*args)
+        finally:
+            del os.environ["RLHF_FAST_CUDA_EPILOGUE"]
 
     return loss
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_fast.train.interrupts import HELD_NOTICE
+
 from numerics import TINY_RL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,8 +150,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_resume(tmp_path):
     finally:
         proc.kill()
     # A Ctrl-C that lands while a checkpoint is written is held until the write completes, and says so first.
-    held = "rlhf-fast: interrupt received; stopping once the checkpoint being written is complete (Ctrl-C again to stop now)\n"
-    stderr = stderr.removeprefix(held)
+    stderr = stderr.removeprefix(HELD_NOTICE + "\n")
     line = one_line_error(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), code=130)
     step, path = max((int(p.stem.split("_")[1]), p) for p in (out / "checkpoints").glob("step_*.pt"))
     assert f"interrupted; the last checkpoint is {path} (step {step}): run the same command with --resume" in line

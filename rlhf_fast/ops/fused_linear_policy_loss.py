@@ -16,7 +16,7 @@ import torch
 
 from .. import _validate as check
 from ..reference import IGNORE_INDEX
-from .aggregate import aggregate, check_normalizer
+from .aggregate import aggregate_weights, check_normalizer
 from . import linear_vocab_parallel
 from .linear_chunks import RowStats, TokenObjective, gather_rows, kept_rows, linear_loss, scatter_rows
 from ..objectives import OBJECTIVES
@@ -45,9 +45,7 @@ class PolicyObjective(TokenObjective):
         self.stats: dict[str, torch.Tensor] = {}
         mask = correction.mask
         per_token_adv = advantages.unsqueeze(-1).expand(mask.shape) if advantages.dim() == 1 else advantages
-        with torch.enable_grad():
-            probe = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
-            (agg_weights,) = torch.autograd.grad(aggregate(probe, mask, options.agg, normalizer, options.max_response_length), probe)
+        agg_weights = aggregate_weights(mask, options.agg, normalizer, options.max_response_length)
         per_token = (old_logp, per_token_adv, mask, ref_logp, correction.weights, agg_weights)
         *self.flat, self.agg_weights = (None if t is None else gather_rows(t.reshape(-1), index) for t in per_token)
 

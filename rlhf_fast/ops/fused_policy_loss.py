@@ -17,8 +17,8 @@ hands it over untouched for ``loss.backward()``. Two ways, chosen by
   the token (``aggregate_weights``: aggregate is linear, so its gradient is that weight), pass 2
   reads the row again and writes the gradient. On a GPU the second read is meant to hit L2 (a bf16
   row of 128256 is 250 KB), leaving about one HBM read and one write of [N, V]; on an H200 it did
-  not yet (see the kernels' notes), and the loss took 1.4-1.6x token_logprobs' fwd+bwd. The host runs the same three steps on chunks of rows that fit in
-  a core's L2, reusing its token_logprobs kernels (float64 logits in double). The loss and stats
+  not yet (see the kernels' notes), and the loss took 1.4-1.6x token_logprobs' fwd+bwd. The host
+  runs the same three steps on chunks of rows that fit in a core's L2, reusing its token_logprobs kernels (float64 logits in double). The loss and stats
   are then the [B, T] code on the kernel's detached logp and entropy.
 - Three steps (other objectives, kl_is_correction, top_entropy_quantile < 1, the torch backend,
   torch.compile): the forward kernel, the

@@ -16,6 +16,9 @@ import threading
 from collections.abc import Iterator
 
 
+HELD_NOTICE = "rlhf-fast: interrupt received; stopping once the checkpoint being written is complete (Ctrl-C again to stop now)"
+
+
 @contextlib.contextmanager
 def held_interrupts() -> Iterator[None]:
     """Hold SIGINT for the body, then deliver it to the handler that was there before. Only the main
@@ -32,7 +35,7 @@ def held_interrupts() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
             previous(signum, frame)
         held.append((signum, frame))
-        print("rlhf-fast: interrupt received; stopping once the checkpoint being written is complete (Ctrl-C again to stop now)", file=sys.stderr)
+        print(HELD_NOTICE, file=sys.stderr)
 
     signal.signal(signal.SIGINT, hold)
     try:
